@@ -1,0 +1,165 @@
+"""The ``ktray`` command line. ``main(argv)`` takes an argument list, so tests call it in-process.
+
+Every subcommand takes a CONFIG (a YAML path, or the name of a packaged config such as
+``demo``) followed by ``key.sub=value`` overrides, e.g.
+``ktray run configs/imagefolder.yaml data.root=DIR out=OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from ktray.errors import KtrayError
+
+EPILOG = """config overrides: any field as key.sub=value, e.g. out=/tmp/run teacher.img_size=128
+distill.steps=1000 methods=[teacher,scratch,task@in_domain]. `ktray config demo` prints every
+field with its value. Outputs go to OUT (a path or s3:// URI; default ./ktray-out/NAME)."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("ktray")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s ktray %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _config(args):
+    from ktray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.out:
+        cfg.out = os.path.abspath(os.path.join("ktray-out", cfg.name))
+    elif "://" not in cfg.out:
+        cfg.out = os.path.abspath(cfg.out)
+    return cfg
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_teacher(args):
+    from ktray.stages import teacher
+    _print(teacher.run(_config(args)))
+
+
+def cmd_logits(args):
+    from ktray.stages import logits
+    _print(logits.run(_config(args), args.transfer))
+
+
+def cmd_distill(args):
+    from ktray.stages import distill
+    _print(distill.run(_config(args), args.transfer, args.objective))
+
+
+def cmd_finetune(args):
+    from ktray.stages import finetune
+    _print(finetune.run(_config(args), args.init))
+
+
+def cmd_evaluate(args):
+    from ktray.stages import evaluate
+    r = evaluate.run(_config(args), args.checkpoint, args.split)
+    r.pop("confusion", None)
+    _print(r)
+
+
+def cmd_run(args):
+    from ktray.stages import pipeline
+
+    from ktray.validate import check_config
+
+    cfg = _config(args)
+    check_config(cfg)
+    print(f"ktray: writing to {cfg.out}", file=sys.stderr)
+    start = time.perf_counter()
+    pipeline.run(cfg)
+    print(f"done in {time.perf_counter() - start:.0f}s; outputs in {cfg.out}")
+
+
+def cmd_curate(args):
+    from ktray.stages import curate
+    _print(curate.run(_config(args)))
+
+
+def cmd_config(args):
+    from ktray.config import to_yaml
+    print(to_yaml(_config(args)), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ktray", description="Knowledge transfer from vision foundation models to small "
+        "task-specific students, on Ray.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, fn, help_, config_required=True):
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if config_required:
+            sp.add_argument("config", help="YAML config path or packaged config name (demo, "
+                            "imagefolder, tiny)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. out=/tmp/run distill.steps=1000")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("teacher", cmd_teacher, "Adapt the VFM: backbone + task head trained on the labeled "
+        "images (Ray Train).")
+    sp = add("logits", cmd_logits, "Teacher logits + features over a transfer set (Ray Data "
+             "actors), written as Parquet with each view's crop box.")
+    sp.add_argument("--transfer", default="in_domain",
+                    help="transfer set: in_domain, generic, curated or an image-table URI")
+    sp = add("distill", cmd_distill, "Pretrain the student on a transfer set by matching the "
+             "teacher (Ray Train DDP).")
+    sp.add_argument("--transfer", default="in_domain", help="transfer set (see logits)")
+    sp.add_argument("--objective", choices=["task", "features"], default=None,
+                    help="task: match predictions (KL); features: task-agnostic baseline "
+                    "(default: distill.objective)")
+    sp = add("finetune", cmd_finetune, "Finetune the student on the labeled images (no --init: "
+             "the from-scratch baseline).")
+    sp.add_argument("--init", default="", help="start from a distilled student, e.g. "
+                    "task@in_domain")
+    sp = add("evaluate", cmd_evaluate, "Test metrics of a checkpoint folder.")
+    sp.add_argument("--checkpoint", required=True, help="a model folder (model.json + "
+                    "model.safetensors), e.g. OUT/finetune/scratch/model")
+    sp.add_argument("--split", default="test", help="test (default), val or train")
+    add("run", cmd_run, "The whole pipeline: every method of `methods`, results table, "
+        "report, plot and MLflow run.")
+    sp = add("demo", cmd_run, "The whole pipeline on the packaged offline default: "
+             "Fashion-MNIST, 10 labels/class, EfficientNet-Lite teacher.",
+             config_required=False)
+    sp.set_defaults(config="demo")
+    add("curate", cmd_curate, "Curate a transfer set from a gallery by query-balanced crop "
+        "retrieval (labeled images as queries).")
+    add("config", cmd_config, "Print the resolved config as YAML.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.fn(args)
+    except KtrayError as e:
+        print(f"ktray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ktray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

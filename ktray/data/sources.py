@@ -1,0 +1,393 @@
+"""Resolve image source strings to decoded PIL images (ARCHITECTURE.md, "Image source strings").
+
+A source is one of:
+
+- a file path or URI: ``/x/a.jpg``, ``s3://bucket/a.png``;
+- ``URI#ROW`` for a row of a Parquet file of encoded bytes (img2dataset layout: column ``jpg``,
+  ``png``, ``webp``, ``image`` or ``bytes``; or an ``image`` struct with a ``bytes`` field as HF
+  datasets write it), or of an IDX images file (``.../train-images-idx3-ubyte.gz#123``);
+- ``URI#MEMBER`` for a member of a webdataset ``.tar`` shard.
+
+Requests are grouped by file, and opened files (Parquet row groups, IDX arrays, tar indexes)
+are kept in a small per-process LRU, so batched and sequential loads read each file once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import re
+import tarfile
+import threading
+from bisect import bisect_right
+from collections import OrderedDict, defaultdict
+from typing import Any, Callable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from ktray.errors import CorruptImageError, KtrayError
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "bytes", "img")
+"""Parquet columns holding encoded image bytes, in order of preference."""
+
+_IDX_RE = re.compile(r"idx\d-ubyte(\.gz)?$")
+_TAR_RE = re.compile(r"\.(tar|tar\.gz|tgz)$")
+_PARQUET_RE = re.compile(r"\.(parquet|parq|pq)$")
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class _LRU:
+    """A byte-budgeted LRU; evicted values with a ``close`` method are closed."""
+
+    def __init__(self, max_bytes: int, max_items: int):
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value, nbytes = make()
+        self._items[key] = (value, nbytes)
+        self._bytes += nbytes
+        while len(self._items) > 1 and (self._bytes > self.max_bytes
+                                        or len(self._items) > self.max_items):
+            _, (old, old_bytes) = self._items.popitem(last=False)
+            self._bytes -= old_bytes
+            if hasattr(old, "close"):
+                old.close()
+        return value
+
+    def clear(self) -> None:
+        for value, _ in self._items.values():
+            if hasattr(value, "close"):
+                value.close()
+        self._items.clear()
+        self._bytes = 0
+
+
+_CACHE_MB = int(os.environ.get("KTRAY_SOURCE_CACHE_MB", "512"))
+_data_cache = _LRU(_CACHE_MB * 2**20, max_items=64)  # decoded IDX arrays, parquet row groups
+_handle_cache = _LRU(2**62, max_items=16)  # open ParquetFile / tar handles (tiny)
+_lock = threading.RLock()
+_pid = os.getpid()
+_warned: set[str] = set()
+
+
+def clear_cache() -> None:
+    """Drop every cached file handle and decoded array of this process."""
+    with _lock:
+        _data_cache.clear()
+        _handle_cache.clear()
+
+
+def _check_fork() -> None:
+    # A forked DataLoader worker must not share the parent's open file offsets; the decoded
+    # arrays it inherited stay valid (copy-on-write memory), so only the handles are dropped.
+    global _pid
+    if os.getpid() != _pid:
+        _handle_cache._items.clear()
+        _pid = os.getpid()
+
+
+def parse_source(source: str) -> tuple[str, str, str]:
+    """Split a source string into ``(kind, uri, fragment)``.
+
+    Args:
+        source: An image source string.
+
+    Returns:
+        kind is ``"file"``, ``"parquet"``, ``"idx"`` or ``"tar"``; fragment is ``""`` for files.
+    """
+    base, sep, frag = source.rpartition("#")
+    if not sep or not base:
+        return "file", source, ""
+    if _TAR_RE.search(base):
+        return "tar", base, frag
+    if frag.isdigit():
+        if _IDX_RE.search(base):
+            return "idx", base, frag
+        return "parquet", base, frag
+    if _PARQUET_RE.search(base):
+        return "parquet", base, frag  # a bad row number: reported when loading
+    return "file", source, ""  # a file whose name holds '#'
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes fully (raises on corrupt or truncated data)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.format in ("JPEG", "TIFF", "WEBP"):
+        ImageOps.exif_transpose(img, in_place=True)  # camera photos stored sideways
+    return img
+
+
+def _open_rb(uri: str):
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.open(path, "rb")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX
+# ---------------------------------------------------------------------------------------------
+def read_idx_array(uri: str) -> np.ndarray:
+    """Read a whole IDX file (gzipped or not) as a numpy array.
+
+    Args:
+        uri: Path or URI of an ``*-idx?-ubyte[.gz]`` file.
+
+    Returns:
+        The array with the shape from the IDX header.
+
+    Raises:
+        KtrayError: The file is missing or not a valid IDX file.
+    """
+    try:
+        with _open_rb(uri) as f:
+            raw = gzip.GzipFile(fileobj=f).read() if uri.endswith(".gz") else f.read()
+    except (OSError, EOFError) as e:
+        raise KtrayError(f"cannot read IDX file {uri}: {e}")
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise KtrayError(f"not an IDX file (bad magic number): {uri}")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - offset < expected:
+        raise KtrayError(f"IDX file is truncated: {uri} (header says {shape})")
+    arr = np.frombuffer(raw, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+def idx_count(uri: str) -> int:
+    """Number of items in an IDX file, read from its header only."""
+    try:
+        with _open_rb(uri) as f:
+            head = (gzip.GzipFile(fileobj=f) if uri.endswith(".gz") else f).read(8)
+    except (OSError, EOFError) as e:
+        raise KtrayError(f"cannot read IDX file {uri}: {e}")
+    if len(head) < 8 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+        raise KtrayError(f"not an IDX file (bad magic number): {uri}")
+    return int.from_bytes(head[4:8], "big")
+
+
+def _load_idx(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
+    def make():
+        arr = read_idx_array(uri)
+        return arr, arr.nbytes
+
+    with _lock:
+        arr = _data_cache.get(("idx", uri), make)
+    if arr.ndim not in (3, 4) or arr.dtype != np.uint8:
+        return [(None, f"IDX file {uri} does not hold uint8 images")] * len(frags)
+    out = []
+    for frag in frags:
+        i = int(frag)
+        if i >= len(arr):
+            out.append((None, f"row {i} out of range in {uri} ({len(arr)} images)"))
+        else:
+            out.append((Image.fromarray(arr[i].copy()), None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+# ---------------------------------------------------------------------------------------------
+def image_column(schema: pa.Schema) -> str | None:
+    """The name of the encoded-image column in a Parquet schema, or None."""
+    for name in IMAGE_COLUMNS:
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return name
+        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
+            return name
+    return None
+
+
+class _ParquetHandle:
+    def __init__(self, uri: str):
+        self.file = _open_rb(uri)
+        self.pf = pq.ParquetFile(self.file)
+        self.column = image_column(self.pf.schema_arrow)
+        md = self.pf.metadata
+        sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        self.starts = np.cumsum([0] + sizes)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _row_group_bytes(h: _ParquetHandle, g: int) -> tuple[list, int]:
+    col = h.pf.read_row_group(g, columns=[h.column]).column(0).combine_chunks()
+    if pa.types.is_struct(col.type):
+        col = col.field("bytes")
+    values = col.to_pylist()
+    return values, sum(len(v) for v in values if v is not None) + 64 * len(values)
+
+
+def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
+    with _lock:
+        h = _handle_cache.get(("parquet", uri), lambda: (_ParquetHandle(uri), 0))
+        if h.column is None:
+            msg = f"no image column ({', '.join(IMAGE_COLUMNS)}) in {uri}"
+            return [(None, msg)] * len(frags)
+        encoded = []
+        for frag in frags:
+            row = int(frag) if frag.isdigit() else -1
+            if not 0 <= row < h.starts[-1]:
+                encoded.append((None, f"row {frag} out of range in {uri}"))
+                continue
+            g = bisect_right(h.starts, row) - 1
+            values = _data_cache.get(("parquet", uri, g), lambda: _row_group_bytes(h, g))
+            data = values[row - h.starts[g]]
+            encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
+    # Decode outside the lock: PIL releases the GIL, so threads decode in parallel.
+    return [_decode_or_reason(d, r, f"{uri}#{f}") for (d, r), f in zip(encoded, frags)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Webdataset tar
+# ---------------------------------------------------------------------------------------------
+class _TarHandle:
+    def __init__(self, uri: str):
+        self.file = _open_rb(uri)
+        self.tar = tarfile.open(fileobj=self.file, mode="r:*")
+        self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.close()
+
+
+def list_tar_members(uri: str) -> list[str]:
+    """Names of the regular-file members of a tar shard, in archive order."""
+    with _lock:
+        _check_fork()
+        try:
+            h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+        except (OSError, tarfile.TarError) as e:
+            raise KtrayError(f"cannot read tar shard {uri}: {e}")
+        return list(h.members)
+
+
+def load_tar_bytes(uri: str, members: list[str]) -> list[bytes]:
+    """Raw bytes of named members of a tar shard (used for small ``.cls`` / ``.json`` members).
+
+    Raises:
+        KtrayError: The shard cannot be read or a member is missing.
+    """
+    with _lock:
+        _check_fork()
+        try:
+            h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+            return [h.tar.extractfile(h.members[m]).read() for m in members]
+        except KeyError as e:
+            raise KtrayError(f"no member {e.args[0]} in tar shard {uri}")
+        except (OSError, tarfile.TarError) as e:
+            raise KtrayError(f"cannot read tar shard {uri}: {e}")
+
+
+def _load_tar(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
+    encoded = []
+    with _lock:
+        h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+        for frag in frags:
+            m = h.members.get(frag)
+            if m is None:
+                encoded.append((None, f"no member {frag} in {uri}"))
+            else:
+                encoded.append((h.tar.extractfile(m).read(), None))
+    return [_decode_or_reason(d, r, f"{uri}#{f}") for (d, r), f in zip(encoded, frags)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain files
+# ---------------------------------------------------------------------------------------------
+def _load_files(uris: list[str]) -> list[tuple[Any, str | None]]:
+    out = []
+    for uri in uris:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            data = fs.cat_file(path)
+        except (OSError, ValueError) as e:
+            out.append((None, f"cannot read {uri}: {type(e).__name__}: {e}"))
+            continue
+        out.append(_decode_or_reason(data, None, uri))
+    return out
+
+
+def _decode_or_reason(data: bytes | None, reason: str | None, where: str):
+    if data is None:
+        return None, reason
+    try:
+        return decode_image(data), None
+    except _DECODE_ERRORS as e:
+        return None, f"cannot decode image ({where}): {type(e).__name__}: {e}"
+
+
+_LOADERS = {"idx": _load_idx, "parquet": _load_parquet, "tar": _load_tar}
+
+
+def _load_with_reasons(sources: list[str]) -> list[tuple[Image.Image | None, str | None]]:
+    results: list[tuple[Image.Image | None, str | None]] = [(None, None)] * len(sources)
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    plain: list[int] = []
+    for i, src in enumerate(sources):
+        kind, uri, frag = parse_source(str(src))
+        if kind == "file":
+            plain.append(i)
+        else:
+            groups[(kind, uri)].append((i, frag))
+    with _lock:
+        _check_fork()
+    for (kind, uri), items in groups.items():
+        try:
+            loaded = _LOADERS[kind](uri, [frag for _, frag in items])
+        except (OSError, KtrayError, tarfile.TarError, pa.ArrowException, ValueError) as e:
+            if uri not in _warned:  # once per file: a missing shard would flood the log
+                _warned.add(uri)
+                log.warning("cannot open %s: %s", uri, e)
+            loaded = [(None, f"cannot open {uri}: {type(e).__name__}: {e}")] * len(items)
+        for (i, _), res in zip(items, loaded):
+            results[i] = res
+    for i, res in zip(plain, _load_files([str(sources[i]) for i in plain])):
+        results[i] = res
+    return results
+
+
+def load_images(sources: list[str]) -> list[Image.Image | None]:
+    """Decode a batch of images from their source strings.
+
+    Args:
+        sources: Image source strings (any mix of kinds and files).
+
+    Returns:
+        One fully loaded PIL image per source, in order; None where the image is missing,
+        corrupt or truncated. IDX rows come back as mode ``"L"``; other modes as stored.
+    """
+    return [img for img, _ in _load_with_reasons(list(sources))]
+
+
+def load_image_strict(source: str) -> Image.Image:
+    """Decode one image, raising when it cannot be read.
+
+    Raises:
+        CorruptImageError: The image is missing, corrupt or truncated; the message names it.
+    """
+    img, reason = _load_with_reasons([source])[0]
+    if img is None:
+        raise CorruptImageError(f"unreadable image {source}: {reason}")
+    return img

@@ -1,0 +1,92 @@
+"""Results of a pipeline run: results.json, a markdown report and a PNG plot (no ray here)."""
+
+from __future__ import annotations
+
+import io as _io
+
+from ktray import io
+
+DESCRIPTIONS = {
+    "teacher": "adapted VFM (backbone + task head)",
+    "scratch": "student trained from scratch on the labels",
+    "task": "task-oriented distillation on {t}, then finetuned",
+    "features": "task-agnostic feature distillation on {t}, then finetuned",
+}
+
+
+def describe(method: str) -> str:
+    if "@" in method:
+        objective, transfer = method.split("@", 1)
+        return DESCRIPTIONS.get(objective, method).format(t=transfer.replace("_", "-"))
+    return DESCRIPTIONS.get(method, method)
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for name, m in results["methods"].items():
+        pre = m.get("distill_test_accuracy")
+        rows.append([name, f"{m['test_accuracy']:.4f}",
+                     f"{pre:.4f}" if pre is not None else "-",
+                     f"{m.get('train_seconds', 0):.1f}",
+                     f"{m['pretrain_flops'] / 1e12:.2f}" if m.get("pretrain_flops") else "-",
+                     describe(name)])
+    return rows
+
+
+HEADER = ["method", "test acc", "acc before finetune", "train s", "pretrain TFLOPs",
+          "what it is"]
+
+
+def format_table(results: dict) -> str:
+    rows = [HEADER] + table_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    rows = [HEADER, ["---"] * len(HEADER)] + table_rows(results)
+    md = [f"# ktray results: {results['task']}", "",
+          f"{results['labels_per_class']} labeled images per class; test set of "
+          f"{results.get('test_images', '?')} images.", ""]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "![accuracy](results.png)", ""]
+    for key, value in results.get("notes", {}).items():
+        md.append(f"- **{key}**: {value}")
+    return "\n".join(md) + "\n"
+
+
+def plot(results: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    acc = [results["methods"][n]["test_accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
+    colors = ["#888" if n in ("teacher", "scratch") else
+              ("#1f77b4" if n.startswith("task") else "#ff7f0e") for n in names]
+    ax.barh(names, acc, color=colors)
+    for i, a in enumerate(acc):
+        ax.text(a + 0.005, i, f"{a:.3f}", va="center")
+    lo = max(0.0, min(acc) - 0.1)
+    ax.set_xlim(lo, min(1.0, max(acc) + 0.08))
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy")
+    ax.set_title(f"{results['task']}: {results['labels_per_class']} labels/class")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_results(out: str, results: dict) -> dict:
+    """Write results.json, results.md and results.png under ``out``; return their URIs."""
+    paths = {k: io.join(out, f"results.{k}") for k in ("json", "md", "png")}
+    io.write_bytes(paths["png"], plot(results))
+    io.write_text(paths["md"], markdown(results))
+    io.write_json(paths["json"], results)
+    return paths

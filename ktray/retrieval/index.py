@@ -1,0 +1,254 @@
+"""FAISS index choice, building, persistence and search for L2-normalised embeddings.
+
+Inner product on unit vectors is cosine similarity, so every index here uses
+``METRIC_INNER_PRODUCT``. The choice follows autofaiss in spirit: exact ``Flat`` while the
+gallery is small and its float32 copy fits the memory budget; beyond that an inverted file
+with product-quantised codes, ``IVF{nlist},PQ{m}`` (``IVF{nlist}_HNSW32,PQ{m}`` once the
+coarse quantizer itself gets large), trained on a sample and filled shard by shard.
+Vector ids are the order of insertion (0, 1, ...), so callers keep a parallel array that
+maps a vector id to its gallery image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterable
+
+import faiss
+import numpy as np
+
+from ktray.errors import KtrayError
+
+FLAT_MAX_VECTORS = 200_000
+HNSW_QUANTIZER_MIN_NLIST = 16_384
+MIN_POINTS_PER_CENTROID = 39  # below this faiss k-means warns; we shrink nlist instead
+PQ_MIN_TRAIN = 256 * MIN_POINTS_PER_CENTROID
+ID_BYTES = 8  # IVF lists store an int64 id per vector
+_NORM_TOL = 1e-2
+
+
+def choose_index(
+    n_vectors: int,
+    dim: int,
+    memory_budget_bytes: int,
+    flat_max_vectors: int = FLAT_MAX_VECTORS,
+) -> str:
+    """Pick a faiss factory string for ``n_vectors`` embeddings of size ``dim``.
+
+    Args:
+        n_vectors: gallery size (number of crop embeddings).
+        dim: embedding size.
+        memory_budget_bytes: what the filled index may occupy.
+        flat_max_vectors: below this size an exact index is used when it fits the budget.
+
+    Returns:
+        ``"Flat"``, ``"IVF{nlist},PQ{m}"`` or ``"IVF{nlist}_HNSW32,PQ{m}"``.
+        ``nlist`` is ~4*sqrt(n) rounded to a power of two and at most n/39 (enough training
+        points per centroid); ``m`` (bytes per code) divides ``dim``, aims at ``dim/4`` and
+        shrinks until the codes, ids and centroids fit the budget.
+    """
+    if n_vectors <= 0 or dim <= 0:
+        raise KtrayError(f"cannot index {n_vectors} vectors of dimension {dim}")
+    flat_bytes = n_vectors * dim * 4
+    if n_vectors < flat_max_vectors and flat_bytes <= memory_budget_bytes:
+        return "Flat"
+    if n_vectors < PQ_MIN_TRAIN:
+        return "Flat"  # too few vectors to train a product quantizer; small anyway
+
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors))))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n_vectors:
+        nlist //= 2
+    centroid_bytes = nlist * dim * 4
+    per_vector = (memory_budget_bytes - centroid_bytes) / n_vectors - ID_BYTES
+    target = max(1, dim // 4)
+    m = next((m for m in range(min(target, int(per_vector)), 0, -1) if dim % m == 0), 0)
+    if m == 0:
+        need = n_vectors * (1 + ID_BYTES) + centroid_bytes
+        raise KtrayError(
+            f"memory budget {memory_budget_bytes} bytes is too small for {n_vectors} vectors "
+            f"of dimension {dim} (needs at least {need})"
+        )
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{nlist}"
+    return f"{coarse},PQ{m}"
+
+
+def parse_nlist(factory: str) -> int:
+    """The number of inverted lists in a factory string (0 for non-IVF indexes)."""
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else 0
+
+
+def training_size(factory: str, n_vectors: int) -> int:
+    """How many vectors to train ``factory`` on (0: no training needed)."""
+    nlist = parse_nlist(factory)
+    if not nlist and "PQ" not in factory:
+        return 0
+    # faiss k-means subsamples to 256 points per centroid anyway; 64 per centroid is plenty
+    # for the coarse quantizer, and PQ wants ~10k points for its 256 centroids per subspace.
+    return min(n_vectors, max(64 * nlist, PQ_MIN_TRAIN if "PQ" in factory else 0))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per query: ~2*sqrt(nlist), at least 16 and at most nlist."""
+    return int(min(nlist, max(16, round(2 * math.sqrt(nlist)))))
+
+
+def _as_f32(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise KtrayError(f"{what} has shape {tuple(x.shape)}, expected (N, {dim})")
+    if len(x):
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.abs(norms - 1.0) > _NORM_TOL
+        if bad.any():
+            raise KtrayError(
+                f"{what} must be L2-normalised: {int(bad.sum())} of {len(x)} rows have norms "
+                f"like {float(norms[bad][0]):.4g}"
+            )
+    return x
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation to float32. ``[N, D] -> [N, D]``."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set the lists scanned per query of an IVF index (a no-op for other indexes)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return
+    nprobe = int(min(max(1, nprobe), ivf.nlist))
+    params = faiss.ParameterSpace()
+    params.set_index_parameter(index, "nprobe", nprobe)
+    if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+        # The HNSW coarse quantizer must return at least nprobe candidate lists.
+        params.set_index_parameter(index, "quantizer_efSearch", max(2 * nprobe, 64))
+
+
+def build_index(
+    factory: str,
+    dim: int,
+    train_sample: np.ndarray | None,
+    shards: Iterable[np.ndarray],
+    nprobe: int | None = None,
+) -> faiss.Index:
+    """Train an inner-product index on a sample and fill it shard by shard.
+
+    Args:
+        factory: faiss factory string, e.g. from :func:`choose_index`.
+        dim: embedding size D.
+        train_sample: ``[T, D]`` unit vectors (None only for ``"Flat"``); see
+            :func:`training_size`.
+        shards: iterable of ``[N_i, D]`` unit vectors; only one shard is held at a time, so
+            memory stays at the index plus the largest shard. Vector ids follow shard order.
+        nprobe: lists scanned per query for IVF indexes (default :func:`default_nprobe`).
+
+    Returns:
+        The filled index, ``index.ntotal == sum(N_i)``.
+    """
+    try:
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise KtrayError(f"bad faiss factory string {factory!r}: {str(e).splitlines()[-1]}")
+    if not index.is_trained:
+        if train_sample is None:
+            raise KtrayError(f"index {factory!r} needs a training sample")
+        sample = _as_f32(train_sample, dim, "training sample")
+        need = max(parse_nlist(factory), 256 if "PQ" in factory else 1)
+        if len(sample) < need:
+            raise KtrayError(
+                f"index {factory!r} needs at least {need} training vectors, got {len(sample)}"
+            )
+        index.train(sample)
+        del sample
+    for i, shard in enumerate(shards):
+        index.add(_as_f32(shard, dim, f"shard {i}"))
+    nlist = parse_nlist(factory)
+    if nlist:
+        set_nprobe(index, nprobe if nprobe is not None else default_nprobe(nlist))
+    return index
+
+
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 16_384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner-product search.
+
+    Args:
+        index: a filled index.
+        queries: ``[Q, D]`` unit vectors.
+        k: neighbours per query (more than ``index.ntotal`` is allowed).
+        batch_size: queries per faiss call, bounding the result buffers of one call.
+
+    Returns:
+        ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Missing results (k above
+        what the index can return) have id -1 and score -inf.
+    """
+    queries = _as_f32(queries, index.d, "queries")
+    if k <= 0:
+        raise KtrayError(f"search k must be positive, got {k}")
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch_size):
+        s, i = index.search(queries[start : start + batch_size], k)
+        scores[start : start + len(s)] = s
+        ids[start : start + len(i)] = i
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def save_index(index: faiss.Index, uri: str) -> None:
+    """Write an index atomically: readers see the old file or the whole new one.
+
+    Local paths get a temporary name beside the target and ``os.replace``; remote URIs
+    (``s3://...``) are written through fsspec as one object, which an object store only
+    publishes once the upload completes.
+    """
+    if _is_local(uri):
+        path = uri.removeprefix("file://")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            faiss.write_index(index, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    import fsspec
+
+    data = faiss.serialize_index(index)
+    with fsspec.open(uri, "wb") as f:
+        f.write(memoryview(data))
+
+
+def load_index(uri: str) -> faiss.Index:
+    """Read an index written by :func:`save_index` (search parameters such as nprobe kept)."""
+    if _is_local(uri):
+        path = uri.removeprefix("file://")
+        if not os.path.exists(path):
+            raise KtrayError(f"index file not found: {uri}")
+        return faiss.read_index(path)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise KtrayError(f"index file not found: {uri}")
+    buf = np.empty(fs.size(path), dtype=np.uint8)
+    with fs.open(path, "rb") as f:
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                raise KtrayError(f"index file {uri} was truncated while reading")
+            got += n
+    return faiss.deserialize_index(buf)

@@ -1,0 +1,133 @@
+"""``ktray logits``: teacher predictions over a transfer set with Ray Data.
+
+The transfer set is expanded to one row per (image, view) and cut into shards of
+``shard_rows`` rows. Each shard is one Ray Data block; an actor pool of :class:`ShardWriter`
+(``num_gpus`` per actor when the cluster has GPUs) predicts a whole shard in mini-batches and
+writes ``part-NNNNN.parquet`` atomically. A rerun (or a resumed killed job) skips the shards
+whose part file exists, so no row is ever written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import pyarrow as pa
+
+from ktray import io, manifest
+from ktray.config import Config, config_hash
+from ktray.predict import Predictor, expand_views
+from ktray.stages.common import cluster_has_gpus, ensure_ray
+from ktray.tasks import read_transfer
+
+log = logging.getLogger("ktray")
+SHARD_ROWS = 2048
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+class ShardWriter:
+    """Ray Data actor: predicts one shard (block) and writes its part file atomically."""
+
+    def __init__(self, model_dir: str, out_dir: str, batch_size: int, threads: int):
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.predictor = Predictor(model_dir, batch_size=batch_size)
+        self.out_dir = out_dir
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shards = sorted(set(batch["shard"].to_pylist()))
+        rows, skipped, secs = [], [], []
+        for shard in shards:
+            start = time.perf_counter()
+            part = batch.filter(pa.compute.equal(batch["shard"], shard))
+            expected = part["shard_size"][0].as_py()
+            if len(part) != expected:  # a shard split across batches would be written partially
+                raise RuntimeError(f"shard {shard}: got {len(part)} of {expected} rows")
+            table, n_skipped = self.predictor.predict(part)
+            io.write_parquet(io.join(self.out_dir, part_name(shard)), table)
+            rows.append(len(table))
+            skipped.append(n_skipped)
+            secs.append(time.perf_counter() - start)
+        return pa.table({"shard": shards, "rows": rows, "skipped": skipped, "seconds": secs})
+
+
+def logits_dir(cfg: Config, transfer: str) -> str:
+    return manifest.stage_dir(cfg.out, "logits", transfer)
+
+
+def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) -> dict:
+    """Precompute teacher logits + features over transfer set ``transfer``."""
+    from ktray.stages import teacher as teacher_stage
+
+    out = logits_dir(cfg, transfer)
+    teacher = teacher_stage.run(cfg)
+    h = config_hash(cfg.logits, cfg.data, teacher["config_hash"], transfer)
+    done = manifest.load_finished(out, h)
+    if done is not None:
+        log.info("logits[%s]: reusing the finished run in %s", transfer, out)
+        return done
+    started = time.perf_counter()
+    table = read_transfer(cfg, transfer)
+    rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
+    n_shards = max(1, math.ceil(len(rows) / shard_rows))
+    shard_ids = pa.array([i // shard_rows for i in range(len(rows))], pa.int32())
+    rows = rows.append_column("shard", shard_ids)
+    sizes = [min(shard_rows, len(rows) - s * shard_rows) for s in range(n_shards)]
+    rows = rows.append_column("shard_size", pa.array([sizes[s] for s in shard_ids.to_pylist()],
+                                                     pa.int32()))
+    io.makedirs(out)
+    fs, path = io.fs_and_path(out)
+    existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.exists(path) else set()
+    pending = [s for s in range(n_shards) if part_name(s) not in existing]
+    log.info("logits[%s]: %d rows (%d images x %d views), %d/%d shards to compute",
+                transfer, len(rows), len(table), cfg.logits.views, len(pending), n_shards)
+    stats = []
+    if pending:
+        stats = _compute(cfg, teacher["outputs"]["model"], out, rows, pending, shard_rows)
+    written = io.read_parquet(out, columns=["image_id", "view"])
+    elapsed = time.perf_counter() - started
+    teacher_flops = teacher.get("flops_per_image") or 0.0
+    return manifest.write(out, {
+        "stage": "logits", "name": transfer, "config_hash": h,
+        "outputs": {"parts": out}, "images": len(table), "views": cfg.logits.views,
+        "rows": len(written), "skipped": sum(s["skipped"] for s in stats),
+        "shards": n_shards, "computed_shards": len(pending), "seconds": elapsed,
+        "rows_per_second": sum(s["rows"] for s in stats) / elapsed if stats else None,
+        "flops": teacher_flops * sum(s["rows"] + s["skipped"] for s in stats),
+        "device_seconds": sum(s["seconds"] for s in stats),
+    }, cfg)
+
+
+def _compute(cfg: Config, model_dir: str, out: str, rows: pa.Table, pending: list[int],
+             shard_rows: int) -> list[dict]:
+    import ray
+
+    ensure_ray(cfg.ray)
+    lc = cfg.logits
+    gpus = lc.gpus_per_actor if lc.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
+    blocks = [rows.slice(s * shard_rows, shard_rows) for s in pending]
+    ds = ray.data.from_arrow(blocks)
+    threads = max(1, int(lc.cpus_per_actor))
+    ds = ds.map_batches(
+        ShardWriter,
+        fn_constructor_kwargs={"model_dir": model_dir, "out_dir": out,
+                               "batch_size": lc.batch_size, "threads": threads},
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, lc.actors)),
+        num_cpus=lc.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    stats = []
+    for batch in ds.iter_rows():
+        stats.append(dict(batch))
+        log.info("logits: shard %d done (%d rows, %d skipped, %.1fs)", batch["shard"],
+                    batch["rows"], batch["skipped"], batch["seconds"])
+    return stats

@@ -1,0 +1,86 @@
+"""``ktray run`` / ``ktray demo``: the whole pipeline and the comparison of methods.
+
+For each method of ``cfg.methods``: ``teacher`` (the adapted VFM), ``scratch`` (student
+finetuned from random init) or ``OBJECTIVE@TRANSFER`` (distill on a transfer set, then
+finetune). Stages share their outputs (one teacher, one logits pass per transfer set), and a
+rerun reuses every finished stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ktray import io, manifest
+from ktray.config import Config
+from ktray.report import format_table, write_results
+from ktray.stages import finetune as finetune_stage
+from ktray.stages import teacher as teacher_stage
+from ktray.tasks import prepare_task
+from ktray.tracking import log_pipeline, tracking_uri
+from ktray.validate import check_config, parse_method
+
+log = logging.getLogger("ktray")
+
+
+def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
+    ft = finetune_stage.run(cfg, "" if method == "scratch" else method)
+    entry = {"test_accuracy": ft["test_accuracy"], "finetune_seconds": ft["train_seconds"],
+             "train_seconds": ft["train_seconds"], "finetune_flops": ft.get("flops") or 0.0,
+             "pretrain_flops": 0.0, "student_flops_per_image": ft.get("flops_per_image")}
+    if method != "scratch":
+        objective, transfer = parse_method(method)
+        pre = io.read_json(io.join(manifest.stage_dir(cfg.out, "distill", method),
+                                   manifest.MANIFEST))
+        logits = io.read_json(io.join(cfg.out, "logits", transfer, manifest.MANIFEST))
+        entry.update(
+            distill_seconds=pre["train_seconds"],
+            train_seconds=pre["train_seconds"] + ft["train_seconds"],
+            distill_test_accuracy=pre.get("test_accuracy"),
+            # Pretraining compute: student distillation + the teacher's passes over the
+            # transfer set (precomputed once and shared by the methods on that set).
+            pretrain_flops=(pre.get("flops") or 0.0) + (logits.get("flops") or 0.0),
+            transfer_images=logits["images"], transfer_rows=logits["rows"],
+            logits_seconds=logits["seconds"])
+    return entry, ft["outputs"]["model"]
+
+
+def run(cfg: Config) -> dict:
+    """Run every method of ``cfg.methods``; write results.{json,md,png} under ``cfg.out``."""
+    check_config(cfg)
+    started = time.perf_counter()
+    info = prepare_task(cfg)
+    if any(parse_method(m)[1] == "curated" for m in cfg.methods):
+        from ktray.stages import curate as curate_stage
+
+        curate_stage.run(cfg)
+    methods, models = {}, {}
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        if method == "teacher":
+            r = teacher_stage.run(cfg)
+            methods[method] = {"test_accuracy": r["test_accuracy"],
+                               "train_seconds": r["train_seconds"],
+                               "flops_per_image": r.get("flops_per_image")}
+            models[method] = r["outputs"]["model"]
+        else:
+            methods[method], models[method] = _student_entry(cfg, method)
+        methods[method]["wall_seconds"] = time.perf_counter() - t0
+        log.info("%-22s test accuracy %.4f", method, methods[method]["test_accuracy"])
+    results = {"task": cfg.task, "labels_per_class": cfg.data.labels_per_class,
+               "num_classes": info["num_classes"], "test_images": info["rows"]["test"],
+               "teacher": cfg.teacher.backbone, "student": cfg.student.arch,
+               "methods": methods, "models": models,
+               "total_seconds": time.perf_counter() - started}
+    artifacts = write_results(cfg.out, results)
+    manifest.write(manifest.stage_dir(cfg.out, "pipeline"), {
+        "stage": "pipeline", "config_hash": "", "outputs": artifacts,
+        "seconds": results["total_seconds"]}, cfg)
+    try:
+        results["mlflow_run_id"] = log_pipeline(cfg, results, artifacts, models)
+        results["mlflow_tracking_uri"] = tracking_uri(cfg) if cfg.tracking.mlflow else None
+    except Exception as e:  # tracking must not lose a finished run's results
+        log.warning("MLflow logging failed: %s", e)
+    print(format_table(results))
+    print(f"\nresults: {artifacts['json']}  report: {artifacts['md']}  plot: {artifacts['png']}")
+    return results

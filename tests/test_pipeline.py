@@ -1,0 +1,115 @@
+"""End-to-end: `ktray run` on a tiny generated task, reuse on rerun, bad input."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ktray import cli, io
+from ktray.config import load_config
+from ktray.stages import logits as logits_stage
+
+
+def run_cli(*args):
+    return cli.main(list(args))
+
+
+def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, capsys):
+    out = str(tmp_path / "out")
+    assert run_cli("run", "tiny", f"data.root={tiny_task}", f"out={out}") == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["task"] == "tiny" and results["num_classes"] == 3
+    assert set(results["methods"]) == {"teacher", "scratch", "task@in_domain"}
+    for m in results["methods"].values():
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["train_seconds"] > 0
+    assert results["methods"]["task@in_domain"]["pretrain_flops"] > 0
+    for name in ("results.md", "results.png", "data/train.parquet", "teacher/model/model.json",
+                 "teacher/config.yaml", "finetune/scratch/manifest.json",
+                 "distill/task@in_domain/model/model.safetensors"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert open(os.path.join(out, "results.png"), "rb").read(4) == b"\x89PNG"
+    # the teacher's predictions: 24 unlabeled images x 2 views, each with its view's box
+    table = io.read_parquet(os.path.join(out, "logits", "in_domain"))
+    assert table.num_rows == 48
+    assert len(table["logits"][0]) == 3
+    assert sorted(set(table["view"].to_pylist())) == [0, 1]
+    m = json.load(open(os.path.join(out, "logits", "in_domain", "manifest.json")))
+    assert m["rows"] == 48 and m["skipped"] == 0 and m["images"] == 24
+    table_out = capsys.readouterr().out
+    assert "task@in_domain" in table_out and "test acc" in table_out
+
+    # a rerun reuses every finished stage (manifests untouched)
+    stamp = os.path.getmtime(os.path.join(out, "distill", "task@in_domain", "manifest.json"))
+    assert run_cli("run", "tiny", f"data.root={tiny_task}", f"out={out}") == 0
+    assert os.path.getmtime(os.path.join(out, "distill", "task@in_domain",
+                                         "manifest.json")) == stamp
+    capsys.readouterr()
+    # ... and evaluate works on any checkpoint
+    assert run_cli("evaluate", "tiny", f"data.root={tiny_task}", f"out={out}",
+                   "--checkpoint", os.path.join(out, "finetune", "scratch", "model")) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["test_accuracy"] == pytest.approx(results["methods"]["scratch"]["test_accuracy"])
+
+
+def test_logits_skip_corrupt_and_resume_without_duplicates(tiny_task, tmp_path, ray_local):
+    bad = os.path.join(tiny_task, "unlabeled", "part0", "broken.jpg")
+    open(bad, "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = str(tmp_path / "out")
+    cfg = load_config("tiny", [f"data.root={tiny_task}", f"out={out}", "logits.views=1"])
+    m = logits_stage.run(cfg, "in_domain", shard_rows=10)
+    assert m["images"] == 25 and m["skipped"] == 1 and m["rows"] == 24
+    assert m["shards"] == 3
+    d = logits_stage.logits_dir(cfg, "in_domain")
+    # a killed job: one shard's file and the manifest never written
+    os.remove(os.path.join(d, "part-00001.parquet"))
+    os.remove(os.path.join(d, "manifest.json"))
+    m2 = logits_stage.run(cfg, "in_domain", shard_rows=10)
+    assert m2["computed_shards"] == 1 and m2["rows"] == 24
+    ids = io.read_parquet(d)["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 24
+    assert not [f for f in os.listdir(d) if ".tmp" in f]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.root=/no/such/dir"], "data.root not found: /no/such/dir"),
+    (["teacher.backbone=vit_nonexistent_xl"], "unknown teacher backbone model 'vit_nonexistent_xl'"),
+    (["student.arch=resnet_999"], "unknown student model 'resnet_999'"),
+    (["teacher.bakbone=x"], "did you mean 'teacher.backbone'"),
+    (["methods=[scratch,magic@in_domain]"], "unknown objective 'magic'"),
+])
+def test_bad_input_is_one_line_error_before_ray(tiny_task, tmp_path, capsys, overrides, message):
+    import ray
+
+    was = ray.is_initialized()
+    args = ["run", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/o"] + overrides
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert ray.is_initialized() == was
+
+
+def test_empty_class_folder_and_corrupt_labeled_image(tiny_task, tmp_path, capsys):
+    os.makedirs(os.path.join(tiny_task, "train", "empty_class"))
+    assert run_cli("run", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/a") == 2
+    assert "empty_class" in capsys.readouterr().err
+    os.rmdir(os.path.join(tiny_task, "train", "empty_class"))
+    bad = os.path.join(tiny_task, "train", "class1", "0.png")
+    open(bad, "wb").write(b"garbage")
+    assert run_cli("teacher", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/b") == 2
+    assert "0.png" in capsys.readouterr().err
+
+
+def test_teacher_checkpoint_with_wrong_class_count(tiny_task, tmp_path, ray_local, capsys):
+    out = str(tmp_path / "out")
+    assert run_cli("teacher", "tiny", f"data.root={tiny_task}", f"out={out}") == 0
+    other = os.path.join(str(tmp_path), "other")
+    from imagegen import make_imagefolder
+
+    make_imagefolder(other, classes=4, train=4, test=2, unlabeled=4)
+    code = run_cli("teacher", "tiny", f"data.root={other}", f"out={tmp_path}/o2",
+                   f"teacher.checkpoint={out}/teacher/model")
+    assert code == 2
+    assert "3 classes but the task has 4" in capsys.readouterr().err
