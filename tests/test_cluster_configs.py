@@ -217,3 +217,54 @@ def test_all_configs_use_one_image():
         for g in spec["workerGroupSpecs"]:
             images |= {c["image"] for c in _containers(g["template"])}
     assert len(images) == 1, images
+
+
+# ---------------------------------------------------------------- commands vs. the Ray CLI
+
+
+def _ray_start_options() -> set[str]:
+    from ray.scripts.scripts import start
+
+    return {opt for p in start.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def _ray_start_flags(command: str) -> list[str]:
+    """The --options of every `ray start` in a shell command line."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    flags, argv = [], []
+    for token in [*lexer, ";"]:
+        if token and set(token) <= set(";&|"):
+            if argv[:2] == ["ray", "start"]:
+                flags += [a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")]
+            argv = []
+        else:
+            argv.append(token)
+    return flags
+
+
+def test_launcher_commands_are_shell_and_ray_start_options_exist(launcher):
+    import subprocess
+
+    provider, raw, _ = launcher
+    known = _ray_start_options()
+    seen = []
+    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in raw.get(key, []):
+            r = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert r.returncode == 0, (provider, key, cmd, r.stderr)
+            seen += _ray_start_flags(cmd)
+    assert "--head" in seen
+    unknown = sorted(set(seen) - known)
+    assert not unknown, f"{provider}: `ray start` has no option(s) {unknown}"
+
+
+@pytest.mark.parametrize("name", sorted(KUBERAY))
+def test_kuberay_ray_start_params_exist(name):
+    _, spec = _cluster_spec(name)
+    known = _ray_start_options()
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for g in groups:
+        for key in g.get("rayStartParams", {}):
+            assert f"--{key}" in known, f"{name}: rayStartParams {key!r} is not a `ray start` option"

@@ -1,0 +1,42 @@
+"""Transfer-set curation by retrieval: crops, FAISS indexes, query-balanced selection.
+
+Library code: never imports ray. The curate stage (``ktray.stages``) embeds query and gallery
+crops, builds an index with :func:`choose_index` / :func:`build_index`, drops gallery images
+that nearly duplicate labeled or test images (:func:`remove_near_duplicates`) and selects
+the same number of distinct images per query (:func:`balanced_select`).
+"""
+
+from ktray.retrieval.crops import FULL_IMAGE, crop_boxes, crop_id
+from ktray.retrieval.index import (
+    FLAT_MAX_VECTORS,
+    build_index,
+    choose_index,
+    default_nprobe,
+    l2_normalize,
+    load_index,
+    save_index,
+    search,
+    set_nprobe,
+    training_size,
+)
+from ktray.retrieval.select import balanced_select, merge_hits, remove_near_duplicates, round_robin
+
+__all__ = [
+    "FLAT_MAX_VECTORS",
+    "FULL_IMAGE",
+    "balanced_select",
+    "build_index",
+    "choose_index",
+    "crop_boxes",
+    "crop_id",
+    "default_nprobe",
+    "l2_normalize",
+    "load_index",
+    "merge_hits",
+    "remove_near_duplicates",
+    "round_robin",
+    "save_index",
+    "search",
+    "set_nprobe",
+    "training_size",
+]

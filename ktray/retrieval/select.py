@@ -1,0 +1,318 @@
+"""Query-balanced selection of gallery images, and near-duplicate exclusion.
+
+"Query-balanced image crop retrieval" (PAPER.md, Transfer sets): every query image gets the
+SAME number of distinct gallery images. Both sides are embedded as crops, so a gallery image
+scores against a query as the best inner product over all (query crop, gallery crop) pairs.
+
+Selection, given each query's list of distinct gallery images ordered by that score:
+queries are visited in a seeded random order, rank by rank (round-robin); at each turn a
+query takes its best image not yet claimed by any query. So no image goes to two queries,
+and a query whose favourite was taken by an earlier query takes its next one.
+
+Searching deeper. Hits come from a top-k search per query crop. For a query, let tau be the
+highest k-th score over its crops (crops whose search came back short are exhaustive and
+do not count). Every gallery image whose best score is above tau is guaranteed to be in the
+merged list with its true score, so the list is exact down to tau. A query that needs an
+image below tau is searched again at twice the depth, and the round-robin is rerun. The
+result is therefore the same as with an unlimited search, whatever ``k0`` is, unless a query
+reaches ``max_k``; then its whole (inexact) list is used and any remaining gap is reported
+as shortfall.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+
+import faiss
+import numpy as np
+
+from ktray.data.columns import IMAGE_ID, QUERY_ID, RANK, SCORE
+from ktray.errors import KtrayError
+
+log = logging.getLogger(__name__)
+
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+class _Candidates:
+    """One query's merged hits: distinct gallery images, best score first."""
+
+    __slots__ = ("images", "scores", "certified", "final")
+
+    def __init__(self, images: np.ndarray, scores: np.ndarray, certified: int, final: bool):
+        self.images = images  # [L] int64 gallery image ids
+        self.scores = scores  # [L] float32 best score over crop pairs
+        self.certified = certified  # leading entries known to be exact (all when final)
+        self.final = final  # a deeper search cannot add anything
+
+
+def merge_hits(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    gallery_image_of_vector: np.ndarray,
+    exclude: np.ndarray | None = None,
+    exhausted: bool = False,
+) -> _Candidates:
+    """Merge one query's crop hits into distinct images ranked by best score.
+
+    Args:
+        scores: ``[C, k]`` scores of the query's C crops, best first.
+        ids: ``[C, k]`` gallery vector ids, -1 where the search came back short.
+        gallery_image_of_vector: ``[V]`` gallery image id of every gallery vector.
+        exclude: optional boolean mask over gallery image ids; True images are dropped.
+        exhausted: no deeper search is possible (k reached the gallery size or the cap).
+    """
+    valid = ids >= 0
+    short = ~valid[:, -1]  # a crop that got fewer than k hits has seen all it can see
+    kth = np.where(short, -np.inf, scores[:, -1])
+    tau = -np.inf if exhausted else float(kth.max())
+    final = exhausted or bool(short.all())
+
+    img = gallery_image_of_vector[ids[valid]]
+    sc = scores[valid]
+    if exclude is not None and len(img):
+        keep = ~exclude[img]
+        img, sc = img[keep], sc[keep]
+    # Best score per image: sort by (image, -score) and keep each image's first row.
+    order = np.lexsort((-sc, img))
+    img, sc = img[order], sc[order]
+    first = np.ones(len(img), dtype=bool)
+    first[1:] = img[1:] != img[:-1]
+    img, sc = img[first], sc[first]
+    # Rank by score, ties broken by image id so the order never depends on the search.
+    order = np.lexsort((img, -sc))
+    img, sc = img[order], sc[order]
+    certified = len(img) if final else int(np.count_nonzero(sc > tau))
+    return _Candidates(img.astype(np.int64), sc.astype(np.float32), certified, final)
+
+
+def round_robin(
+    candidates: Sequence[_Candidates], images_per_query: int, n_images: int, seed: int
+) -> tuple[list[list[int]], list[int]]:
+    """Assign distinct images to queries round-robin in a seeded query order.
+
+    Returns:
+        ``(picks, starved)``: ``picks[q]`` are indexes into ``candidates[q].images`` in rank
+        order; ``starved`` are the queries that ran past their certified entries before
+        reaching the quota and are not final (they need a deeper search).
+    """
+    n_q = len(candidates)
+    order = np.random.default_rng(seed).permutation(n_q)
+    claimed = np.zeros(n_images, dtype=bool)
+    picks: list[list[int]] = [[] for _ in range(n_q)]
+    pointer = [0] * n_q
+    starved: list[int] = []
+    active = [int(q) for q in order]
+    for _ in range(images_per_query):
+        still = []
+        for q in active:
+            cand = candidates[q]
+            limit = len(cand.images) if cand.final else cand.certified
+            p = pointer[q]
+            while p < limit and claimed[cand.images[p]]:
+                p += 1
+            if p < limit:
+                claimed[cand.images[p]] = True
+                picks[q].append(p)
+                pointer[q] = p + 1
+                still.append(q)
+            else:
+                pointer[q] = p
+                if not cand.final:
+                    starved.append(q)
+        active = still
+    return picks, starved
+
+
+def balanced_select(
+    search_fn: SearchFn,
+    query_vectors: np.ndarray,
+    query_image_ids: Sequence[Hashable],
+    gallery_image_of_vector: np.ndarray,
+    images_per_query: int,
+    k0: int = 64,
+    max_k: int = 4096,
+    seed: int = 0,
+    exclude_images: set[int] | np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], dict[Hashable, int]]:
+    """Query-balanced crop retrieval: the same number of distinct gallery images per query.
+
+    Args:
+        search_fn: ``search_fn(vectors [N, D], k) -> (scores [N, k], ids [N, k])``, best first,
+            ids -1 for missing results (e.g. ``lambda v, k: search(index, v, k)``).
+        query_vectors: ``[Nq, D]`` unit embeddings of all query crops.
+        query_image_ids: ``[Nq]`` the query image each crop belongs to.
+        gallery_image_of_vector: ``[V]`` int gallery image id (0..n_images-1) of every gallery
+            vector, in index id order.
+        images_per_query: the quota of distinct images per query image.
+        k0: first search depth per crop; doubled for queries that need more.
+        max_k: largest search depth (also capped at V).
+        seed: shuffles the query order of the round-robin.
+        exclude_images: gallery image ids never to select (e.g. :func:`remove_near_duplicates`).
+
+    Returns:
+        ``(table, shortfall)``: ``table`` has columns ``query_id`` (the query image id),
+        ``image_id`` (int64 gallery image id), ``rank`` (int32, 0..n-1 per query) and ``score``
+        (float32), ordered by query (first-appearance order) then rank; ``shortfall`` maps
+        each query that got fewer than ``images_per_query`` images to the number missing.
+    """
+    gallery_image_of_vector = np.asarray(gallery_image_of_vector, dtype=np.int64)
+    query_vectors = np.asarray(query_vectors, dtype=np.float32)
+    n_vectors = len(gallery_image_of_vector)
+    if len(query_vectors) != len(query_image_ids):
+        raise KtrayError(
+            f"{len(query_vectors)} query vectors but {len(query_image_ids)} query image ids"
+        )
+    if images_per_query < 0 or k0 <= 0 or max_k <= 0:
+        raise KtrayError(
+            f"need images_per_query >= 0 and k0, max_k > 0 (got {images_per_query}, {k0}, "
+            f"{max_k})"
+        )
+    if n_vectors and gallery_image_of_vector.min() < 0:
+        raise KtrayError("gallery image ids must be >= 0")
+    n_images = int(gallery_image_of_vector.max()) + 1 if n_vectors else 0
+    exclude = _exclusion_mask(exclude_images, n_images)
+
+    queries = list(dict.fromkeys(query_image_ids))  # first-appearance order
+    qpos = {q: i for i, q in enumerate(queries)}
+    crop_q = np.fromiter((qpos[q] for q in query_image_ids), np.int64, len(query_image_ids))
+    bounds = np.cumsum(np.bincount(crop_q, minlength=len(queries)))[:-1]
+    crops_of = np.split(np.argsort(crop_q, kind="stable"), bounds)
+
+    k_cap = min(max_k, n_vectors)
+    empty = _Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, True)
+    candidates = [empty] * len(queries)
+    depth = [0] * len(queries)
+    todo = list(range(len(queries))) if k_cap > 0 and images_per_query > 0 else []
+    k = min(k0, k_cap)
+    while todo:
+        for batch in _batches(todo, crops_of, k):
+            _search_into(candidates, batch, k, k_cap, crops_of, search_fn, query_vectors,
+                         gallery_image_of_vector, exclude)
+            for q in batch:
+                depth[q] = k
+        _, starved = round_robin(candidates, images_per_query, n_images, seed)
+        todo = sorted(starved)
+        if todo:
+            k = min(2 * max(depth[q] for q in todo), k_cap)
+            log.info("%d queries need a deeper search, k=%d", len(todo), k)
+    picks, _ = round_robin(candidates, images_per_query, n_images, seed)
+
+    qid, img, rank, score, shortfall = [], [], [], [], {}
+    for q, query in enumerate(queries):
+        got = picks[q]
+        cand = candidates[q]
+        qid.extend([query] * len(got))
+        img.append(cand.images[got])
+        score.append(cand.scores[got])
+        rank.append(np.arange(len(got), dtype=np.int32))
+        if len(got) < images_per_query:
+            shortfall[query] = images_per_query - len(got)
+    table = {
+        QUERY_ID: np.array(qid, dtype=object),
+        IMAGE_ID: np.concatenate(img) if img else np.zeros(0, np.int64),
+        RANK: np.concatenate(rank) if rank else np.zeros(0, np.int32),
+        SCORE: np.concatenate(score) if score else np.zeros(0, np.float32),
+    }
+    return table, shortfall
+
+
+def _batches(todo: list[int], crops_of: list[np.ndarray], k: int, max_hits: int = 1 << 23):
+    """Split queries into groups whose crops' hits (``crops x k``) stay under ``max_hits``."""
+    batch, n = [], 0
+    for q in todo:
+        c = len(crops_of[q]) * k
+        if batch and n + c > max_hits:
+            yield batch
+            batch, n = [], 0
+        batch.append(q)
+        n += c
+    if batch:
+        yield batch
+
+
+def _search_into(candidates, todo, k, k_cap, crops_of, search_fn, query_vectors,
+                 gallery_image_of_vector, exclude) -> None:
+    """Search the crops of queries ``todo`` at depth ``k`` and rebuild their candidates."""
+    rows = np.concatenate([crops_of[q] for q in todo])
+    scores, ids = search_fn(np.ascontiguousarray(query_vectors[rows]), k)
+    scores, ids = np.asarray(scores), np.asarray(ids)
+    if scores.shape != (len(rows), k) or ids.shape != (len(rows), k):
+        raise KtrayError(f"search_fn returned shapes {scores.shape}, {ids.shape}; expected "
+                         f"({len(rows)}, {k})")
+    start = 0
+    for q in todo:
+        n = len(crops_of[q])
+        candidates[q] = merge_hits(scores[start : start + n], ids[start : start + n],
+                                   gallery_image_of_vector, exclude, exhausted=k >= k_cap)
+        start += n
+
+
+def _exclusion_mask(exclude_images, n_images: int) -> np.ndarray | None:
+    if exclude_images is None:
+        return None
+    ids = np.fromiter((int(i) for i in exclude_images), np.int64) \
+        if isinstance(exclude_images, (set, frozenset, list, tuple)) \
+        else np.asarray(exclude_images, dtype=np.int64)
+    mask = np.zeros(n_images, dtype=bool)
+    ids = ids[(ids >= 0) & (ids < n_images)]
+    mask[ids] = True
+    return mask
+
+
+def remove_near_duplicates(
+    gallery: np.ndarray | faiss.Index,
+    protected_vectors: np.ndarray,
+    gallery_image_of_vector: np.ndarray,
+    threshold: float,
+    k0: int = 16,
+    batch_size: int = 65_536,
+) -> set[int]:
+    """Gallery images with a crop too similar to a protected (labeled or test) embedding.
+
+    Any gallery vector with cosine similarity above ``threshold`` to any protected vector
+    excludes its whole image, so test images (or their crops, or their near copies) never
+    enter a transfer set. Apply the result as ``exclude_images`` of :func:`balanced_select`.
+
+    Args:
+        gallery: ``[V, D]`` unit gallery embeddings (exact; scanned in batches, fine for a
+            memory map), or the gallery's faiss index (protected vectors are searched in it,
+            so it is as approximate as the index: IVF-PQ scores are quantised).
+        protected_vectors: ``[P, D]`` unit embeddings to protect (all their crops).
+        gallery_image_of_vector: ``[V]`` gallery image id of every gallery vector.
+        threshold: cosine similarity above which a gallery vector is a near duplicate.
+        k0: first search depth in the index path; doubled for protected vectors whose
+            k-th hit is still above the threshold.
+        batch_size: gallery rows per batch in the array path.
+
+    Returns:
+        The set of gallery image ids to exclude.
+    """
+    from ktray.retrieval.index import _as_f32, search
+
+    gallery_image_of_vector = np.asarray(gallery_image_of_vector, dtype=np.int64)
+    if len(protected_vectors) == 0:
+        return set()
+    dim = gallery.d if isinstance(gallery, faiss.Index) else np.shape(gallery)[1]
+    protected = _as_f32(protected_vectors, dim, "protected vectors")
+    hits: list[np.ndarray] = []
+    if isinstance(gallery, faiss.Index):
+        rows, k = np.arange(len(protected)), min(k0, max(1, gallery.ntotal))
+        while len(rows):
+            scores, ids = search(gallery, protected[rows], k)
+            hits.append(ids[(scores > threshold) & (ids >= 0)])
+            more = (scores[:, -1] > threshold) & (ids[:, -1] >= 0)
+            if k >= gallery.ntotal:
+                break
+            rows, k = rows[more], min(2 * k, gallery.ntotal)
+    else:
+        # Exact: the best protected match of every gallery vector, one batch at a time.
+        index = faiss.IndexFlatIP(dim)
+        index.add(protected)
+        for start in range(0, len(gallery), batch_size):
+            batch = _as_f32(gallery[start : start + batch_size], dim, "gallery vectors")
+            scores, _ = index.search(batch, 1)
+            hits.append(start + np.flatnonzero(scores[:, 0] > threshold))
+    vec = np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+    return {int(i) for i in np.unique(gallery_image_of_vector[vec])}
