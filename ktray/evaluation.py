@@ -23,6 +23,7 @@ def evaluate_model_dir(model_dir: str, table_uri: str, batch_size: int = 256,
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = LabeledImages(table, spec["img_size"], spec["mean"], spec["std"], train=False)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_skip_none)
-    result = evaluate_classifier(model.to(dev).eval(), loader, dev)
+    model = model.to(dev, memory_format=torch.channels_last).eval()
+    result = evaluate_classifier(model, loader, dev)
     result["model"] = model_dir
     return result

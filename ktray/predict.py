@@ -68,7 +68,8 @@ class Predictor:
                  amp: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, self.spec = load_model(model_dir)
-        self.model = model.eval().to(self.device)
+        # channels_last: ~1.5x faster convolutions on CPU (oneDNN) and tensor cores on GPU
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.batch_size = batch_size
         self.amp = amp and self.device.type == "cuda"
         self.num_classes = self.spec["num_classes"]
@@ -78,7 +79,8 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """``x [B,3,H,W]`` -> logits ``[B,C]`` and features ``[B,D]`` as float32 numpy."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits, feats = self.model.forward_all(x.to(self.device, non_blocking=True))
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            logits, feats = self.model.forward_all(x)
         return logits.float().cpu().numpy(), feats.float().cpu().numpy()
 
     def predict(self, rows: pa.Table) -> tuple[pa.Table, int]:

@@ -164,6 +164,12 @@ def build_index(
             raise KtrayError(
                 f"index {factory!r} needs at least {need} training vectors, got {len(sample)}"
             )
+        ivf = faiss.try_extract_index_ivf(index)
+        ivf = faiss.downcast_index(ivf) if ivf is not None else None
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            # index_factory turns on polysemous training (a Hamming-distance permutation of
+            # the PQ codes); it is costly and only serves polysemous filtering, unused here.
+            ivf.do_polysemous_training = False
         index.train(sample)
         del sample
     for i, shard in enumerate(shards):

@@ -1,0 +1,103 @@
+"""Student training throughput: Ray Train against a plain PyTorch loop, same run, same data.
+
+Every row trains the same student with the same distillation step (precomputed teacher logits
+over Fashion-MNIST views) for the same number of steps; img/s counts training images per
+second of the training loop (start-up shown apart). Rows: plain loop in this process (ktray's
+loop, no Ray), Ray Train V2 local mode (num_workers=0), Ray Train with 1 worker, and with 2
+DDP workers (gloo). Usage:
+
+    python benchmarks/train_bench.py [--steps 40] [--batch 128] [--arch resnet10t] [--size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def make_targets(work: str, fmnist: str, n: int) -> str:
+    from ktray import io
+    from ktray.data.readers import read_idx
+    from ktray.predict import expand_views, output_schema
+
+    rows = expand_views(read_idx(fmnist, "train").slice(0, n), 1, 0)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(rows), 10)).astype(np.float32)
+    feats = rng.normal(size=(len(rows), 8)).astype(np.float32)
+    rows = rows.append_column("logits", pa.FixedSizeListArray.from_arrays(
+        pa.array(logits.reshape(-1)), 10))
+    rows = rows.append_column("features", pa.FixedSizeListArray.from_arrays(
+        pa.array(feats.reshape(-1)), 8))
+    uri = os.path.join(work, "targets", "part-00000.parquet")
+    io.write_parquet(uri, rows.cast(output_schema(10, 8)))
+    return os.path.dirname(uri)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--arch", default="resnet10t")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--skip-ddp", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from ktray.config import load_config
+    from ktray.stages.common import ensure_ray, fit
+    from ktray.stages.train_stage import train_worker
+    from ktray.train.loop import LocalSession
+    from ktray.train.worker import run_training
+
+    work = tempfile.mkdtemp(prefix="ktray-bench-")
+    try:
+        spec = {"kind": "distill", "objective": "task", "teacher_mode": "precomputed",
+                "temperature": 2.0, "loss": "kl", "targets_uri": make_targets(
+                    work, args.fmnist, args.images), "teacher_dir": "", "num_classes": 10,
+                "seed": 0, "steps": args.steps, "lr": 1e-3, "weight_decay": 0.0,
+                "warmup_steps": 1, "batch_size": args.batch, "report_every": 10 ** 9,
+                "student": {"arch": args.arch, "img_size": args.size, "pretrained": False,
+                            "checkpoint": ""}}
+        rows = []
+
+        start = time.perf_counter()
+        m = run_training(dict(spec, out_dir=os.path.join(work, "plain")), LocalSession("cpu"))
+        rows.append(("plain loop (no Ray)", m, time.perf_counter() - start))
+
+        variants = [("Ray Train local mode (num_workers=0)", 0),
+                    ("Ray Train, 1 worker", 1)]
+        if not args.skip_ddp:
+            variants.append(("Ray Train, 2 DDP workers (gloo)", 2))
+        for name, workers in variants:
+            cfg = load_config(None, [f"out={work}/{workers}", f"ray.num_workers={workers}",
+                                     "ray.num_cpus=2"])
+            ensure_ray(cfg.ray)
+            start = time.perf_counter()
+            m = fit(cfg, f"bench-{workers}", train_worker,
+                    dict(spec, out_dir=os.path.join(work, f"model{workers}")))
+            rows.append((name, m, time.perf_counter() - start))
+
+        plain = rows[0][1]["images"] / rows[0][1]["seconds"]
+        print(f"\nstudent {args.arch} @ {args.size}px, batch {args.batch} (global), {args.steps} "
+              f"steps, KD on precomputed logits, torch threads {torch.get_num_threads()}")
+        print(f"{'path':40s} {'images':>7s} {'loop s':>7s} {'img/s':>7s} {'vs plain':>8s} "
+              f"{'wall s':>7s}")
+        for name, m, wall in rows:
+            ips = m["images"] / m["seconds"]
+            print(f"{name:40s} {m['images']:7d} {m['seconds']:7.1f} {ips:7.1f} "
+                  f"{ips / plain:8.2f} {wall:7.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
