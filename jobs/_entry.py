@@ -25,6 +25,7 @@ def main(command: str, argv: list[str] | None = None) -> int:
         print(f"usage: python jobs/{script} CONFIG [key=value ...]  "
               f"(runs `ktray {command} CONFIG key=value ...`)", file=sys.stderr)
         return 0 if argv else 2
-    print(f"ktray job: {command} {' '.join(argv)} (python {sys.executable}, "
-          f"ray {os.environ.get('RAY_ADDRESS') or 'local'})", file=sys.stderr, flush=True)
+    print(f"ktray job: {command} {' '.join(argv)}\n  python {sys.executable}\n"
+          f"  ktray {os.path.dirname(cli.__file__)}\n"
+          f"  ray {os.environ.get('RAY_ADDRESS') or '(local)'}", file=sys.stderr, flush=True)
     return cli.main([command, *argv])

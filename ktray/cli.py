@@ -91,6 +91,29 @@ def cmd_curate(args):
     _print(curate.run(_config(args)))
 
 
+def cmd_sweep(args):
+    from ktray.stages import sweep
+
+    cfg = _config(args)
+    print(f"ktray: sweep writing to {sweep.sweep_dir(cfg)}", file=sys.stderr)
+    r = sweep.run(cfg)
+    from ktray import io
+
+    print(io.read_bytes(r["outputs"]["md"]).decode(), end="")
+    print(f"\ndone in {r['seconds']:.0f}s; table: {r['outputs']['md']}")
+
+
+def cmd_report(args):
+    from ktray import compute
+
+    out = args.out if "://" in args.out else os.path.abspath(args.out)
+    r = compute.write_report(out)
+    t = r["totals"]
+    print(f"{len(r['rows'])} manifests; {t['flops']:.3g} FLOPs, {t['device_seconds']:.1f} "
+          f"device-seconds spent\nreport: {r['outputs']['md']}  table: "
+          f"{r['outputs']['parquet']}  plot: {r['outputs']['png']}")
+
+
 def cmd_config(args):
     from ktray.config import to_yaml
     print(to_yaml(_config(args)), end="")
@@ -109,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         if config_required:
             sp.add_argument("config", help="YAML config path or packaged config name (demo, "
-                            "imagefolder, tiny)")
+                            "imagefolder, tiny, sweeps/temperature, ...)")
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. out=/tmp/run distill.steps=1000")
         sp.set_defaults(fn=fn)
@@ -143,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(config="demo")
     add("curate", cmd_curate, "Curate a transfer set from a gallery by query-balanced crop "
         "retrieval (labeled images as queries).")
+    add("sweep", cmd_sweep, "Ray Tune over config fields (the config's sweep section, e.g. "
+        "configs/sweeps/temperature.yaml): results table, plots, MLflow runs.")
+    sp = sub.add_parser("report", help="Compute report of an output folder: every stage "
+                        "manifest (runs and sweep trials), FLOPs, device-seconds, accuracy "
+                        "against pretraining compute, under OUT/report/.")
+    sp.add_argument("out", help="an output folder (local path or s3:// URI)")
+    sp.set_defaults(fn=cmd_report)
     add("config", cmd_config, "Print the resolved config as YAML.")
     return p
 

@@ -134,18 +134,38 @@ class CurateConfig:
     """Gallery URI (folder, parquet shards, webdataset tars; local or s3://). Empty = the
     demo gallery: in-domain unlabeled images mixed with the generic pool."""
     images_per_query: int = 20
+    """Distinct gallery images retrieved for every labeled (query) image."""
     encoder: str = ""
-    """Retrieval encoder (timm / open_clip name); empty = the teacher's backbone."""
+    """Retrieval encoder (timm / hf-hub / open_clip name); empty = the teacher's backbone with
+    the teacher's pretrained / checkpoint settings (not the adapted teacher)."""
+    pretrained: bool = True
+    """Load ``encoder``'s pretrained weights (ignored when ``encoder`` is empty)."""
     img_size: int = 64
+    """Encoder input side: every crop is resized to it."""
     random_crops: int = 0
+    """Random crops per image (queries and gallery alike), beside the full image."""
     grid: int = 2
+    """grid x grid evenly spaced crops per scale (0 = none, 1 = one centred crop)."""
     scales: list = field(default_factory=lambda: [0.6])
+    """Crop sides as fractions of the image side."""
+    protect_crops: bool = False
+    """Embed every crop of the val/test images for near-duplicate removal (else their full
+    image only, matched against every gallery crop)."""
     dedup_threshold: float = 0.97
     """Gallery images this close (cosine) to a labeled or test image are excluded."""
     memory_budget_gb: float = 4.0
+    """What the FAISS index may occupy: exact Flat when it fits, else IVF-PQ."""
+    k0: int = 0
+    """First search depth per query crop (0 = auto: 2 x images_per_query x crops per image,
+    at least 64); deepened where a query needs more."""
     max_k: int = 4096
+    """Deepest search per query crop; a query still short there is reported as shortfall."""
     batch_size: int = 128
+    """Crops per encoder forward pass."""
     shard_rows: int = 4096
+    """Images per embedding shard (one Ray Data block, one part file)."""
+    report_queries: int = 6
+    """Queries shown in report.png, each beside its first retrieved images."""
 
 
 @dataclass
@@ -168,8 +188,39 @@ class RayConfig:
 class TrackingConfig:
     mlflow: bool = True
     tracking_uri: str = ""
-    """MLflow tracking URI; empty = sqlite:///OUT/mlflow.db."""
+    """MLflow tracking URI; empty = $MLFLOW_TRACKING_URI if set, else sqlite:///OUT/mlflow.db."""
     experiment: str = "ktray"
+    registered_model: str = "ktray-student"
+    """Registered model that gets the pipeline's best student as a new version ('' = none)."""
+
+
+@dataclass
+class SweepConfig:
+    params: dict = field(default_factory=dict)
+    """Fields to sweep by dotted key: a list (grid) or ``{uniform|loguniform: [lo, hi]}`` /
+    ``{choice: [...]}`` (sampled num_samples times), e.g. ``{distill.temperature: [1, 2]}``."""
+    method: str = "task@in_domain"
+    """The method every trial runs (``scratch``, ``teacher`` or ``OBJECTIVE@TRANSFER``)."""
+    metric: str = "test_accuracy"
+    """Trial result that ranks the trials (``test_accuracy``, ``distill_test_accuracy``, ...)."""
+    mode: str = "max"
+    num_samples: int = 1
+    max_concurrent: int = 1
+    """Trials at once (1 on a 2-CPU machine: each trial trains on every core)."""
+    trial_memory_mb: int = 512
+    """A trial's Ray ``memory`` resource; trials take no CPU (their Train workers and Data
+    actors do), so they never starve the work they start."""
+    scheduler: str = "fifo"
+    """``fifo`` (every trial runs to the end) or ``asha`` (early stopping at rungs)."""
+    asha_metric: str = "agree"
+    """ASHA's rung metric from the epoch reports: ``agree`` (student-teacher agreement while
+    distilling), ``kd``, ``loss``, ``train_acc``, ``val_accuracy`` (with data.val_per_class)."""
+    asha_mode: str = "max"
+    grace_period: int = 0
+    """ASHA: optimizer steps (distill then finetune) before a stop; 0 = max_t / 4."""
+    max_t: int = 0
+    """ASHA: the most optimizer steps a trial trains; 0 = distill.steps + finetune.steps."""
+    reduction_factor: int = 2
 
 
 @dataclass
@@ -193,6 +244,8 @@ class Config:
     curate: CurateConfig = field(default_factory=CurateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """``ktray sweep``: which fields to sweep and how (ignored by the other commands)."""
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -227,6 +280,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return list(value)
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+    elif typ is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if value is None:
+            return {}
     raise KtrayError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
@@ -275,26 +333,49 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _packaged(p: Path, path: str) -> Path:
+    """A packaged config by name or relative path: ``demo``, ``sweeps/temperature``,
+    ``configs/sweeps/temperature.yaml``."""
+    root = Path(__file__).parent / "configs"
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    for cand in (root / rel, root / p.name):
+        for c in (cand, cand.with_suffix(".yaml")):
+            if c.is_file() and c.suffix in (".yaml", ".yml"):
+                return c
+    raise KtrayError(f"config file not found: {path}")
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key.sub=value`` overrides."""
     tree: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
-            packaged = Path(__file__).parent / "configs" / p.name
-            if not p.suffix and (packaged.with_suffix(".yaml")).is_file():
-                packaged = packaged.with_suffix(".yaml")
-            if not packaged.is_file():
-                raise KtrayError(f"config file not found: {path}")
-            p = packaged
+            p = _packaged(p, path)
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise KtrayError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
         if not isinstance(tree, dict):
             raise KtrayError(f"config file {path} must hold a mapping at the top level")
+    if any(o.split("=", 1)[0].strip() == "sweep.params" for o in overrides or []):
+        tree.get("sweep", {}).pop("params", None)  # sweep.params={...} replaces the file's
     tree = _merge(tree, parse_overrides(overrides or []))
     return _build(Config, tree)
+
+
+def from_dict(tree: dict) -> Config:
+    """A Config from a plain dict (as ``to_dict`` makes), coerced and checked."""
+    return _build(Config, tree)
+
+
+def apply_overrides(cfg: Config | dict, values: dict) -> Config:
+    """A copy of ``cfg`` with ``{dotted key: value}`` set (coerced; unknown keys rejected)."""
+    tree: dict = {}
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    base = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return _build(Config, _merge(base, tree))
 
 
 def to_dict(cfg) -> dict:

@@ -1,7 +1,8 @@
 """MLflow logging of a pipeline run (no ray here).
 
 Default store: ``sqlite:///OUT/mlflow.db`` (MLflow 3.17's file store needs an opt-in); any
-tracking URI by config. One parent run per pipeline, one nested run per method.
+tracking URI by config. One parent run per pipeline, one nested run per method; one parent
+run per sweep, one nested run per trial.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ log = logging.getLogger("ktray")
 
 
 def tracking_uri(cfg: Config) -> str:
+    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI`` (a job's runtime_env sets it),
+    else a sqlite file in OUT (in the working directory when OUT is remote)."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     if io.is_remote(cfg.out):
         return "sqlite:///" + os.path.abspath("mlruns.db")
     return "sqlite:///" + os.path.abspath(io.join(cfg.out, "mlflow.db"))
@@ -34,11 +39,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> str | None:
-    """Log params, per-method metrics and artifacts; register the best student. Returns the
-    parent run id (None when tracking is off)."""
-    if not cfg.tracking.mlflow:
-        return None
+def _mlflow(cfg: Config):
     warnings.filterwarnings("ignore", module="mlflow")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
@@ -46,22 +47,158 @@ def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> s
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(cfg.tracking.experiment)
-    with mlflow.start_run(run_name=cfg.name) as parent:
+    return mlflow
+
+
+def _numeric(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+HISTORY = ("loss", "kd", "agree", "feat", "train_acc", "val_accuracy", "lr")
+
+
+def log_sweep(cfg: Config, rows: list[dict], keys: list[str], artifacts: dict,
+              histories: dict | None = None) -> str | None:
+    """One parent run for the sweep (its config, table, plots), one child run per trial (its
+    swept values, results and the training curves of ``histories[trial]``: a list of report
+    dicts with ``pipeline_step``). Returns the parent run id (None when tracking is off)."""
+    if not cfg.tracking.mlflow:
+        return None
+    mlflow = _mlflow(cfg)
+    with mlflow.start_run(run_name=f"sweep-{cfg.name}") as parent:
+        mlflow.set_tag("ktray.kind", "sweep")
         mlflow.log_params(_flatten(to_dict(cfg)))
-        for name, m in results["methods"].items():
-            with mlflow.start_run(run_name=name, nested=True):
-                mlflow.log_param("method", name)
-                mlflow.log_metrics({k: float(v) for k, v in m.items()
-                                    if isinstance(v, (int, float)) and v is not None})
-                for step, value in enumerate(m.get("history", [])):
-                    mlflow.log_metric("train_loss", value, step=step)
-        best = max(results["methods"].items(), key=lambda kv: kv[1]["test_accuracy"]
-                   if kv[0] != "teacher" else -1)
-        mlflow.log_metric("best_student_test_accuracy", best[1]["test_accuracy"])
+        for row in rows:
+            with mlflow.start_run(run_name=row["trial"], nested=True):
+                mlflow.set_tag("ktray.kind", "sweep-trial")
+                mlflow.log_params({**{k: str(row.get(k)) for k in keys},
+                                   "status": row.get("status"), "method": cfg.sweep.method,
+                                   "trial_dir": row.get("trial_dir")})
+                mlflow.log_metrics(_numeric(row))
+                for report in (histories or {}).get(row["trial"], []):
+                    values = _numeric({k: report.get(k) for k in HISTORY})
+                    if values and report.get("pipeline_step") is not None:
+                        mlflow.log_metrics(values, step=int(report["pipeline_step"]))
+        done = [r for r in rows if r.get(cfg.sweep.metric) is not None]
+        if done:
+            pick = max if cfg.sweep.mode == "max" else min
+            best = pick(done, key=lambda r: r[cfg.sweep.metric])
+            mlflow.log_metric(f"best_{cfg.sweep.metric}", best[cfg.sweep.metric])
+            mlflow.set_tag("best_trial", best["trial"])
         for path in artifacts.values():
             if not io.is_remote(path):
                 mlflow.log_artifact(path)
-        model_dir = models.get(best[0])
-        if model_dir and not io.is_remote(model_dir):
-            mlflow.log_artifacts(model_dir, artifact_path="student")
+        return parent.info.run_id
+
+
+def _stage_runs(cfg: Config, method: str) -> list[tuple[str, str]]:
+    """(stage label, stage folder) of the training stages behind a method's result."""
+    from ktray.manifest import stage_dir
+
+    if method == "teacher":
+        return [("teacher", stage_dir(cfg.out, "teacher"))]
+    if method == "scratch":
+        return [("finetune", stage_dir(cfg.out, "finetune", "scratch"))]
+    return [("distill", stage_dir(cfg.out, "distill", method)),
+            ("finetune", stage_dir(cfg.out, "finetune", method))]
+
+
+def _histories(cfg: Config, method: str) -> dict[str, list[dict]]:
+    """The per-report training metrics the stage manifests keep (``history``)."""
+    from ktray.manifest import MANIFEST
+
+    out = {}
+    for label, folder in _stage_runs(cfg, method):
+        uri = io.join(folder, MANIFEST)
+        if io.exists(uri):
+            out[label] = io.read_json(uri).get("history") or []
+    return out
+
+
+def _log_history(client, run_id: str, histories: dict[str, list[dict]]) -> None:
+    """Every report as metrics ``STAGE/KEY`` at its optimizer step, in batches."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(f"{stage}/{k}", v, now, int(report["step"]))
+             for stage, reports in histories.items() for report in reports
+             if "step" in report
+             for k, v in _numeric(report).items() if k not in ("step", "epoch")]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def _local_copy(uri: str, tmp: str) -> str:
+    """``uri`` itself when local, else a copy of the file / folder under ``tmp``."""
+    if not io.is_remote(uri):
+        return uri
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if io.exists(io.join(uri, "model.json")):
+        return io.download_dir(uri, os.path.join(tmp, name))
+    local = os.path.join(tmp, name)
+    with open(local, "wb") as f:
+        f.write(io.read_bytes(uri))
+    return local
+
+
+def _register(client, name: str, run, method: str, accuracy: float) -> str | None:
+    """A new version of registered model ``name`` from the run's ``student/`` artifacts; None
+    (and a log line) when the tracking store has no model registry."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            client.create_registered_model(name, description="ktray distilled student")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/student", run_id=run.info.run_id,
+            tags={"method": method, "test_accuracy": f"{accuracy:.4f}"},
+            description=f"best student of pipeline run {run.info.run_id}: {method}")
+    except Exception as e:  # e.g. a store without a model registry
+        log.info("MLflow: the best student is not registered (%s)",
+                 str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return None
+    log.info("MLflow: registered model %s version %s (%s)", name, version.version, method)
+    return str(version.version)
+
+
+def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> str | None:
+    """Log params, per-method metrics and training curves (``STAGE/KEY`` per optimizer step),
+    the results and the best student's checkpoint as artifacts; register that student as a
+    version of ``tracking.registered_model``. Returns the parent run id (None when off)."""
+    if not cfg.tracking.mlflow:
+        return None
+    import tempfile
+
+    mlflow = _mlflow(cfg)
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_name=cfg.name) as parent, tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tag("ktray.kind", "pipeline")
+        mlflow.log_params(_flatten(to_dict(cfg)))
+        for name, m in results["methods"].items():
+            with mlflow.start_run(run_name=name, nested=True) as child:
+                mlflow.set_tag("ktray.kind", "method")
+                mlflow.log_params({"method": name, "model": models.get(name, "")})
+                mlflow.log_metrics(_numeric(m))
+                _log_history(client, child.info.run_id, _histories(cfg, name))
+        for path in artifacts.values():
+            mlflow.log_artifact(_local_copy(path, tmp))
+        students = {k: v for k, v in results["methods"].items()
+                    if k != "teacher" and v.get("test_accuracy") is not None}
+        if students:
+            best, m = max(students.items(), key=lambda kv: kv[1]["test_accuracy"])
+            mlflow.log_metric("best_student_test_accuracy", m["test_accuracy"])
+            mlflow.set_tag("best_student", best)
+            if models.get(best):
+                mlflow.log_artifacts(_local_copy(models[best], tmp), artifact_path="student")
+                name = cfg.tracking.registered_model
+                version = _register(client, name, parent, best, m["test_accuracy"]) \
+                    if name else None
+                if version is not None:
+                    mlflow.set_tags({"registered_model": name, "registered_version": version})
         return parent.info.run_id

@@ -6,7 +6,7 @@ import pytest
 from ktray.config import Config, config_hash, load_config, parse_overrides, to_yaml
 from ktray.errors import KtrayError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ktray" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ktray" / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

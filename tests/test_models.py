@@ -77,7 +77,8 @@ def test_partial_mode_trains_last_blocks_only():
     assert any(n.startswith("backbone.model.blocks.5.") for n in trainable)
     assert any(n.startswith("backbone.model.blocks.4.") for n in trainable)
     assert "backbone.model.norm.weight" in trainable and "head.weight" in trainable
-    assert not any(n.startswith(("backbone.model.blocks.3.", "backbone.model.patch_embed")) for n in trainable)
+    frozen = ("backbone.model.blocks.3.", "backbone.model.patch_embed")
+    assert not any(n.startswith(frozen) for n in trainable)
     assert not model.backbone.model.blocks[0].training and model.backbone.model.blocks[5].training
     with pytest.raises(KtrayError, match="unknown trainable mode"):
         model.set_trainable("most")
@@ -178,9 +179,11 @@ def _photo(name: str, size: int, backbone) -> torch.Tensor:
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((size, size), Image.BICUBIC)
+    img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+    img = img.resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None] / 255
-    return (x - torch.tensor(backbone.mean)[:, None, None]) / torch.tensor(backbone.std)[:, None, None]
+    mean, std = torch.tensor(backbone.mean), torch.tensor(backbone.std)
+    return (x - mean[:, None, None]) / std[:, None, None]
 
 
 def test_offline_efficientnet_lite_classifies_photos():
@@ -205,7 +208,9 @@ def test_efficientnet_lite_mapping_matches_reference_implementation():
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         expected = reference.eval()(x)
-        for backbone in (create_backbone("efficientnet_lite0"), create_backbone("efficientnet-lite0", checkpoint=path)):
+        from_wheel = create_backbone("efficientnet_lite0")
+        from_file = create_backbone("efficientnet-lite0", checkpoint=path)  # package layout
+        for backbone in (from_wheel, from_file):
             torch.testing.assert_close(imagenet_logits(backbone, x), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -213,7 +218,9 @@ def test_open_clip_tower(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     config = {
         "embed_dim": 24,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "vision_cfg": {
+            "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }
     (tmp_path / "ktray-tiny-clip.json").write_text(json.dumps(config))
@@ -223,7 +230,8 @@ def test_open_clip_tower(tmp_path):
     assert backbone.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN)
     assert backbone(X32).shape == (2, 24)
     model = TaskModel(backbone, num_classes=3).set_trainable("partial", partial_blocks=1)
-    assert 0 < sum(p.numel() for p in model.trainable_parameters()) < sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    assert 0 < trainable < sum(p.numel() for p in model.parameters())
 
 
 def test_flops_positive_and_scale_with_resolution():
@@ -236,4 +244,5 @@ def test_flops_positive_and_scale_with_resolution():
 def test_library_does_not_import_ray():
     code = "import sys, ktray.models; assert 'ray' not in sys.modules, 'ray imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)

@@ -37,6 +37,7 @@ from ktray.models.weights import (
 OPEN_CLIP_PREFIX = "open_clip:"
 TIMM_PREFIX = "timm:"
 _OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_TIMM_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class Backbone(nn.Module):
@@ -91,7 +92,10 @@ class Backbone(nn.Module):
         return self.model(x)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, feature_dim={self.feature_dim}, img_size={self.default_img_size}"
+        return (
+            f"name={self.name!r}, feature_dim={self.feature_dim}, "
+            f"img_size={self.default_img_size}"
+        )
 
 
 def imagenet_logits(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,8 @@ def _close_matches(name: str, candidates: list[str], limit: int = 5) -> str:
     found = [lowered[c] for c in difflib.get_close_matches(key, list(lowered), n=limit, cutoff=0.6)]
     stem = key.split(".")[0].split("_")[0].split("-")[0]
     if len(found) < limit and len(stem) >= 3:
-        found += [c for c in candidates if stem in c.lower() and c not in found][: limit - len(found)]
+        extra = [c for c in candidates if stem in c.lower() and c not in found]
+        found += extra[: limit - len(found)]
     return ", ".join(found) if found else "none"
 
 
@@ -129,7 +134,7 @@ def _check_timm_name(name: str, pretrained: bool) -> None:
     """Validate a timm name (and, when pretrained, that its weights can be had) cheaply."""
     if name.startswith("hf-hub:"):
         repo = name[len("hf-hub:"):].split("@")[0]
-        files = ("model.safetensors", "pytorch_model.bin") if pretrained else ("config.json",)
+        files = _TIMM_FILES if pretrained else ("config.json",)
         require_hub(repo, name, files)
         return
     if not timm.is_model(name):
@@ -148,10 +153,15 @@ def _check_timm_name(name: str, pretrained: bool) -> None:
         tags = ", ".join(timm.list_pretrained(f"{arch}.*")[:8]) or "none"
         raise KtrayError(f"timm has no pretrained weights for {name!r}; available: {tags}")
     if cfg.hf_hub_id:
-        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _TIMM_FILES
         require_hub(cfg.hf_hub_id.split("@")[0], name, files)
     elif cfg.url:
         require_url(cfg.url, name)
+
+
+def _creation_error(name: str, error: Exception) -> KtrayError:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return KtrayError(f"cannot create {name}: {type(error).__name__}: {first_line}")
 
 
 def _create_timm(name: str, pretrained: bool, img_size: int | None, **kwargs) -> nn.Module:
@@ -167,7 +177,7 @@ def _create_timm(name: str, pretrained: bool, img_size: int | None, **kwargs) ->
     except KtrayError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
-        raise KtrayError(f"cannot create {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise _creation_error(name, e) from None
 
 
 def _timm_feature_dim(model: nn.Module) -> int:
@@ -248,7 +258,7 @@ def _open_clip_backbone(name: str, pretrained: bool, img_size: int | None) -> Ba
             arch, pretrained=tag if pretrained else None, load_weights=pretrained, **kwargs
         )
     except (OSError, RuntimeError, ValueError) as e:
-        raise KtrayError(f"cannot create {name}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise _creation_error(name, e) from None
     prep = open_clip.get_model_preprocess_cfg(clip)
     visual = clip.visual
     size = prep.get("size", 224)

@@ -126,7 +126,9 @@ def _validate(spec: dict, where: str) -> None:
     if missing:
         raise KtrayError(f"model spec for {where} lacks {', '.join(missing)}")
     if spec["kind"] not in KINDS:
-        raise KtrayError(f"model spec for {where} has kind {spec['kind']!r}; expected teacher or student")
+        raise KtrayError(
+            f"model spec for {where} has kind {spec['kind']!r}; expected teacher or student"
+        )
     if spec["kind"] == "teacher" and not spec.get("backbone"):
         raise KtrayError(f"teacher spec for {where} lacks backbone")
 

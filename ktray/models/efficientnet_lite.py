@@ -41,7 +41,13 @@ _IR_BLOCK = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
 def lite_variant(name: str) -> int | None:
@@ -93,7 +99,9 @@ def convert_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
         if parts[0] == "_blocks":
             index = int(parts[1])
             if index >= len(flat):
-                raise KtrayError(f"EfficientNet-Lite weights have block {index}, the model {len(flat)}")
+                raise KtrayError(
+                    f"EfficientNet-Lite weights have block {index}; the model {len(flat)} blocks"
+                )
             prefix, inverted = flat[index]
             table = _IR_BLOCK if inverted else _DS_BLOCK
             out[".".join([prefix, table[parts[2]], *parts[3:]])] = value

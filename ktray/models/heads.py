@@ -160,7 +160,8 @@ class TaskModel(nn.Module):
             KtrayError: Unknown mode or ``partial_blocks < 1`` in partial mode.
         """
         if mode not in TRAINABLE_MODES:
-            raise KtrayError(f"unknown trainable mode {mode!r}; choose one of {', '.join(TRAINABLE_MODES)}")
+            choices = ", ".join(TRAINABLE_MODES)
+            raise KtrayError(f"unknown trainable mode {mode!r}; choose one of {choices}")
         self.head.requires_grad_(True)
         if mode == "full":
             self.backbone.requires_grad_(True)

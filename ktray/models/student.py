@@ -43,10 +43,11 @@ def _load_student_checkpoint(model: nn.Module, path: str) -> None:
     prefixes = _classifier_prefixes(model)
     mismatched = [
         k for k, v in state.items()
-        if k.startswith(prefixes) and (k not in expected or tuple(v.shape) != tuple(expected[k].shape))
+        if k.startswith(prefixes) and (k not in expected or v.shape != expected[k].shape)
     ]
     if mismatched:
-        log.warning("checkpoint %s: classifier of another size dropped (%s)", path, ", ".join(mismatched))
+        log.warning("checkpoint %s: classifier of another size dropped (%s)", path,
+                    ", ".join(mismatched))
         state = {k: v for k, v in state.items() if k not in mismatched}
         for k in expected:
             if k.startswith(prefixes):

@@ -65,7 +65,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefix(
+    state: dict[str, torch.Tensor], expected: set[str]
+) -> dict[str, torch.Tensor]:
     """Drop one wrapper prefix (``module.``, ``model.``, ...) when that makes the keys fit."""
     if set(state) & expected:
         return state
@@ -91,7 +93,7 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what
     state = strip_wrapper_prefix(state, set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
@@ -105,7 +107,7 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what
 
 
 def hub_offline() -> bool:
-    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE`` and the like)."""
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return True
@@ -180,7 +182,8 @@ def require_hub(repo_id: str, what: str, filenames: Iterable[str] = HUB_WEIGHT_F
 
 def require_url(url: str, what: str) -> None:
     """Like :func:`require_hub` for weights that torch.hub downloads from a plain URL."""
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
     if os.path.isfile(cached):
         return
     if not _endpoint_reachable(url):

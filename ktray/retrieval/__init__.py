@@ -9,6 +9,7 @@ the same number of distinct images per query (:func:`balanced_select`).
 from ktray.retrieval.crops import FULL_IMAGE, crop_boxes, crop_id
 from ktray.retrieval.index import (
     FLAT_MAX_VECTORS,
+    as_embeddings,
     build_index,
     choose_index,
     default_nprobe,
@@ -19,11 +20,19 @@ from ktray.retrieval.index import (
     set_nprobe,
     training_size,
 )
-from ktray.retrieval.select import balanced_select, merge_hits, remove_near_duplicates, round_robin
+from ktray.retrieval.select import (
+    Candidates,
+    balanced_select,
+    merge_hits,
+    remove_near_duplicates,
+    round_robin,
+)
 
 __all__ = [
+    "Candidates",
     "FLAT_MAX_VECTORS",
     "FULL_IMAGE",
+    "as_embeddings",
     "balanced_select",
     "build_index",
     "choose_index",

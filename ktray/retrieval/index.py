@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
+import tempfile
 from collections.abc import Iterable
 
 import faiss
 import numpy as np
 
+from ktray import io as kio
 from ktray.errors import KtrayError
 
 FLAT_MAX_VECTORS = 200_000
@@ -96,7 +97,8 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(16, round(2 * math.sqrt(nlist)))))
 
 
-def _as_f32(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+def as_embeddings(x: np.ndarray, dim: int, what: str = "embeddings") -> np.ndarray:
+    """``x`` as C-contiguous float32 ``[N, dim]`` unit rows, or a one-line KtrayError."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != dim:
         raise KtrayError(f"{what} has shape {tuple(x.shape)}, expected (N, {dim})")
@@ -158,7 +160,7 @@ def build_index(
     if not index.is_trained:
         if train_sample is None:
             raise KtrayError(f"index {factory!r} needs a training sample")
-        sample = _as_f32(train_sample, dim, "training sample")
+        sample = as_embeddings(train_sample, dim, "training sample")
         need = max(parse_nlist(factory), 256 if "PQ" in factory else 1)
         if len(sample) < need:
             raise KtrayError(
@@ -173,7 +175,7 @@ def build_index(
         index.train(sample)
         del sample
     for i, shard in enumerate(shards):
-        index.add(_as_f32(shard, dim, f"shard {i}"))
+        index.add(as_embeddings(shard, dim, f"shard {i}"))
     nlist = parse_nlist(factory)
     if nlist:
         set_nprobe(index, nprobe if nprobe is not None else default_nprobe(nlist))
@@ -195,7 +197,7 @@ def search(
         ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Missing results (k above
         what the index can return) have id -1 and score -inf.
     """
-    queries = _as_f32(queries, index.d, "queries")
+    queries = as_embeddings(queries, index.d, "queries")
     if k <= 0:
         raise KtrayError(f"search k must be positive, got {k}")
     scores = np.empty((len(queries), k), dtype=np.float32)
@@ -208,53 +210,25 @@ def search(
     return scores, ids
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def save_index(index: faiss.Index, uri: str) -> None:
-    """Write an index atomically: readers see the old file or the whole new one.
+    """Write an index atomically to a local path or ``s3://`` URI (see ``ktray.io``).
 
-    Local paths get a temporary name beside the target and ``os.replace``; remote URIs
-    (``s3://...``) are written through fsspec as one object, which an object store only
-    publishes once the upload completes.
+    Readers see the old file or the whole new one: faiss writes to a temporary file, which is
+    renamed (local) or uploaded under a temporary key and moved (object stores).
     """
-    if _is_local(uri):
-        path = uri.removeprefix("file://")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            faiss.write_index(index, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    import fsspec
-
-    data = faiss.serialize_index(index)
-    with fsspec.open(uri, "wb") as f:
-        f.write(memoryview(data))
+    with kio.atomic_local_path(uri) as tmp:
+        faiss.write_index(index, tmp)
 
 
 def load_index(uri: str) -> faiss.Index:
     """Read an index written by :func:`save_index` (search parameters such as nprobe kept)."""
-    if _is_local(uri):
-        path = uri.removeprefix("file://")
-        if not os.path.exists(path):
-            raise KtrayError(f"index file not found: {uri}")
-        return faiss.read_index(path)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
+    if not kio.exists(uri):
         raise KtrayError(f"index file not found: {uri}")
-    buf = np.empty(fs.size(path), dtype=np.uint8)
-    with fs.open(path, "rb") as f:
-        view, got = memoryview(buf), 0
-        while got < len(buf):
-            n = f.readinto(view[got:])
-            if not n:
-                raise KtrayError(f"index file {uri} was truncated while reading")
-            got += n
-    return faiss.deserialize_index(buf)
+    if not kio.is_remote(uri):
+        return faiss.read_index(kio.fs_and_path(uri)[1])
+    # Through a local file rather than bytes in memory: a large index is not held twice.
+    fs, path = kio.fs_and_path(uri)
+    with tempfile.TemporaryDirectory(prefix="ktray-index-") as d:
+        local = os.path.join(d, "index.faiss")
+        fs.get_file(path, local)
+        return faiss.read_index(local)

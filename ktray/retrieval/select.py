@@ -29,13 +29,14 @@ import numpy as np
 
 from ktray.data.columns import IMAGE_ID, QUERY_ID, RANK, SCORE
 from ktray.errors import KtrayError
+from ktray.retrieval.index import as_embeddings, search
 
 log = logging.getLogger(__name__)
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-class _Candidates:
+class Candidates:
     """One query's merged hits: distinct gallery images, best score first."""
 
     __slots__ = ("images", "scores", "certified", "final")
@@ -53,7 +54,7 @@ def merge_hits(
     gallery_image_of_vector: np.ndarray,
     exclude: np.ndarray | None = None,
     exhausted: bool = False,
-) -> _Candidates:
+) -> Candidates:
     """Merge one query's crop hits into distinct images ranked by best score.
 
     Args:
@@ -84,11 +85,11 @@ def merge_hits(
     order = np.lexsort((img, -sc))
     img, sc = img[order], sc[order]
     certified = len(img) if final else int(np.count_nonzero(sc > tau))
-    return _Candidates(img.astype(np.int64), sc.astype(np.float32), certified, final)
+    return Candidates(img.astype(np.int64), sc.astype(np.float32), certified, final)
 
 
 def round_robin(
-    candidates: Sequence[_Candidates], images_per_query: int, n_images: int, seed: int
+    candidates: Sequence[Candidates], images_per_query: int, n_images: int, seed: int
 ) -> tuple[list[list[int]], list[int]]:
     """Assign distinct images to queries round-robin in a seeded query order.
 
@@ -181,23 +182,23 @@ def balanced_select(
     crops_of = np.split(np.argsort(crop_q, kind="stable"), bounds)
 
     k_cap = min(max_k, n_vectors)
-    empty = _Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, True)
+    empty = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32), 0, True)
     candidates = [empty] * len(queries)
     depth = [0] * len(queries)
     todo = list(range(len(queries))) if k_cap > 0 and images_per_query > 0 else []
     k = min(k0, k_cap)
-    while todo:
+    while True:
         for batch in _batches(todo, crops_of, k):
             _search_into(candidates, batch, k, k_cap, crops_of, search_fn, query_vectors,
                          gallery_image_of_vector, exclude)
             for q in batch:
                 depth[q] = k
-        _, starved = round_robin(candidates, images_per_query, n_images, seed)
+        picks, starved = round_robin(candidates, images_per_query, n_images, seed)
+        if not starved:
+            break
         todo = sorted(starved)
-        if todo:
-            k = min(2 * max(depth[q] for q in todo), k_cap)
-            log.info("%d queries need a deeper search, k=%d", len(todo), k)
-    picks, _ = round_robin(candidates, images_per_query, n_images, seed)
+        k = min(2 * max(depth[q] for q in todo), k_cap)
+        log.info("%d queries need a deeper search, k=%d", len(todo), k)
 
     qid, img, rank, score, shortfall = [], [], [], [], {}
     for q, query in enumerate(queries):
@@ -289,13 +290,11 @@ def remove_near_duplicates(
     Returns:
         The set of gallery image ids to exclude.
     """
-    from ktray.retrieval.index import _as_f32, search
-
     gallery_image_of_vector = np.asarray(gallery_image_of_vector, dtype=np.int64)
     if len(protected_vectors) == 0:
         return set()
     dim = gallery.d if isinstance(gallery, faiss.Index) else np.shape(gallery)[1]
-    protected = _as_f32(protected_vectors, dim, "protected vectors")
+    protected = as_embeddings(protected_vectors, dim, "protected vectors")
     hits: list[np.ndarray] = []
     if isinstance(gallery, faiss.Index):
         rows, k = np.arange(len(protected)), min(k0, max(1, gallery.ntotal))
@@ -311,7 +310,7 @@ def remove_near_duplicates(
         index = faiss.IndexFlatIP(dim)
         index.add(protected)
         for start in range(0, len(gallery), batch_size):
-            batch = _as_f32(gallery[start : start + batch_size], dim, "gallery vectors")
+            batch = as_embeddings(gallery[start : start + batch_size], dim, "gallery vectors")
             scores, _ = index.search(batch, 1)
             hits.append(start + np.flatnonzero(scores[:, 0] > threshold))
     vec = np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)

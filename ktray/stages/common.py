@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from typing import Callable
 
@@ -19,15 +20,15 @@ def ensure_ray(rc: RayConfig) -> None:
     """Join the cluster named by ``ray.address`` / ``RAY_ADDRESS`` or start a local Ray."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    address = rc.address or os.environ.get("RAY_ADDRESS", "")
-    kwargs = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=rc.num_cpus or None, include_dashboard=False, **kwargs)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        address = rc.address or os.environ.get("RAY_ADDRESS", "")
+        kwargs = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=rc.num_cpus or None, include_dashboard=False, **kwargs)
+    # per process: a sweep trial's process (already in Ray) gets quiet Ray Data too
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -47,10 +48,73 @@ def storage_path(cfg: Config) -> str:
     return path
 
 
-class RaySession:
-    """A ktray training session inside a Ray Train worker (or Train V2 local mode)."""
+# Optimizer steps the current Tune trial has trained so far in this process (sweeps): the
+# ``pipeline_step`` of its reports, which ASHA uses as time (distill steps, then finetune's).
+_TRIAL_STEPS = [0]
 
-    def __init__(self):
+
+def in_tune_trial() -> bool:
+    """True in a Ray Tune trial's own process (a ``ktray sweep`` trial)."""
+    if "ray.tune" not in sys.modules:  # a trial's process has imported Tune
+        return False
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    return bool(_in_tune_session())
+
+
+def start_trial() -> None:
+    _TRIAL_STEPS[0] = 0
+
+
+def trial_steps() -> int:
+    return _TRIAL_STEPS[0]
+
+
+def add_trial_steps(stage: str, steps) -> None:
+    """Count a student stage's steps (trained or reused) into the trial's ``pipeline_step``;
+    the teacher's do not count (they differ between trials that retrain it)."""
+    if not stage.startswith("teacher"):
+        _TRIAL_STEPS[0] += int(steps or 0)
+
+
+def tune_metrics(metrics: dict, extra: dict) -> dict:
+    """A training report as a Tune result: + the stage and the trial-wide step count."""
+    step = int(metrics.get("step") or 0) if extra.get("count", True) else 0
+    return dict(metrics, stage=extra.get("stage", ""), pipeline_step=extra.get("offset", 0) + step)
+
+
+def _tune_callback(extra: dict):
+    """TuneReportCallback (ray.tune.integration.ray_train) forwarding Ray Train workers'
+    reports to the trial, with tune_metrics' additions."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _Forward(TuneReportCallback):
+        def __init__(self):
+            super().__init__()
+            self.extra = extra
+
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [tune_metrics(m, self.extra) for m in metrics],
+                                 checkpoint)
+
+    return _Forward()
+
+
+class RaySession:
+    """A ktray training session inside a Ray Train worker (or Train V2 local mode).
+
+    Train V2 local mode inside a Tune trial (``ktray sweep`` with ``ray.num_workers=0``): Ray
+    Train's per-worker API refuses to run in a Tune trial, so the session reports to Tune
+    directly (``tune`` = the stage's extra fields) and keeps no checkpoints: a failed trial is
+    retried by Tune and reuses the stages it finished.
+    """
+
+    def __init__(self, tune: dict | None = None):
+        self.tune = tune if tune is not None and in_tune_trial() else None
+        if self.tune is not None:
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return
         import ray.train
 
         ctx = ray.train.get_context()
@@ -77,6 +141,11 @@ class RaySession:
         return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     def report(self, metrics, state):
+        if self.tune is not None:
+            import ray.tune
+
+            ray.tune.report(tune_metrics(metrics, self.tune))
+            return
         import ray.train
 
         if state is None:
@@ -90,6 +159,8 @@ class RaySession:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def restore(self):
+        if self.tune is not None:
+            return None
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -102,22 +173,43 @@ class RaySession:
         return state
 
 
-def fit(cfg: Config, name: str, worker: Callable[[dict], None], spec: dict) -> dict:
-    """Run ``worker(spec)`` under a Ray Train ``TorchTrainer``; return its last metrics."""
+def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> dict:
+    """Run ``worker(spec)`` under a Ray Train ``TorchTrainer``; return its last metrics.
+
+    In a Tune trial (``ktray sweep``) every epoch report also goes to Tune: through a
+    TuneReportCallback with Ray Train workers, from the session itself in local mode.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     workers = cfg.ray.num_workers
+    callbacks, tune_extra = [], None
+    if in_tune_trial():
+        tune_extra = {"stage": name, "offset": _TRIAL_STEPS[0],
+                      "count": not name.startswith("teacher")}
+        if workers > 0:
+            callbacks.append(_tune_callback(tune_extra))
+        else:
+            spec = dict(spec, tune=tune_extra)
     scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu)
     run_config = ray.train.RunConfig(
         name=name.replace("/", "-").replace("@", "-"),
         storage_path=storage_path(cfg),
         failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        callbacks=callbacks,
     )
     trainer = TorchTrainer(worker, train_loop_config=spec, scaling_config=scaling,
                            run_config=run_config)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return dict(result.metrics or {})
+    # The worker's return value: its final metrics (flops, ...) and the report history. With
+    # Ray Train workers, result.metrics holds only the last *checkpointed* report's metrics.
+    if isinstance(result.return_value, dict):
+        metrics = dict(result.return_value)
+    else:
+        metrics = dict(result.metrics or {})
+    if tune_extra is not None:
+        add_trial_steps(name, metrics.get("step"))
+    return metrics

@@ -30,5 +30,5 @@ def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) 
     name = f"{objective}@{transfer}"
     # A features-distilled student has an untrained head: its test accuracy means nothing.
     return run_train_stage(cfg, "distill", name, spec,
-                           (d, objective, transfer, targets["config_hash"]),
+                           (d, cfg.student, objective, transfer, targets["config_hash"]),
                            evaluate=objective == "task")

@@ -25,4 +25,4 @@ def run(cfg: Config, init: str = "") -> dict:
                 steps=f.scratch_steps if scratch else f.steps,
                 lr=f.scratch_lr if scratch else f.lr, weight_decay=f.weight_decay,
                 warmup_steps=f.warmup_steps, batch_size=f.batch_size, report_every=50)
-    return run_train_stage(cfg, "finetune", init or "scratch", spec, (f, init, init_hash))
+    return run_train_stage(cfg, "finetune", init or "scratch", spec, (f, cfg.student, init, init_hash))

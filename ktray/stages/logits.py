@@ -68,11 +68,15 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
 
     out = logits_dir(cfg, transfer)
     teacher = teacher_stage.run(cfg)
-    h = config_hash(cfg.logits, cfg.data, teacher["config_hash"], transfer)
+    # a curated set changes with the curate settings: its hash is part of this one
+    extra = (_curated_hash(cfg),) if transfer == "curated" else ()
+    h = config_hash(cfg.logits, cfg.data, teacher["config_hash"], transfer, *extra)
     done = manifest.load_finished(out, h)
     if done is not None:
         log.info("logits[%s]: reusing the finished run in %s", transfer, out)
         return done
+    if io.exists(io.join(out, manifest.MANIFEST)):
+        _drop_parts(out)  # a run finished under other settings: its part files are stale
     started = time.perf_counter()
     table = read_transfer(cfg, transfer)
     rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
@@ -103,6 +107,19 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
         "flops": teacher_flops * sum(s["rows"] + s["skipped"] for s in stats),
         "device_seconds": sum(s["seconds"] for s in stats),
     }, cfg)
+
+
+def _curated_hash(cfg: Config) -> str:
+    uri = io.join(cfg.out, "curate", manifest.MANIFEST)
+    return io.read_json(uri).get("config_hash", "") if io.exists(uri) else ""
+
+
+def _drop_parts(out: str) -> None:
+    fs, path = io.fs_and_path(out)
+    for p in fs.ls(path, detail=False):
+        if os.path.basename(p).startswith("part-"):
+            fs.rm(p)
+    fs.rm(io.fs_and_path(io.join(out, manifest.MANIFEST))[1])
 
 
 def _compute(cfg: Config, model_dir: str, out: str, rows: pa.Table, pending: list[int],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ktray import io, manifest
+from ktray import compute, io, manifest
 from ktray.config import Config
 from ktray.report import format_table, write_results
 from ktray.stages import finetune as finetune_stage
@@ -73,9 +73,11 @@ def run(cfg: Config) -> dict:
                "methods": methods, "models": models,
                "total_seconds": time.perf_counter() - started}
     artifacts = write_results(cfg.out, results)
+    spent = compute.totals([r for r in compute.gather(cfg.out) if r["run"] == "."])
     manifest.write(manifest.stage_dir(cfg.out, "pipeline"), {
         "stage": "pipeline", "config_hash": "", "outputs": artifacts,
-        "seconds": results["total_seconds"]}, cfg)
+        "seconds": results["total_seconds"], "flops": spent["flops"],
+        "device_seconds": spent["device_seconds"]}, cfg)
     try:
         results["mlflow_run_id"] = log_pipeline(cfg, results, artifacts, models)
         results["mlflow_tracking_uri"] = tracking_uri(cfg) if cfg.tracking.mlflow else None

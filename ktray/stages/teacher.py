@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ktray import io
+from ktray import io, manifest
 from ktray.config import Config, config_hash
 from ktray.errors import KtrayError
-from ktray.models import read_spec
+from ktray.models import load_model, read_spec
+from ktray.models.flops import count_flops
 from ktray.stages.train_stage import run_train_stage
 from ktray.tasks import prepare_task
 
@@ -31,12 +32,27 @@ def _steps(cfg: Config) -> int:
 
 
 def _adopt(cfg: Config) -> dict:
-    """Use a finished ktray teacher checkpoint instead of training one."""
+    """Use a finished ktray teacher checkpoint instead of training one. Costs no training
+    compute; its forward FLOPs per image (for the logits stage's accounting) and test accuracy
+    come from the stage manifest beside the checkpoint, else are counted / left out."""
     info = prepare_task(cfg)
-    spec = read_spec(cfg.teacher.checkpoint)
+    ckpt = cfg.teacher.checkpoint
+    spec = read_spec(ckpt)
     if spec.get("num_classes") != info["num_classes"]:
-        raise KtrayError(f"teacher checkpoint {cfg.teacher.checkpoint} has a head of "
+        raise KtrayError(f"teacher checkpoint {ckpt} has a head of "
                          f"{spec.get('num_classes')} classes but the task has "
                          f"{info['num_classes']}")
-    return {"stage": "teacher", "name": "", "outputs": {"model": cfg.teacher.checkpoint},
-            "config_hash": config_hash(cfg.teacher.checkpoint), "adopted": True}
+    source = io.join(ckpt.rstrip("/").rsplit("/", 1)[0], manifest.MANIFEST)
+    src = io.read_json(source) if io.exists(source) else {}
+    if src.get("stage") != "teacher":
+        src = {}
+    fpi = src.get("flops_per_image")
+    if fpi is None:
+        model, _ = load_model(ckpt)
+        fpi = count_flops(model, spec["img_size"])
+    result = {"stage": "teacher", "name": "", "outputs": {"model": ckpt},
+              "config_hash": config_hash(ckpt), "adopted": True, "flops": 0.0,
+              "device_seconds": 0.0, "flops_per_image": fpi}
+    if src.get("test_accuracy") is not None:
+        result.update(test_accuracy=src["test_accuracy"], train_seconds=0.0)
+    return result

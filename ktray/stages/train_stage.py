@@ -8,7 +8,7 @@ import time
 from ktray import io, manifest
 from ktray.config import Config, config_hash
 from ktray.evaluation import evaluate_model_dir
-from ktray.stages.common import RaySession, ensure_ray, fit
+from ktray.stages.common import RaySession, add_trial_steps, ensure_ray, fit, in_tune_trial
 from ktray.tasks import prepare_task
 from ktray.train.worker import run_training
 from ktray.validate import check_config
@@ -16,11 +16,13 @@ from ktray.validate import check_config
 log = logging.getLogger("ktray")
 
 
-def train_worker(spec: dict) -> None:
-    """Ray Train's per-worker function."""
-    session = RaySession()
+def train_worker(spec: dict) -> dict:
+    """Ray Train's per-worker function; returns the final metrics (``Result.return_value``)."""
+    session = RaySession(spec.get("tune"))
     metrics = run_training(spec, session)
-    session.report(metrics, None)
+    if session.tune is None:  # (Tune already has the last epoch's report)
+        session.report({k: v for k, v in metrics.items() if k != "history"}, None)
+    return metrics
 
 
 def common_spec(cfg: Config, num_classes: int, out_dir: str, seed_offset: int = 0) -> dict:
@@ -37,10 +39,12 @@ def run_train_stage(cfg: Config, stage: str, name: str, spec: dict, hash_parts: 
     check_config(cfg)
     info = prepare_task(cfg)
     out = manifest.stage_dir(cfg.out, stage, name)
-    h = config_hash(*hash_parts, cfg.student, cfg.data, info["config_hash"])
+    h = config_hash(*hash_parts, cfg.data, info["config_hash"])
     done = manifest.load_finished(out, h)
     if done is not None:
         log.info("%s: reusing the finished run in %s", f"{stage}[{name}]" if name else stage, out)
+        if in_tune_trial():
+            add_trial_steps(stage, done.get("steps"))
         return done
     model_dir = io.join(out, "model")
     spec = dict(spec, out_dir=model_dir, num_classes=info["num_classes"],
@@ -50,13 +54,14 @@ def run_train_stage(cfg: Config, stage: str, name: str, spec: dict, hash_parts: 
     start = time.perf_counter()
     metrics = fit(cfg, f"{stage}-{name}" if name else stage, train_worker, spec)
     seconds = time.perf_counter() - start
+    history = metrics.pop("history", None) or []
     result = {"stage": stage, "name": name, "config_hash": h,
               "outputs": {"model": model_dir}, "train_seconds": seconds,
               "device_seconds": metrics.get("seconds", seconds) * max(1, cfg.ray.num_workers),
               "flops": metrics.get("flops"), "flops_per_image": metrics.get("flops_per_image"),
               "steps": metrics.get("step"),
               "images_seen": metrics.get("images"), "final_loss": metrics.get("loss"),
-              "metrics": metrics}
+              "metrics": metrics, "history": history}
     if evaluate:
         ev = evaluate_model_dir(model_dir, info["outputs"]["test"], cfg.eval_batch_size,
                                 num_classes=info["num_classes"])

@@ -100,7 +100,10 @@ def train_steps(
             few steps, and a checkpoint per epoch would cost more than the training.
 
     Returns:
-        The last epoch's metrics: ``step``, ``epoch``, ``loss``, ``images``, ``seconds``.
+        The last epoch's metrics: ``step``, ``epoch``, ``loss``, ``images``, ``seconds``, plus
+        ``history`` (every report's numeric metrics, carried through checkpoints, so a run
+        restored after a failure still has the reports made before it) and ``resumed_from``
+        (the step of the checkpoint this run was restored from; 0 for a fresh run).
     """
     opt = make_optimizer(module.parameters(), lr, weight_decay)
     sched = make_scheduler(opt, steps, warmup_steps)
@@ -112,6 +115,8 @@ def train_steps(
         sched.load_state_dict(state["scheduler"])
         step, epoch = state["step"], state["epoch"]
         images, seconds = state.get("images", 0), state.get("seconds", 0.0)
+    history = list(state.get("history", [])) if state is not None else []
+    resumed_from = step
     metrics = {"step": step, "epoch": epoch, "images": images, "seconds": seconds}
     last_report = step
     sums: dict[str, float] = {}
@@ -152,8 +157,11 @@ def train_steps(
         if extra_metrics is not None:
             metrics.update(extra_metrics())
             module.train()
+        history.append({k: v if isinstance(v, int) else round(float(v), 6)
+                        for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
         state = {"model": unwrap(module).state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
-                 "images": images, "seconds": seconds}
+                 "images": images, "seconds": seconds, "history": history}
         session.report(metrics, state)
-    return metrics
+    return dict(metrics, history=history, resumed_from=resumed_from)

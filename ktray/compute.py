@@ -1,0 +1,236 @@
+"""Compute accounting: every stage manifest under an output folder, in one table (no ray here).
+
+``gather(out)`` reads every ``manifest.json`` under ``out`` (the stages of a pipeline run and of
+every sweep trial), one row each, with its FLOPs, device-seconds and test accuracy. A finetuned
+student's row also gets its *pretraining compute*: its distillation's FLOPs plus the teacher's
+FLOPs over the transfer set (the logits pass), as in the paper's accuracy-against-compute plot
+(Fig. 4). ``write_report(out)`` writes the table (markdown + Parquet) and that plot atomically
+under ``out/report/``.
+
+A stage output a sweep trial shares (a symlink to ``sweep/shared``) appears in each trial's rows,
+so every trial's pretraining compute is complete, but counts once in the totals.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+
+import pyarrow as pa
+
+from ktray import io
+from ktray.manifest import MANIFEST
+
+SKIP_DIRS = {"ray", "report", "model", "mlruns"}
+AGGREGATES = ("pipeline", "sweep")
+COLUMNS = ["run", "stage", "name", "params", "test_accuracy", "pretrain_flops", "flops",
+           "flops_per_image", "device_seconds", "seconds", "transfer_images", "shared", "path"]
+
+
+def _manifest_paths(out: str) -> list[str]:
+    if io.is_remote(out):
+        fs, path = io.fs_and_path(out)
+        proto = out.split("://", 1)[0]
+        return sorted(f"{proto}://{p}" for p in fs.find(path)
+                      if p.endswith("/" + MANIFEST)
+                      and not set(p[len(path):].split("/")[:-1]) & SKIP_DIRS)
+    found = []
+    for root, dirs, files in os.walk(out, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        if MANIFEST in files:
+            found.append(os.path.join(root, MANIFEST))
+    return sorted(found)
+
+
+def _run_of(rel_dir: str, stage: str, name: str) -> str:
+    parts = [p for p in rel_dir.split("/") if p not in ("", ".")]
+    tail = [stage] + ([p for p in name.split("/") if p] if name else [])
+    if parts[-len(tail):] == tail:
+        parts = parts[:-len(tail)]
+    elif parts:
+        parts = parts[:-1]
+    return "/".join(parts) or "."
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def _params(run_dir: str) -> str:
+    uri = io.join(run_dir, "trial.json")
+    if not io.exists(uri):
+        return ""
+    from ktray.sweep_spec import display
+
+    params = io.read_json(uri).get("params", {})
+    return " ".join(f"{k}={display(v)}" for k, v in params.items())
+
+
+def gather(out: str) -> list[dict]:
+    """One row per stage manifest under ``out`` (see COLUMNS)."""
+    out = str(out).rstrip("/")
+    rows, manifests = [], {}
+    for uri in _manifest_paths(out):
+        try:
+            m = io.read_json(uri)
+        except Exception:
+            continue
+        if not isinstance(m, dict) or "stage" not in m:
+            continue
+        d = uri[:-len(MANIFEST) - 1]
+        rel = d[len(out):].strip("/") or "."
+        run = _run_of(rel, str(m["stage"]), str(m.get("name") or ""))
+        shared = not io.is_remote(d) and os.path.realpath(d) != os.path.abspath(d)
+        manifests[(run, m["stage"], m.get("name") or "")] = m
+        rows.append({
+            "run": run, "stage": str(m["stage"]), "name": str(m.get("name") or ""),
+            "params": "", "test_accuracy": _number(m.get("test_accuracy")),
+            "pretrain_flops": None,
+            "flops": 0.0 if m.get("adopted") else _number(m.get("flops")),
+            "flops_per_image": _number(m.get("flops_per_image")),
+            "device_seconds": _number(m.get("device_seconds")),
+            "seconds": _number(m.get("seconds", m.get("train_seconds"))),
+            "transfer_images": None, "shared": shared, "path": d})
+    params = {}
+    for row in rows:
+        run_dir = out if row["run"] == "." else io.join(out, row["run"])
+        if row["run"] not in params:
+            params[row["run"]] = _params(run_dir)
+        row["params"] = params[row["run"]]
+        if row["stage"] != "finetune":
+            continue
+        if row["name"] == "scratch":
+            row["pretrain_flops"] = 0.0
+        elif "@" in row["name"]:
+            transfer = row["name"].split("@", 1)[1]
+            pre = manifests.get((row["run"], "distill", row["name"]), {})
+            logits = manifests.get((row["run"], "logits", transfer), {})
+            row["pretrain_flops"] = (_number(pre.get("flops")) or 0.0) + \
+                (_number(logits.get("flops")) or 0.0)
+            row["transfer_images"] = _number(logits.get("images"))
+    return rows
+
+
+def totals(rows: list[dict]) -> dict:
+    """FLOPs and device-seconds actually spent (shared outputs and aggregates counted once)."""
+    own = [r for r in rows if not r["shared"] and r["stage"] not in AGGREGATES]
+    return {"flops": sum(r["flops"] or 0.0 for r in own),
+            "device_seconds": sum(r["device_seconds"] or 0.0 for r in own),
+            "stages": len(own)}
+
+
+def fmt(value, column: str = "") -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        if "flops" in column:
+            return f"{value:.3g}"
+        if "accuracy" in column:
+            return f"{value:.4f}"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c), c).replace("|", "/") for c in columns)
+                     + " |")
+    return "\n".join(lines)
+
+
+def to_arrow(rows: list[dict], columns: list[str]) -> pa.Table:
+    """Rows as an Arrow table; list/dict values become strings."""
+    def plain(v):
+        return str(v) if isinstance(v, (list, tuple, dict)) else v
+    return pa.table({c: [plain(r.get(c)) for r in rows] for c in columns})
+
+
+def plot_accuracy(points: list[dict], x: str, *, group: str = "", label: str = "",
+                  title: str = "", xlabel: str = "", hlines: dict | None = None) -> bytes:
+    """PNG of ``test_accuracy`` against ``x``: one line per ``group`` value, points annotated
+    with ``label``; ``hlines`` = {name: accuracy} reference lines. Log x-axis when ``x`` spans
+    more than a factor of 20."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    pts = [p for p in points if p.get(x) is not None and p.get("test_accuracy") is not None]
+    groups: dict = {}
+    for p in pts:
+        groups.setdefault(p.get(group, "") if group else "", []).append(p)
+    for name, gp in groups.items():
+        gp = sorted(gp, key=lambda p: p[x])
+        ax.plot([p[x] for p in gp], [p["test_accuracy"] for p in gp], "o-", label=name or None)
+        for p in gp:
+            if label and p.get(label):
+                ax.annotate(str(p[label]), (p[x], p["test_accuracy"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+    xs = [p[x] for p in pts]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    for i, (name, value) in enumerate((hlines or {}).items()):
+        ax.axhline(value, ls=("--", ":", "-.")[i % 3], color="gray", lw=1,
+                   label=f"{name} ({value:.3f})")
+    if not pts:
+        ax.text(0.5, 0.5, "no finished points", ha="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_report(out: str) -> dict:
+    """Gather every manifest under ``out``; write ``out/report/{compute.md, compute.parquet,
+    accuracy_vs_compute.png}`` atomically; return ``{"rows", "totals", "outputs"}``."""
+    from ktray.errors import KtrayError
+
+    if not io.exists(out):
+        raise KtrayError(f"output folder not found: {out}")
+    rows = gather(out)
+    if not rows:
+        raise KtrayError(f"no stage manifests under {out}: run a ktray stage, run or sweep first")
+    t = totals(rows)
+    pretrained = [dict(r, method=r["name"]) for r in rows
+                  if r["stage"] == "finetune" and (r["pretrain_flops"] or 0) > 0]
+    hlines = {}
+    for name, stage, method in (("scratch", "finetune", "scratch"), ("teacher", "teacher", "")):
+        acc = _mean([r["test_accuracy"] for r in rows if r["stage"] == stage
+                     and r["name"] == method])
+        if acc is not None:
+            hlines[name] = acc
+    png = plot_accuracy(pretrained, "pretrain_flops", group="method", label="params",
+                        title="accuracy against pretraining compute",
+                        xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
+                        hlines=hlines)
+    report = io.join(out, "report")
+    paths = {"md": io.join(report, "compute.md"), "parquet": io.join(report, "compute.parquet"),
+             "png": io.join(report, "accuracy_vs_compute.png")}
+    io.write_bytes(paths["png"], png)
+    io.write_parquet(paths["parquet"], to_arrow(rows, COLUMNS))
+    md = [f"# Compute report: {out}", "",
+          f"{t['stages']} stage runs; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
+          "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0).", "",
+          "pretrain_flops (finetuned students): distillation + the teacher's pass over the "
+          "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.", "",
+          markdown_table(rows, [c for c in COLUMNS if c != "path"]), "",
+          "![accuracy against pretraining compute](accuracy_vs_compute.png)", ""]
+    io.write_text(paths["md"], "\n".join(md))
+    return {"rows": rows, "totals": t, "outputs": paths}

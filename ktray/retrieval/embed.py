@@ -1,0 +1,200 @@
+"""Crop embeddings for retrieval (no ray here).
+
+:class:`Embedder` loads the retrieval encoder (a backbone made by ``create_backbone``: the
+configured ``curate.encoder``, or the teacher's pretrained backbone) and maps image rows
+``(gallery_index, image_id, source)`` to L2-normalised embeddings of each image's crops
+(:class:`CropScheme`: the full image first, then the crops of :func:`crop_boxes`). Each image
+is decoded once for all its crops; unreadable images are skipped and counted. The curate stage
+runs an Embedder inside Ray Data actors; the benchmark runs it in a plain loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import torch
+
+from ktray.data import columns as C
+from ktray.data.sources import load_images
+from ktray.data.views import ViewParams, apply_view
+from ktray.retrieval.crops import FULL_IMAGE, Box, crop_boxes, crop_id
+from ktray.retrieval.index import l2_normalize
+
+GALLERY_INDEX = "gallery_index"
+INPUT_COLUMNS = [GALLERY_INDEX, C.IMAGE_ID, C.SOURCE]
+
+
+@dataclass(frozen=True)
+class CropScheme:
+    """Which crops of an image are embedded (see :func:`ktray.retrieval.crop_boxes`).
+
+    ``full_only`` embeds the full image alone (used for protected images, whose near
+    duplicates are looked for among every gallery crop).
+    """
+
+    random_crops: int = 0
+    grid: int = 0
+    scales: tuple[float, ...] = (0.5,)
+    seed: int = 0
+    full_only: bool = False
+
+    def boxes(self, image_id: str) -> list[Box]:
+        if self.full_only:
+            return [FULL_IMAGE]
+        return crop_boxes(self.random_crops, self.grid, tuple(self.scales), self.seed, image_id)
+
+    def crops_per_image(self) -> int:
+        """Crops of one image (random crops never repeat a box, so this holds for every id)."""
+        return len(self.boxes(""))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build the retrieval encoder with ``create_backbone``."""
+
+    name: str
+    pretrained: bool = True
+    checkpoint: str = ""
+    img_size: int = 64
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def encoder_from_config(cfg) -> EncoderSpec:
+    """``curate.encoder`` (pretrained per ``curate.pretrained``), or when empty the teacher's
+    backbone with the teacher's weights settings (not the adapted teacher: no head)."""
+    cur = cfg.curate
+    if cur.encoder:
+        return EncoderSpec(cur.encoder, bool(cur.pretrained), "", int(cur.img_size))
+    t = cfg.teacher
+    # teacher.checkpoint may be a backbone state dict (used) or a finished ktray teacher
+    # folder (the adapted teacher, adopted by the teacher stage: not a backbone state dict)
+    ckpt = t.checkpoint if t.checkpoint and os.path.isfile(t.checkpoint) else ""
+    return EncoderSpec(t.backbone, bool(t.pretrained), ckpt, int(cur.img_size))
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        (GALLERY_INDEX, pa.int64()), (C.IMAGE_ID, pa.string()), (C.CROP_ID, pa.string()),
+        *[(k, pa.float32()) for k in C.BOX],
+        (C.EMBEDDING, pa.list_(pa.float32(), dim)),
+    ])
+
+
+def flops_per_crop(spec: EncoderSpec) -> float:
+    """Forward FLOPs of the encoder on one crop (built with random weights: no download)."""
+    from ktray.models import count_flops, create_backbone
+
+    backbone = create_backbone(spec.name, pretrained=False, img_size=spec.img_size)
+    return count_flops(backbone, spec.img_size)
+
+
+class Embedder:
+    """The retrieval encoder applied to image rows, in mini-batches of crops.
+
+    Args:
+        spec: the encoder (name, weights, input size).
+        batch_size: crops per forward pass.
+        device: ``cuda``/``cpu``; default: cuda when available.
+        amp: bf16 autocast on GPU.
+    """
+
+    def __init__(self, spec: EncoderSpec, batch_size: int = 128, device: str | None = None,
+                 amp: bool = True):
+        from ktray.models import create_backbone
+
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Random weights (pretrained=False, no checkpoint) are seeded: every actor and every
+        # run must embed with the same encoder.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            backbone = create_backbone(spec.name, pretrained=spec.pretrained,
+                                       checkpoint=spec.checkpoint or None,
+                                       img_size=spec.img_size)
+        self.mean, self.std = backbone.mean, backbone.std
+        self.dim = int(backbone.feature_dim)
+        # channels_last: faster convolutions on CPU (oneDNN) and tensor cores on GPU
+        self.model = backbone.eval().to(self.device, memory_format=torch.channels_last)
+        self.batch_size = max(1, int(batch_size))
+        self.amp = amp and self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
+        """``x [B, 3, H, W]`` normalised crops -> ``[B, D]`` unit float32 embeddings."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            feats = self.model(x)
+        return l2_normalize(feats.float().cpu().numpy())
+
+    def embed_rows(self, rows: pa.Table, scheme: CropScheme) -> tuple[pa.Table, int]:
+        """Embed every crop of every readable image.
+
+        Args:
+            rows: ``gallery_index, image_id, source`` (other columns ignored).
+            scheme: the crops of each image.
+
+        Returns:
+            ``(table, skipped)``: one row per crop (:func:`embedding_schema`), images in input
+            order and crops in box order; ``skipped`` counts unreadable images.
+        """
+        pylist = rows.select(INPUT_COLUMNS).to_pylist()
+        n_crops = scheme.crops_per_image()
+        per_load = max(1, self.batch_size // n_crops)
+        cols: dict[str, list] = {k: [] for k in (GALLERY_INDEX, C.IMAGE_ID, C.CROP_ID, *C.BOX)}
+        feats, pending, skipped = [], [], 0
+        for start in range(0, len(pylist), per_load):
+            chunk = pylist[start:start + per_load]
+            for r, img in zip(chunk, load_images([r[C.SOURCE] for r in chunk])):
+                if img is None:
+                    skipped += 1
+                    continue
+                for j, box in enumerate(scheme.boxes(r[C.IMAGE_ID])):
+                    pending.append(apply_view(img, ViewParams(*box), self.spec.img_size,
+                                              self.mean, self.std))
+                    for k, v in zip(cols, (r[GALLERY_INDEX], r[C.IMAGE_ID],
+                                           crop_id(r[C.IMAGE_ID], j), *box)):
+                        cols[k].append(v)
+                while len(pending) >= self.batch_size:
+                    feats.append(self.embed_tensors(torch.stack(pending[:self.batch_size])))
+                    pending = pending[self.batch_size:]
+        if pending:
+            feats.append(self.embed_tensors(torch.stack(pending)))
+        emb = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
+        return _table(cols, emb, self.dim), skipped
+
+
+def _table(cols: dict[str, list], emb: np.ndarray, dim: int) -> pa.Table:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    arrays = [pa.array(cols[GALLERY_INDEX], pa.int64()), pa.array(cols[C.IMAGE_ID], pa.string()),
+              pa.array(cols[C.CROP_ID], pa.string()),
+              *[pa.array(cols[k], pa.float32()) for k in C.BOX],
+              pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)]
+    return pa.Table.from_arrays(arrays, schema=embedding_schema(dim))
+
+
+def vectors(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column of an embeddings table as a ``[N, D]`` float32 array."""
+    col = table[C.EMBEDDING].combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+    else:
+        dim = len(col[0]) if len(col) else 0
+    flat = pa.compute.list_flatten(col).to_numpy(zero_copy_only=False)
+    return np.asarray(flat, np.float32).reshape(len(col), dim)
+
+
+def timed_embed(embedder: Embedder, rows: pa.Table, scheme: CropScheme) -> dict:
+    start = time.perf_counter()
+    table, skipped = embedder.embed_rows(rows, scheme)
+    return {"table": table, "skipped": skipped, "seconds": time.perf_counter() - start}

@@ -1,0 +1,309 @@
+"""``ktray sweep``: Ray Tune over any config field (the config's ``sweep`` section).
+
+The driver checks the sweep before Ray starts, then computes once, under ``OUT/sweep/shared``,
+the stage outputs no swept key changes (the data tables, the adapted teacher, the curated set,
+the teacher's logits) and starts a Tuner. Each trial is a function trainable that builds its
+Config (base + the trial's values, ``out = OUT/sweep/trial_<hash of its values>``), adopts the
+shared teacher checkpoint, links the other shared outputs into its folder and runs
+``sweep.method`` through the ordinary stages, which call ``TorchTrainer.fit``. Every training
+epoch report reaches Tune (TuneReportCallback with Ray Train workers; the session itself in
+local mode) with ``pipeline_step``, the trial's optimizer steps so far, which ASHA uses as time.
+
+Trials take only a ``memory`` resource and no CPU, so on a 2-CPU machine the Ray Train workers
+and Ray Data actors they start always find the CPUs free (STACK.md: a trial holding CPU
+deadlocks with 2 train workers); ``sweep.max_concurrent`` caps trials at once.
+
+Results: ``OUT/sweep/results.{md,parquet}``, accuracy against transfer-set size, pretraining
+compute and the swept values (PNG), an MLflow parent run with one child run per trial and the
+sweep manifest (totals of FLOPs and device-seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from ktray import compute, io, manifest, sweep_spec
+from ktray.config import Config, apply_overrides, to_dict
+from ktray.errors import KtrayError
+from ktray.stages.common import ensure_ray, start_trial, storage_path, trial_steps
+from ktray.tasks import prepare_task
+from ktray.tracking import log_sweep, tracking_uri
+from ktray.validate import parse_method
+
+log = logging.getLogger("ktray")
+RESULT_KEYS = ("test_accuracy", "distill_test_accuracy", "pretrain_flops", "finetune_flops",
+               "transfer_images", "train_seconds", "wall_seconds")
+
+
+def sweep_dir(cfg: Config) -> str:
+    return io.join(cfg.out, "sweep")
+
+
+def _search_space(params: list[sweep_spec.Param]) -> dict:
+    from ray import tune
+
+    space = {}
+    for p in params:
+        lo, hi = (p.values + [None, None])[:2]
+        if p.kind == "grid":
+            space[p.key] = tune.grid_search(p.values)
+        elif p.kind == "choice":
+            space[p.key] = tune.choice(p.values)
+        elif p.kind == "uniform":
+            space[p.key] = tune.randint(int(lo), int(hi) + 1) if p.integer else \
+                tune.uniform(lo, hi)
+        else:
+            space[p.key] = tune.lograndint(int(lo), int(hi) + 1) if p.integer else \
+                tune.loguniform(lo, hi)
+    return space
+
+
+def _prepare_shared(cfg: Config, params: list[sweep_spec.Param]) -> dict:
+    """Compute the outputs every trial shares; return what the trials need to use them."""
+    from ktray.stages import logits as logits_stage
+    from ktray.stages import teacher as teacher_stage
+
+    rules = sweep_spec.shared_stages(cfg, params)
+    shared = {"out": io.join(sweep_dir(cfg), "shared"), "teacher": "", "links": []}
+    base = apply_overrides(cfg, {"out": shared["out"]})
+    links = not io.is_remote(cfg.out)  # object stores have no symlinks: trials recompute
+    if rules["data"]:
+        prepare_task(base)
+        shared["links"].append("data")
+    if rules["teacher"]:
+        shared["teacher"] = teacher_stage.run(base)["outputs"]["model"]
+        base = apply_overrides(base, {"teacher.checkpoint": shared["teacher"]})
+    if rules["curate"] and links:
+        from ktray.stages import curate as curate_stage
+
+        curate_stage.run(base)
+        shared["links"].append("curate")
+    if rules["logits"] and links:
+        logits_stage.run(base, rules["logits"])
+        shared["links"].append(f"logits/{rules['logits']}")
+    if not links:
+        shared["links"] = []
+    log.info("sweep: shared by every trial: %s",
+             ", ".join((["teacher"] if shared["teacher"] else []) + shared["links"]) or "nothing")
+    return shared
+
+
+def _link(src: str, dst: str) -> None:
+    """``dst`` -> ``src`` (a shared stage output seen from a trial's folder)."""
+    if os.path.lexists(dst):
+        return  # a rerun: already linked (or computed by the trial itself)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.symlink(os.path.abspath(src), dst, target_is_directory=True)
+
+
+def _trial_logging() -> None:
+    logger = logging.getLogger("ktray")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s ktray %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _run_method(cfg: Config, method: str) -> dict:
+    from ktray.stages import pipeline
+    from ktray.stages import teacher as teacher_stage
+
+    _, transfer = parse_method(method)
+    if transfer == "curated":
+        from ktray.stages import curate as curate_stage
+
+        curate_stage.run(cfg)
+    if method == "teacher":
+        r = teacher_stage.run(cfg)
+        return {"test_accuracy": r.get("test_accuracy"), "train_seconds": r.get("train_seconds"),
+                "model": r["outputs"]["model"]}
+    entry, model = pipeline._student_entry(cfg, method)
+    return dict(entry, model=model)
+
+
+def _trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_dir: str):
+    """One trial, in its own Ray process: the method on base + this trial's values."""
+    import ray.tune
+
+    _trial_logging()
+    start_trial()
+    started = time.perf_counter()
+    values = {k: config[k] for k in keys}
+    name = sweep_spec.trial_name(values)
+    trial_out = io.join(out_dir, name)
+    extra = {"out": trial_out, "tracking.mlflow": False}
+    if shared["teacher"]:
+        extra["teacher.checkpoint"] = shared["teacher"]
+    cfg = apply_overrides(apply_overrides(base, values), extra)
+    for rel in shared["links"]:
+        _link(io.join(shared["out"], rel), io.join(trial_out, rel))
+    ensure_ray(cfg.ray)
+    log.info("sweep %s: %s", name, " ".join(f"{k}={sweep_spec.display(v)}"
+                                           for k, v in values.items()))
+    result = _run_method(cfg, method)
+    result.update(trial=name, params=values, trial_dir=trial_out, method=method,
+                  wall_seconds=time.perf_counter() - started)
+    io.write_json(io.join(trial_out, "trial.json"), result)
+    ray.tune.report({**{k: result.get(k) for k in RESULT_KEYS if result.get(k) is not None},
+                     "trial": name, "ktray_done": 1, "pipeline_step": trial_steps()})
+
+
+def _tune(cfg: Config, params: list[sweep_spec.Param], shared: dict):
+    from ray import tune
+
+    s = cfg.sweep
+    trainable = tune.with_parameters(_trial, base=to_dict(cfg), shared=shared,
+                                     keys=[p.key for p in params], method=s.method,
+                                     out_dir=sweep_dir(cfg))
+    trainable = tune.with_resources(trainable, {"memory": s.trial_memory_mb * 2**20})
+    scheduler = None
+    if s.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # Epoch reports of other stages lack the rung metric: ASHA skips those.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        grace, max_t = sweep_spec.asha_limits(cfg)
+        scheduler = ASHAScheduler(time_attr="pipeline_step", metric=s.asha_metric,
+                                  mode=s.asha_mode, max_t=max_t, grace_period=grace,
+                                  reduction_factor=s.reduction_factor)
+    tuner = tune.Tuner(
+        trainable, param_space=_search_space(params),
+        tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler,
+                                    max_concurrent_trials=s.max_concurrent),
+        run_config=tune.RunConfig(
+            name=f"sweep-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage_path(cfg), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+    return tuner.fit()
+
+
+def _rows(grid, params: list[sweep_spec.Param], out_dir: str) -> tuple[list, dict]:
+    rows, histories = [], {}
+    for r in grid:
+        values = {p.key: r.config.get(p.key) for p in params}
+        name = sweep_spec.trial_name(values)
+        row = {"trial": name, "status": "done", **values}
+        tj = io.join(out_dir, name, "trial.json")
+        if r.error is None and (r.metrics or {}).get("ktray_done") and io.exists(tj):
+            done = io.read_json(tj)
+            row.update({k: done.get(k) for k in RESULT_KEYS})
+        elif r.error is not None:
+            row["status"] = "error"
+            row["error"] = (str(r.error).strip().splitlines() or ["?"])[-1][:300]
+        else:
+            row["status"] = "stopped"  # by the ASHA scheduler
+        row["trial_dir"] = io.join(out_dir, name)
+        rows.append(row)
+        try:
+            df = r.metrics_dataframe
+            histories[name] = df.to_dict("records") if df is not None else []
+        except Exception:
+            histories[name] = []
+    return rows, histories
+
+
+def _param_points(rows: list[dict], params: list[sweep_spec.Param]) -> tuple[list, str]:
+    """Points for the accuracy-against-values plot: x = the first key taking several values,
+    one line per combination of the others."""
+    varied = [p for p in params if len({sweep_spec.display(r.get(p.key)) for r in rows}) > 1]
+    params = varied + [p for p in params if p not in varied]
+    key = params[0].key
+    values = [r.get(key) for r in rows]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    order = {}
+    for v in values:
+        order.setdefault(sweep_spec.display(v), len(order))
+    points = []
+    for r in rows:
+        p = dict(r, label=sweep_spec.display(r.get(key)),
+                 group=" ".join(f"{q.key}={sweep_spec.display(r.get(q.key))}"
+                                for q in params[1:]))
+        p["x"] = r.get(key) if numeric else order[p["label"]]
+        points.append(p)
+    return points, key if numeric else f"{key} (values as labelled)"
+
+
+def write_sweep_results(cfg: Config, rows: list[dict],
+                        params: list[sweep_spec.Param]) -> tuple[dict, dict | None]:
+    """results.{md,parquet} and the plots under OUT/sweep/ (atomic writes); returns their
+    URIs and the best finished row."""
+    d = sweep_dir(cfg)
+    keys = [p.key for p in params]
+    label = [dict(r, label=" ".join(f"{k}={sweep_spec.display(r.get(k))}" for k in keys))
+             for r in rows]
+    paths = {"md": io.join(d, "results.md"), "parquet": io.join(d, "results.parquet"),
+             "transfer_png": io.join(d, "accuracy_vs_transfer_size.png"),
+             "compute_png": io.join(d, "accuracy_vs_compute.png"),
+             "params_png": io.join(d, "accuracy_vs_params.png")}
+    title = f"{cfg.name}: {cfg.sweep.method}"
+    io.write_bytes(paths["transfer_png"], compute.plot_accuracy(
+        label, "transfer_images", label="label", title=title,
+        xlabel="transfer-set images"))
+    io.write_bytes(paths["compute_png"], compute.plot_accuracy(
+        label, "pretrain_flops", label="label", title=title,
+        xlabel="pretraining FLOPs (distillation + teacher over the transfer set)"))
+    points, xlabel = _param_points(rows, params)
+    io.write_bytes(paths["params_png"], compute.plot_accuracy(
+        points, "x", group="group", label="label", title=title, xlabel=xlabel))
+    columns = ["trial", "status", *keys, *RESULT_KEYS, "trial_dir", "error"]
+    io.write_parquet(paths["parquet"], compute.to_arrow(rows, columns))
+    s = cfg.sweep
+    done = [r for r in rows if r.get(s.metric) is not None]
+    best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
+    md = [f"# ktray sweep: {cfg.name}", "",
+          f"Method `{s.method}`; swept: {sweep_spec.describe(params)}; scheduler {s.scheduler}; "
+          f"{len(done)} of {len(rows)} trials finished.", ""]
+    if best:
+        md += [f"Best by {s.metric} ({s.mode}): **{best['trial']}** "
+               f"({', '.join(f'{k}={sweep_spec.display(best.get(k))}' for k in keys)}): "
+               f"{compute.fmt(best[s.metric], s.metric)}", ""]
+    md += [compute.markdown_table(rows, [c for c in columns if c != "trial_dir"]), ""]
+    md += [f"![{k}]({os.path.basename(paths[k])})" for k in
+           ("transfer_png", "compute_png", "params_png")]
+    io.write_text(paths["md"], "\n".join(md) + "\n")
+    return paths, best
+
+
+def run(cfg: Config) -> dict:
+    """Run the sweep of ``cfg.sweep``; return ``{"rows", "best", "outputs", ...}``."""
+    params = sweep_spec.parse(cfg)  # every key and value checked before Ray starts
+    if parse_method(cfg.sweep.method)[1] == "curated":
+        import importlib.util
+
+        if importlib.util.find_spec("ktray.stages.curate") is None:
+            raise KtrayError("sweep.method uses the curated transfer set, but this ktray has "
+                             "no curate stage")
+    started = time.perf_counter()
+    log.info("sweep %s: %s; method %s; %s scheduler", cfg.name, sweep_spec.describe(params),
+             cfg.sweep.method, cfg.sweep.scheduler)
+    ensure_ray(cfg.ray)
+    shared = _prepare_shared(cfg, params)
+    grid = _tune(cfg, params, shared)
+    rows, histories = _rows(grid, params, sweep_dir(cfg))
+    paths, best = write_sweep_results(cfg, rows, params)
+    spent = compute.totals(compute.gather(sweep_dir(cfg)))
+    result = {"rows": rows, "best": best, "outputs": paths,
+              "seconds": time.perf_counter() - started, **spent}
+    manifest.write(sweep_dir(cfg), {
+        "stage": "sweep", "name": "", "sweep": cfg.name, "config_hash": "", "outputs": paths,
+        "trials": len(rows), "finished": sum(r["status"] == "done" for r in rows),
+        "best": best, "seconds": result["seconds"], "flops": spent["flops"],
+        "device_seconds": spent["device_seconds"]}, cfg)
+    try:
+        result["mlflow_run_id"] = log_sweep(cfg, rows, [p.key for p in params], paths,
+                                            histories)
+        result["mlflow_tracking_uri"] = tracking_uri(cfg) if cfg.tracking.mlflow else None
+    except Exception as e:  # tracking must not lose a finished sweep's results
+        log.warning("MLflow logging failed: %s", e)
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed and len(failed) == len(rows):
+        raise KtrayError(f"every trial failed; first error: {failed[0].get('error')} "
+                         f"(table: {paths['md']})")
+    for r in failed:
+        log.warning("sweep: %s failed: %s", r["trial"], r.get("error"))
+    return result
