@@ -13,6 +13,9 @@ Usage:
 
     python benchmarks/embed_bench.py [--images 2000] [--size 48] [--grid 1]
         [--encoder efficientnet_lite0] [--layouts 1x2,2x1]   # actors x cpus per actor
+        [--threads N]   # torch threads of the plain loop (default: torch's own)
+
+Each actor runs ``int(cpus per actor)`` torch threads, as the stage does.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ def main() -> None:
     ap.add_argument("--layouts", default="1x2,2x1",
                     help="Ray Data actor layouts, ACTORSxCPUS_PER_ACTOR, comma separated")
     ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of this process (bare forward, plain loop); 0 = default")
     args = ap.parse_args()
+    if args.threads > 0:  # before any torch work: changing it later is slow
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from ktray.config import load_config

@@ -210,3 +210,41 @@ def test_curate_bad_input_is_one_line(overrides, message, tiny_task, tmp_path, c
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("ktray: error: ") and message in last
     assert not os.path.exists(os.path.join(tmp_path, "o", "curate", "embeddings"))
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """A local Ray started after the S3 environment is set, so its actors inherit it (see
+    tests/test_s3_pipeline.py)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from ktray.config import RayConfig
+    from ktray.stages.common import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+def test_curate_on_s3(s3_server, s3_ray, tiny_task, tmp_path):
+    """Gallery tar shards and every output (embeddings, index, transfer set) on S3."""
+    fs = s3_server.fs
+    images = _images(40, seed=13)
+    for i in range(2):
+        local = _tar_gallery(str(tmp_path / "g" / f"shard-{i:03d}.tar"), images[i::2])
+        fs.put(local, f"{s3_server.bucket}/gallery/shard-{i:03d}.tar")
+    out = s3_server.url("curate-out")
+    cfg = _cfg(tiny_task, out, f"curate.gallery={s3_server.url('gallery')}",
+               "curate.images_per_query=1", "curate.shard_rows=16")
+    m = curate_stage.run(cfg)
+    assert m["images"]["gallery"] == 42 and m["skipped_by_set"]["gallery"] == 2
+    fs.invalidate_cache()
+    for name in ("transfer_set.parquet", "index.faiss", "report.png", "manifest.json",
+                 "embeddings/gallery/part-00002.parquet"):
+        assert fs.exists(f"{s3_server.bucket}/curate-out/curate/{name}"), name
+    transfer = read_transfer(cfg, "curated")
+    _check_balanced(transfer, 24, 1)
+    assert all(s.startswith("s3://") for s in transfer["source"].to_pylist())

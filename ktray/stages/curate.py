@@ -196,8 +196,7 @@ def _read_embeddings(dirs: dict, sets: dict):
         if len(sets["protected"][0]) else None
     parts = _parts(dirs["gallery"])
     image_of_vector = np.concatenate(
-        [pq.read_table(f, columns=[GALLERY_INDEX], filesystem=io.fs_and_path(f)[0])
-         [GALLERY_INDEX].to_numpy() for f in parts]).astype(np.int64)
+        [_read_part(f, GALLERY_INDEX)[GALLERY_INDEX].to_numpy() for f in parts]).astype(np.int64)
     crops = {"queries": len(q), "protected": len(p) if p is not None else 0,
              "gallery": len(image_of_vector)}
     readable = {"queries": len(set(q[C.IMAGE_ID].to_pylist())),
@@ -302,8 +301,7 @@ def _index(out: str, parts: list[str], factory: str, dim: int, n: int, seed: int
 
     def shards():
         for f in parts:
-            yield vectors(pq.read_table(f, columns=[C.EMBEDDING],
-                                        filesystem=io.fs_and_path(f)[0]))
+            yield vectors(_read_part(f, C.EMBEDDING))
 
     index = build_index(factory, dim, sample, shards())
     save_index(index, uri)
@@ -316,11 +314,15 @@ def _sample(parts: list[str], n: int, size: int, seed: int) -> np.ndarray:
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     out, offset = [], 0
     for f in parts:
-        fs = io.fs_and_path(f)[0]
-        count = pq.ParquetFile(io.fs_and_path(f)[1], filesystem=fs).metadata.num_rows
+        fs, path = io.fs_and_path(f)
+        count = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
         want = rows[(rows >= offset) & (rows < offset + count)] - offset
         if len(want):
-            table = pq.read_table(f, columns=[C.EMBEDDING], filesystem=fs)
-            out.append(vectors(table.take(pa.array(want))))
+            out.append(vectors(_read_part(f, C.EMBEDDING).take(pa.array(want))))
         offset += count
     return np.concatenate(out)
+
+
+def _read_part(uri: str, column: str) -> pa.Table:
+    fs, path = io.fs_and_path(uri)
+    return pq.read_table(path, columns=[column], filesystem=fs)

@@ -55,8 +55,10 @@ def _set_epoch(loader: DataLoader):
 
 
 def build_teacher(spec: dict) -> tuple[nn.Module, dict]:
+    # img_size: ViTs (DINOv2 at 518 px natively) must be built for the size they will see
     backbone = create_backbone(spec["backbone"], pretrained=spec["pretrained"],
-                               checkpoint=spec.get("checkpoint") or None)
+                               checkpoint=spec.get("checkpoint") or None,
+                               img_size=spec.get("img_size") or None)
     model = TaskModel(backbone, spec["num_classes"])
     model.set_trainable(spec["mode"], partial_blocks=spec.get("partial_blocks", 2))
     size = spec.get("img_size") or backbone.default_img_size
