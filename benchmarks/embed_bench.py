@@ -15,7 +15,10 @@ Usage:
         [--encoder efficientnet_lite0] [--layouts 1x2,2x1]   # actors x cpus per actor
         [--threads N]   # torch threads of the plain loop (default: torch's own)
 
-Each actor runs ``int(cpus per actor)`` torch threads, as the stage does.
+Each actor runs ``int(cpus per actor)`` torch threads, as the stage does; Ray starts its
+workers with ``OMP_NUM_THREADS`` set. On an oversubscribed machine (load far above the core
+count) a process with torch's default OpenMP threads runs several times slower, so compare
+like with like: ``OMP_NUM_THREADS=1 python benchmarks/embed_bench.py --threads 1``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Servers (helpers in tests/servers.py):
                  AWS_DEFAULT_REGION for the rest of the session (restored at the end). Yields a
                  servers.S3Server: .endpoint, .bucket, .fs (s3fs), .url("a/b") -> "s3://bucket/a/b",
                  .storage_options(), .pyarrow_fs(), .env(). Skips if no S3 server can start.
+  ray_s3         module: a local Ray whose workers have the s3_server environment.
   mlflow_server  session: `mlflow server` (sqlite backend, proxied local artifacts) on 127.0.0.1;
                  yields its tracking URI ("http://127.0.0.1:PORT"). Skips if it cannot start.
 """
@@ -66,6 +67,26 @@ def ray_local():
     from ktray.config import RayConfig
     from ktray.stages.common import ensure_ray
 
+    ensure_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server):
+    """A local Ray started after s3_server set the AWS_* environment, so that its workers (Ray
+    Data actors, Ray Train workers) reach the S3 server. A Ray started earlier in the session
+    lacks that environment and is shut down first; stages start Ray again when they need it."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from ktray.config import RayConfig
+    from ktray.stages.common import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
     ensure_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()

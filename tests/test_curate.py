@@ -212,24 +212,7 @@ def test_curate_bad_input_is_one_line(overrides, message, tiny_task, tmp_path, c
     assert not os.path.exists(os.path.join(tmp_path, "o", "curate", "embeddings"))
 
 
-@pytest.fixture(scope="module")
-def s3_ray(s3_server):
-    """A local Ray started after the S3 environment is set, so its actors inherit it (see
-    tests/test_s3_pipeline.py)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    from ktray.config import RayConfig
-    from ktray.stages.common import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ensure_ray(RayConfig(num_cpus=2))
-    yield ray
-    ray.shutdown()
-
-
-def test_curate_on_s3(s3_server, s3_ray, tiny_task, tmp_path):
+def test_curate_on_s3(s3_server, ray_s3, tiny_task, tmp_path):
     """Gallery tar shards and every output (embeddings, index, transfer set) on S3."""
     fs = s3_server.fs
     images = _images(40, seed=13)

@@ -256,8 +256,9 @@ def test_near_duplicates_of_protected_vectors_are_excluded(planted, ivf_index):
     assert remove_near_duplicates(gallery, protected, image_of, 0.9) == planted_images
     flat = build_index("Flat", 64, None, [gallery])
     assert remove_near_duplicates(flat, protected, image_of, 0.9, k0=1) == planted_images
-    factory, _ = ivf_index
-    ivf = build_index(factory, 64, gallery, [gallery])
+    ivf = faiss.clone_index(ivf_index[1])  # trained already: refill with this gallery
+    ivf.reset()
+    ivf.add(gallery)
     # PQ scores are quantised (about +-0.1 here), hence a lower threshold on this path.
     assert remove_near_duplicates(ivf, protected, image_of, 0.8) == planted_images
     assert remove_near_duplicates(gallery, protected[:0], image_of, 0.9) == set()

@@ -9,9 +9,9 @@ from ktray.retrieval.index import l2_normalize
 
 def test_index_roundtrip_on_s3(s3_server):
     rng = np.random.default_rng(0)
-    gallery = l2_normalize(rng.standard_normal((12_000, 32)))
+    gallery = l2_normalize(rng.standard_normal((5000, 32)))
     queries = l2_normalize(rng.standard_normal((20, 32)))
-    index = build_index("IVF64,PQ8", 32, gallery, [gallery[:6000], gallery[6000:]], nprobe=7)
+    index = build_index("IVF64,Flat", 32, gallery, [gallery[:2500], gallery[2500:]], nprobe=7)
     uri = s3_server.url("retrieval", "gallery.faiss")
     save_index(index, uri)
     save_index(index, uri)  # overwrite: the final key is replaced, no temporary keys remain

@@ -103,7 +103,7 @@ def run(cfg: Config) -> dict:
     sets = {
         "queries": (curation.indexed(curation.split(info, "train")), query_scheme),
         "protected": (curation.indexed(curation.split(info, "val"), curation.split(info, "test")),
-                      CropScheme(**dict(query_scheme.as_dict(), full_only=not cur.protect_crops))),
+                      query_scheme if cur.protect_crops else CropScheme(full_only=True)),
         "gallery": (curation.indexed(gallery), query_scheme),
     }
     if not len(sets["queries"][0]):
