@@ -392,16 +392,3 @@ def config_hash(*parts: Any) -> str:
         return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
     blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every leaf field, for ``ktray config --help``-style listings."""
-    rows = []
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += describe(type(value), prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, repr(value), ""))
-    return rows

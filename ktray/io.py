@@ -126,17 +126,6 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder's files to ``uri`` (each file atomically)."""
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            src = os.path.join(root, name)
-            rel = os.path.relpath(src, local_dir)
-            with atomic_local_path(join(uri, rel)) as tmp:
-                with open(src, "rb") as f, open(tmp, "wb") as g:
-                    g.write(f.read())
-
-
 def download_dir(uri: str, local_dir: str) -> str:
     """Local copy of a remote folder (or the folder itself when local)."""
     if not is_remote(uri):

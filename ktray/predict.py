@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -112,9 +110,3 @@ class Predictor:
 def _fixed_list(a: np.ndarray) -> pa.Array:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-
-
-def timed_predict(predictor: Predictor, rows: pa.Table) -> dict:
-    start = time.perf_counter()
-    out, skipped = predictor.predict(rows)
-    return {"table": out, "skipped": skipped, "seconds": time.perf_counter() - start}

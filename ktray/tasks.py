@@ -113,11 +113,6 @@ def prepare_task(cfg: Config) -> dict:
     })
 
 
-def task_info(cfg: Config) -> dict:
-    info = prepare_task(cfg)
-    return info
-
-
 def split_table(cfg: Config, split: str) -> pa.Table | None:
     info = prepare_task(cfg)
     uri = info["outputs"].get(split)

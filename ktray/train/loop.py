@@ -9,12 +9,15 @@ run continues its step count instead of restarting.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
+
+log = logging.getLogger("ktray")
 
 
 class Session(Protocol):
@@ -163,5 +166,8 @@ def train_steps(
         state = {"model": unwrap(module).state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
                  "images": images, "seconds": seconds, "history": history}
+        if session.rank == 0:
+            log.info("  step %d/%d  loss %.4f  %.0f img/s", step, steps,
+                     metrics.get("loss", float("nan")), images / max(seconds, 1e-9))
         session.report(metrics, state)
     return dict(metrics, history=history, resumed_from=resumed_from)
