@@ -259,8 +259,12 @@ def test_near_duplicates_of_protected_vectors_are_excluded(planted, ivf_index):
     ivf = faiss.clone_index(ivf_index[1])  # trained already: refill with this gallery
     ivf.reset()
     ivf.add(gallery)
-    # PQ scores are quantised (about +-0.1 here), hence a lower threshold on this path.
-    assert remove_near_duplicates(ivf, protected, image_of, 0.8) == planted_images
+    # PQ scores are quantised (about +-0.1 here): the plain threshold misses some copies; a
+    # margin finds candidates, exact vectors confirm them.
+    assert remove_near_duplicates(ivf, protected, image_of, 0.9) < planted_images
+    assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.1) == planted_images
+    assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.4,
+                                  vectors_of=lambda ids: gallery[ids]) == planted_images
     assert remove_near_duplicates(gallery, protected[:0], image_of, 0.9) == set()
 
     # Applied before selection, the protected images' copies are never selected.

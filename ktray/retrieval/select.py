@@ -174,6 +174,14 @@ def balanced_select(
         raise KtrayError("gallery image ids must be >= 0")
     n_images = int(gallery_image_of_vector.max()) + 1 if n_vectors else 0
     exclude = _exclusion_mask(exclude_images, n_images)
+    present = np.zeros(n_images, dtype=bool)
+    present[gallery_image_of_vector] = True
+    n_available = int(np.count_nonzero(present & ~exclude if exclude is not None else present))
+    if n_available < images_per_query * len(set(query_image_ids)):
+        # Shortfall is certain; starved queries will be searched down to max_k (exactly as
+        # an unlimited search would assign the images), which costs the deepest searches.
+        log.warning("%d selectable gallery images for %d queries x %d: expect a shortfall",
+                    n_available, len(set(query_image_ids)), images_per_query)
 
     queries = list(dict.fromkeys(query_image_ids))  # first-appearance order
     qpos = {q: i for i, q in enumerate(queries)}
@@ -269,6 +277,8 @@ def remove_near_duplicates(
     threshold: float,
     k0: int = 16,
     batch_size: int = 65_536,
+    margin: float = 0.0,
+    vectors_of: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> set[int]:
     """Gallery images with a crop too similar to a protected (labeled or test) embedding.
 
@@ -277,15 +287,21 @@ def remove_near_duplicates(
     enter a transfer set. Apply the result as ``exclude_images`` of :func:`balanced_select`.
 
     Args:
-        gallery: ``[V, D]`` unit gallery embeddings (exact; scanned in batches, fine for a
-            memory map), or the gallery's faiss index (protected vectors are searched in it,
-            so it is as approximate as the index: IVF-PQ scores are quantised).
+        gallery: ``[V, D]`` unit gallery embeddings (exact, O(V*P*D); scanned in batches, fine
+            for a memory map), or the gallery's faiss index (protected vectors are searched
+            in it: scales to large galleries, but IVF-PQ scores are quantised, typically
+            0.02-0.1 below the true cosine, so use ``margin`` and ``vectors_of``).
         protected_vectors: ``[P, D]`` unit embeddings to protect (all their crops).
         gallery_image_of_vector: ``[V]`` gallery image id of every gallery vector.
         threshold: cosine similarity above which a gallery vector is a near duplicate.
         k0: first search depth in the index path; doubled for protected vectors whose
-            k-th hit is still above the threshold.
+            k-th hit is still above the cut.
         batch_size: gallery rows per batch in the array path.
+        margin: index path only: candidates are hits above ``threshold - margin``.
+        vectors_of: index path only: ``vectors_of(ids [N]) -> [N, D]`` exact gallery vectors
+            (e.g. rows of the stored embeddings); candidates are kept only if their exact
+            cosine is above ``threshold``. Without it every candidate is excluded, so a
+            margin can only exclude more.
 
     Returns:
         The set of gallery image ids to exclude.
@@ -295,23 +311,39 @@ def remove_near_duplicates(
         return set()
     dim = gallery.d if isinstance(gallery, faiss.Index) else np.shape(gallery)[1]
     protected = as_embeddings(protected_vectors, dim, "protected vectors")
-    hits: list[np.ndarray] = []
     if isinstance(gallery, faiss.Index):
-        rows, k = np.arange(len(protected)), min(k0, max(1, gallery.ntotal))
-        while len(rows):
-            scores, ids = search(gallery, protected[rows], k)
-            hits.append(ids[(scores > threshold) & (ids >= 0)])
-            more = (scores[:, -1] > threshold) & (ids[:, -1] >= 0)
-            if k >= gallery.ntotal:
-                break
-            rows, k = rows[more], min(2 * k, gallery.ntotal)
+        vec = _index_near_duplicates(gallery, protected, threshold - margin, k0)
+        if vectors_of is not None and len(vec):
+            pairs = vec  # [N, 2] (protected row, gallery id)
+            ids, inverse = np.unique(pairs[:, 1], return_inverse=True)
+            exact = as_embeddings(vectors_of(ids), dim, "vectors_of(ids)")
+            cos = np.einsum("nd,nd->n", protected[pairs[:, 0]], exact[inverse])
+            vec = pairs[cos > threshold]
+        vec = vec[:, 1]
     else:
         # Exact: the best protected match of every gallery vector, one batch at a time.
         index = faiss.IndexFlatIP(dim)
         index.add(protected)
+        hits = []
         for start in range(0, len(gallery), batch_size):
             batch = as_embeddings(gallery[start : start + batch_size], dim, "gallery vectors")
             scores, _ = index.search(batch, 1)
             hits.append(start + np.flatnonzero(scores[:, 0] > threshold))
-    vec = np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
-    return {int(i) for i in np.unique(gallery_image_of_vector[vec])}
+        vec = np.concatenate(hits) if hits else np.zeros(0, np.int64)
+    return {int(i) for i in np.unique(gallery_image_of_vector[np.unique(vec)])}
+
+
+def _index_near_duplicates(index: faiss.Index, protected: np.ndarray, cut: float, k0: int):
+    """``[N, 2]`` (protected row, gallery vector id) pairs scoring above ``cut`` in ``index``."""
+    pairs = []
+    rows, k = np.arange(len(protected)), min(k0, max(1, index.ntotal))
+    while len(rows):
+        scores, ids = search(index, protected[rows], k)
+        hit = (scores > cut) & (ids >= 0)
+        r, c = np.nonzero(hit)
+        pairs.append(np.stack([rows[r], ids[r, c]], axis=1))
+        if k >= index.ntotal:
+            break
+        # Rows whose k-th hit is still above the cut may have more: search them deeper.
+        rows, k = rows[hit[:, -1]], min(2 * k, index.ntotal)
+    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)

@@ -213,3 +213,29 @@ def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> d
     if tune_extra is not None:
         add_trial_steps(name, metrics.get("step"))
     return metrics
+
+
+def map_shards(cfg: Config, writer, kwargs: dict, blocks: list, describe) -> list[dict]:
+    """Run ``writer`` (a Ray Data actor class that writes one shard per block and returns a
+    summary row per shard) over ``blocks`` on an autoscaling actor pool; ``describe(row)`` is
+    logged as each shard finishes. ``min_size=1``: a fixed pool of 1-CPU actors starves the
+    reads on a 2-CPU machine (Ray Data hangs)."""
+    import ray
+
+    ensure_ray(cfg.ray)
+    lc = cfg.logits
+    gpus = lc.gpus_per_actor if lc.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
+    ds = ray.data.from_arrow(blocks).map_batches(
+        writer,
+        fn_constructor_kwargs=dict(kwargs, threads=max(1, int(lc.cpus_per_actor))),
+        batch_size=None,  # one block = one shard = one part file
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, lc.actors)),
+        num_cpus=lc.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    stats = []
+    for row in ds.iter_rows():
+        stats.append(dict(row))
+        log.info(describe(row))
+    return stats

@@ -35,7 +35,7 @@ from ktray.retrieval import (balanced_select, build_index, choose_index, load_in
 from ktray.retrieval.embed import (GALLERY_INDEX, CropScheme, Embedder, EncoderSpec,
                                    encoder_from_config, flops_per_crop, vectors)
 from ktray.retrieval.report import write_report
-from ktray.stages.common import cluster_has_gpus, ensure_ray
+from ktray.stages.common import map_shards
 from ktray.tasks import prepare_task
 
 log = logging.getLogger("ktray")
@@ -265,29 +265,11 @@ def _block(table: pa.Table, name: str, shard: int, shard_rows: int) -> pa.Table:
 
 def _compute(cfg: Config, encoder: EncoderSpec, schemes: dict, dirs: dict,
              blocks: list[pa.Table]) -> list[dict]:
-    import ray
-
-    ensure_ray(cfg.ray)
-    lc = cfg.logits
-    gpus = lc.gpus_per_actor if lc.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        EmbedWriter,
-        fn_constructor_kwargs={"encoder": encoder.as_dict(), "schemes": schemes,
-                               "out_dirs": dirs, "batch_size": cfg.curate.batch_size,
-                               "threads": max(1, int(lc.cpus_per_actor))},
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, lc.actors)),
-        num_cpus=lc.cpus_per_actor,
-        num_gpus=gpus,
-    )
-    stats = []
-    for row in ds.iter_rows():
-        stats.append(dict(row))
-        log.info("curate: %s shard %d embedded (%d crops, %d skipped, %.1fs)", row["set"],
-                 row["shard"], row["rows"], row["skipped"], row["seconds"])
-    return stats
+    return map_shards(
+        cfg, EmbedWriter, {"encoder": encoder.as_dict(), "schemes": schemes, "out_dirs": dirs,
+                           "batch_size": cfg.curate.batch_size}, blocks,
+        lambda r: f"curate: {r['set']} shard {r['shard']} embedded ({r['rows']} crops, "
+                  f"{r['skipped']} skipped, {r['seconds']:.1f}s)")
 
 
 def _index(out: str, parts: list[str], factory: str, dim: int, n: int, seed: int, key: str):

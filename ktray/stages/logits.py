@@ -19,7 +19,7 @@ import pyarrow as pa
 from ktray import io, manifest
 from ktray.config import Config, config_hash
 from ktray.predict import Predictor, expand_views
-from ktray.stages.common import cluster_has_gpus, ensure_ray
+from ktray.stages.common import map_shards
 from ktray.tasks import read_transfer
 
 log = logging.getLogger("ktray")
@@ -124,27 +124,9 @@ def _drop_parts(out: str) -> None:
 
 def _compute(cfg: Config, model_dir: str, out: str, rows: pa.Table, pending: list[int],
              shard_rows: int) -> list[dict]:
-    import ray
-
-    ensure_ray(cfg.ray)
-    lc = cfg.logits
-    gpus = lc.gpus_per_actor if lc.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     blocks = [rows.slice(s * shard_rows, shard_rows) for s in pending]
-    ds = ray.data.from_arrow(blocks)
-    threads = max(1, int(lc.cpus_per_actor))
-    ds = ds.map_batches(
-        ShardWriter,
-        fn_constructor_kwargs={"model_dir": model_dir, "out_dir": out,
-                               "batch_size": lc.batch_size, "threads": threads},
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, lc.actors)),
-        num_cpus=lc.cpus_per_actor,
-        num_gpus=gpus,
-    )
-    stats = []
-    for batch in ds.iter_rows():
-        stats.append(dict(batch))
-        log.info("logits: shard %d done (%d rows, %d skipped, %.1fs)", batch["shard"],
-                    batch["rows"], batch["skipped"], batch["seconds"])
-    return stats
+    return map_shards(
+        cfg, ShardWriter, {"model_dir": model_dir, "out_dir": out,
+                           "batch_size": cfg.logits.batch_size}, blocks,
+        lambda r: f"logits: shard {r['shard']} done ({r['rows']} rows, {r['skipped']} "
+                  f"skipped, {r['seconds']:.1f}s)")

@@ -26,6 +26,16 @@ from ktray.models.flops import count_flops
 from ktray.train.loop import Session, train_steps, unwrap
 
 
+# channels_last: oneDNN's convolutions on CPU (and tensor cores on GPU) run ~1.3-1.7x faster
+# in NHWC; models and images are both kept in it.
+CL = torch.channels_last
+
+
+def _dev(x: torch.Tensor, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=CL) if x.dim() == 4 else x
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -91,13 +101,13 @@ def build_student(spec: dict) -> tuple[nn.Module, dict]:
 def _cached_features(model, dataset: Dataset, views: int, device) -> TensorDataset:
     """Frozen-backbone features of ``views`` random augmented views of every labeled image."""
     loader = DataLoader(dataset, batch_size=128, shuffle=False, collate_fn=collate_skip_none)
-    backbone = model.backbone.to(device).eval()
+    backbone = model.backbone.to(device, memory_format=CL).eval()
     feats, labels = [], []
     for epoch in range(views):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         for x, y in loader:
-            feats.append(backbone(x.to(device)).float().cpu())
+            feats.append(backbone(_dev(x, device)).float().cpu())
             labels.append(y)
     return TensorDataset(torch.cat(feats), torch.cat(labels))
 
@@ -118,13 +128,13 @@ def _classifier_run(model, model_spec, spec, session) -> dict:
         dataset = _cached_features(model, dataset, probe_views, session.device)
         model = _HeadOnly(model.head)  # shares the head; the backbone stays out of DDP
     loader = session.prepare_loader(_loader(dataset, spec, True, session))
-    module = session.prepare_model(model)
+    module = session.prepare_model(model.to(memory_format=CL))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.get("label_smoothing", 0.0))
     device = session.device
 
     def step(m, batch):
         x, y = batch
-        x, y = x.to(device), y.to(device)
+        x, y = _dev(x, device), y.to(device)
         logits = m(x)
         loss = loss_fn(logits, y)
         return {"loss": loss, "n": len(y), "train_acc": (logits.argmax(-1) == y).float().mean()}
@@ -200,13 +210,13 @@ def _distill_run(model, model_spec, spec, session) -> dict:
         column = C.LOGITS if objective == "task" else C.FEATURES
         targets = torch.tensor(np.asarray(rows[column].to_pylist(), dtype=np.float32))
     loader = session.prepare_loader(_loader(dataset, spec, True, session))
-    module = session.prepare_model(module)
+    module = session.prepare_model(module.to(memory_format=CL))
     device = session.device
 
     def step(m, batch):
-        x = batch["x"].to(device)
+        x = _dev(batch["x"], device)
         if online:
-            out = m(x, x_teacher=batch["xt"].to(device))
+            out = m(x, x_teacher=_dev(batch["xt"], device))
         else:
             t = targets[batch["index"]].to(device)
             kw = {"teacher_logits": t} if objective == "task" else {"teacher_features": t}
