@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import mlflow_server as mlflow_server_mod  # noqa: E402
 import servers  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     try:
-        server = servers.start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+        server = mlflow_server_mod.start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     except servers.ServerUnavailable as e:
         pytest.skip(str(e))
     try:
