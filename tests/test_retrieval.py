@@ -1,5 +1,6 @@
 """Tests of ktray.retrieval: crops, index choice/build/persistence, balanced selection, dedup."""
 
+import re
 import subprocess
 import sys
 
@@ -185,10 +186,12 @@ def test_choose_index():
     assert choose_index(1000, 64, 1) == "Flat"  # too small to train PQ: exact anyway
     f = choose_index(1_000_000, 256, 2**32)
     assert f.startswith("IVF") and ",PQ" in f
-    m = int(f.split("PQ")[1])
+    m = int(re.search(r"PQ(\d+)", f).group(1))
+    assert f.endswith(",Refine(SQ8)")  # the budget allows exact-ish re-ranking
     assert 256 % m == 0 and m == 64
     tight = choose_index(1_000_000, 256, 20 * 10**6)  # must shrink the codes
-    m = int(tight.split("PQ")[1])
+    m = int(re.search(r"PQ(\d+)", tight).group(1))
+    assert "Refine" not in tight  # no room for the re-ranking copy
     assert 256 % m == 0 and 1_000_000 * (m + 8) <= 20 * 10**6
     assert "_HNSW32" in choose_index(50_000_000, 768, 2**36)
     with pytest.raises(KtrayError, match="too small"):
@@ -259,9 +262,10 @@ def test_near_duplicates_of_protected_vectors_are_excluded(planted, ivf_index):
     ivf = faiss.clone_index(ivf_index[1])  # trained already: refill with this gallery
     ivf.reset()
     ivf.add(gallery)
-    # PQ scores are quantised (about +-0.1 here): the plain threshold misses some copies; a
-    # margin finds candidates, exact vectors confirm them.
-    assert remove_near_duplicates(ivf, protected, image_of, 0.9) < planted_images
+    # choose_index adds an SQ8 re-ranking stage (budget allows): its re-scored candidates
+    # find every copy at the plain threshold; the margin / exact-confirm paths agree.
+    assert "Refine" in ivf_index[0]
+    assert remove_near_duplicates(ivf, protected, image_of, 0.9) == planted_images
     assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.1) == planted_images
     assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.4,
                                   vectors_of=lambda ids: gallery[ids]) == planted_images
