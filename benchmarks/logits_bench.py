@@ -70,11 +70,7 @@ def main() -> None:
         cfg = load_config(None, [f"out={work}/run", f"logits.batch_size={args.batch}",
                                  "logits.actors=1", "logits.cpus_per_actor=2"])
         ensure_ray(cfg.ray)
-        rows_sharded = rows.append_column("shard", [[i // 1024 for i in range(len(rows))]])
-        n_shards = (len(rows) + 1023) // 1024
-        sizes = [min(1024, len(rows) - s * 1024) for s in range(n_shards)]
-        rows_sharded = rows_sharded.append_column(
-            "shard_size", [[sizes[i // 1024] for i in range(len(rows))]])
+        rows_sharded, n_shards = logits_stage.add_shards(rows, 1024)
         out_dir = os.path.join(work, "logits")
         os.makedirs(out_dir)
         start = time.perf_counter()

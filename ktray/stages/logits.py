@@ -58,6 +58,17 @@ class ShardWriter:
         return pa.table({"shard": shards, "rows": rows, "skipped": skipped, "seconds": secs})
 
 
+def add_shards(rows: pa.Table, shard_rows: int) -> tuple[pa.Table, int]:
+    """Number consecutive rows into shards: adds ``shard`` and ``shard_size`` columns (the
+    writer checks that it got the whole shard before writing its part file)."""
+    n_shards = max(1, math.ceil(len(rows) / shard_rows))
+    shard_ids = [i // shard_rows for i in range(len(rows))]
+    sizes = [min(shard_rows, len(rows) - s * shard_rows) for s in range(n_shards)]
+    rows = rows.append_column("shard", pa.array(shard_ids, pa.int32()))
+    rows = rows.append_column("shard_size", pa.array([sizes[s] for s in shard_ids], pa.int32()))
+    return rows, n_shards
+
+
 def logits_dir(cfg: Config, transfer: str) -> str:
     return manifest.stage_dir(cfg.out, "logits", transfer)
 
@@ -80,12 +91,7 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
     started = time.perf_counter()
     table = read_transfer(cfg, transfer)
     rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
-    n_shards = max(1, math.ceil(len(rows) / shard_rows))
-    shard_ids = pa.array([i // shard_rows for i in range(len(rows))], pa.int32())
-    rows = rows.append_column("shard", shard_ids)
-    sizes = [min(shard_rows, len(rows) - s * shard_rows) for s in range(n_shards)]
-    rows = rows.append_column("shard_size", pa.array([sizes[s] for s in shard_ids.to_pylist()],
-                                                     pa.int32()))
+    rows, n_shards = add_shards(rows, shard_rows)
     io.makedirs(out)
     fs, path = io.fs_and_path(out)
     existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.exists(path) else set()
