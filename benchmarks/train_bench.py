@@ -23,7 +23,7 @@ import torch
 
 
 def make_targets(work: str, fmnist: str, n: int) -> str:
-    from ktray import io
+    from ktray import storage
     from ktray.data.readers import read_idx
     from ktray.predict import expand_views, output_schema
 
@@ -36,7 +36,7 @@ def make_targets(work: str, fmnist: str, n: int) -> str:
     rows = rows.append_column("features", pa.FixedSizeListArray.from_arrays(
         pa.array(feats.reshape(-1)), 8))
     uri = os.path.join(work, "targets", "part-00000.parquet")
-    io.write_parquet(uri, rows.cast(output_schema(10, 8)))
+    storage.write_parquet(uri, rows.cast(output_schema(10, 8)))
     return os.path.dirname(uri)
 
 

@@ -74,15 +74,15 @@ def cmd_evaluate(args):
 
 
 def cmd_run(args):
-    from ktray.stages import pipeline
+    from ktray.stages import run as run_stage
 
-    from ktray.validate import check_config
+    from ktray.pipeline.validate import check_config
 
     cfg = _config(args)
     check_config(cfg)
     print(f"ktray: writing to {cfg.out}", file=sys.stderr)
     start = time.perf_counter()
-    pipeline.run(cfg)
+    run_stage.run(cfg)
     print(f"done in {time.perf_counter() - start:.0f}s; outputs in {cfg.out}")
 
 
@@ -97,17 +97,17 @@ def cmd_sweep(args):
     cfg = _config(args)
     print(f"ktray: sweep writing to {sweep.sweep_dir(cfg)}", file=sys.stderr)
     r = sweep.run(cfg)
-    from ktray import io
+    from ktray import storage
 
-    print(io.read_bytes(r["outputs"]["md"]).decode(), end="")
+    print(storage.read_bytes(r["outputs"]["md"]).decode(), end="")
     print(f"\ndone in {r['seconds']:.0f}s; table: {r['outputs']['md']}")
 
 
 def cmd_report(args):
-    from ktray import compute
+    from ktray.pipeline import accounting
 
     out = args.out if "://" in args.out else os.path.abspath(args.out)
-    r = compute.write_report(out)
+    r = accounting.write_report(out)
     t = r["totals"]
     print(f"{len(r['rows'])} manifests; {t['flops']:.3g} FLOPs, {t['device_seconds']:.1f} "
           f"device-seconds spent\nreport: {r['outputs']['md']}  table: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from ktray import io
+from ktray import storage
 from ktray.data.datasets import LabeledImages, collate_skip_none
 from ktray.errors import KtrayError
 from ktray.metrics import evaluate_classifier
@@ -19,7 +19,7 @@ def evaluate_model_dir(model_dir: str, table_uri: str, batch_size: int = 256,
     if num_classes is not None and spec["num_classes"] != num_classes:
         raise KtrayError(f"model {model_dir} predicts {spec['num_classes']} classes but the "
                          f"task has {num_classes}")
-    table = io.read_parquet(table_uri)
+    table = storage.read_parquet(table_uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = LabeledImages(table, spec["img_size"], spec["mean"], spec["std"], train=False)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_skip_none)

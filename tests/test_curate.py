@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from imagegen import draw
-from ktray import cli, io
+from ktray import cli, storage
 from ktray.config import load_config
 from ktray.stages import curate as curate_stage
-from ktray.tasks import read_transfer
+from ktray.pipeline.tasks import read_transfer
 
 BASE = ["curate.img_size=32", "curate.grid=1", "curate.scales=[0.6]",
         "curate.dedup_threshold=0.997", "curate.batch_size=32", "tracking.mlflow=false"]
@@ -123,7 +123,7 @@ def test_curate_skips_corrupt_excludes_duplicates_deterministic_and_resumes(
     m3 = curate_stage.run(cfg)
     assert m3["computed_shards"] == 1 and m3["crops"] == m["crops"]
     assert pq.read_table(os.path.join(gdir, "part-00002.parquet")).equals(before)
-    crop_ids = io.read_parquet(gdir, columns=["crop_id"])["crop_id"].to_pylist()
+    crop_ids = storage.read_parquet(gdir, columns=["crop_id"])["crop_id"].to_pylist()
     assert len(crop_ids) == len(set(crop_ids)) == 130  # no row written twice
     assert not [f for f in os.listdir(gdir) if ".tmp" in f]
     assert read_transfer(cfg, "curated").equals(transfer)
@@ -192,7 +192,7 @@ def test_curated_set_feeds_the_pipeline(tiny_task, tmp_path, ray_local):
     assert lm2["config_hash"] != lm["config_hash"] and lm2["computed_shards"] == lm2["shards"]
     curated = set(pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))
                   ["image_id"].to_pylist())
-    assert set(io.read_parquet(os.path.join(out, "logits", "curated"))
+    assert set(storage.read_parquet(os.path.join(out, "logits", "curated"))
                ["image_id"].to_pylist()) == curated
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 
-from ktray import io
+from ktray import storage
 from ktray.config import load_config
 from ktray.stages import finetune as finetune_stage
 from ktray.stages import logits as logits_stage
@@ -156,7 +156,7 @@ def test_sigkilled_logits_run_resumes_without_duplicates(tiny_task, tmp_path, ra
           f"{parts_at_kill}/{shards} parts at the kill, {m['computed_shards']} recomputed")
     assert m["shards"] == shards and m["rows"] == n_rows
     assert m["computed_shards"] <= shards - parts_at_kill
-    table = io.read_parquet(d)
+    table = storage.read_parquet(d)
     keys = list(zip(table["image_id"].to_pylist(), table["view"].to_pylist()))
     assert len(keys) == len(set(keys)) == n_rows
     assert json.load(open(os.path.join(d, "manifest.json")))["rows"] == n_rows

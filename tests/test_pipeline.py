@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ktray import cli, io
+from ktray import cli, storage
 from ktray.config import load_config
 from ktray.stages import logits as logits_stage
 
@@ -32,7 +32,7 @@ def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, caps
         assert os.path.exists(os.path.join(out, name)), name
     assert open(os.path.join(out, "results.png"), "rb").read(4) == b"\x89PNG"
     # the teacher's predictions: 24 unlabeled images x 2 views, each with its view's box
-    table = io.read_parquet(os.path.join(out, "logits", "in_domain"))
+    table = storage.read_parquet(os.path.join(out, "logits", "in_domain"))
     assert table.num_rows == 48
     assert len(table["logits"][0]) == 3
     assert sorted(set(table["view"].to_pylist())) == [0, 1]
@@ -68,7 +68,7 @@ def test_logits_skip_corrupt_and_resume_without_duplicates(tiny_task, tmp_path, 
     os.remove(os.path.join(d, "manifest.json"))
     m2 = logits_stage.run(cfg, "in_domain", shard_rows=10)
     assert m2["computed_shards"] == 1 and m2["rows"] == 24
-    ids = io.read_parquet(d)["image_id"].to_pylist()
+    ids = storage.read_parquet(d)["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 24
     assert not [f for f in os.listdir(d) if ".tmp" in f]
 

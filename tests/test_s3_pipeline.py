@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ktray import cli, io
+from ktray import cli, storage
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,14 @@ def test_tiny_pipeline_on_s3(s3_server, s3_task, ray_s3, tmp_path, tmp_path_fact
                  "finetune/task@in_domain/model/model.safetensors", "pipeline/manifest.json"):
         assert fs.exists(f"{s3_server.bucket}/out/{name}"), name
     assert fs.glob(f"{s3_server.bucket}/out/logits/in_domain/part-*.parquet")
-    table = io.read_parquet(s3_server.url("out", "logits", "in_domain"))
+    table = storage.read_parquet(s3_server.url("out", "logits", "in_domain"))
     keys = set(zip(table["image_id"].to_pylist(), table["view"].to_pylist()))
     assert table.num_rows == len(keys) == 48
     assert not [p for p in fs.find(f"{s3_server.bucket}/out") if ".tmp-" in p]
     # nothing written locally: the working directory stays empty
     assert os.listdir(tmp_path) == []
     # MLflow logs remote results and checkpoints from local copies
-    from ktray.tracking import _local_copy
+    from ktray.pipeline.tracking import _local_copy
 
     copies = tmp_path_factory.mktemp("copies")
     model = _local_copy(results["models"]["task@in_domain"], str(copies))

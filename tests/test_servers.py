@@ -36,7 +36,7 @@ def test_s3fs_roundtrip(s3_server):
 
 
 def test_s3fs_from_env_only(s3_server):
-    """Code that builds its own filesystem from the environment (as ktray.io / fsspec.open
+    """Code that builds its own filesystem from the environment (as ktray.storage / fsspec.open
     with an s3:// URI do) reaches the server."""
     import fsspec
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ktray import cli, compute, sweep_spec
+from ktray import cli
+from ktray.pipeline import accounting, sweeps
 from ktray.config import load_config
 from ktray.errors import KtrayError
 
@@ -60,7 +61,7 @@ def test_tiny_sweep_table_plots_mlflow_and_shared_teacher(tiny_task, tmp_path, r
     assert steps and max(steps) == 8  # distill.steps + finetune.steps
 
     # the compute report sees every trial's stages; the shared teacher counts once
-    report = compute.write_report(out)
+    report = accounting.write_report(out)
     rows = report["rows"]
     finetuned = [r for r in rows if r["stage"] == "finetune"]
     assert len(finetuned) == 2 and all(r["pretrain_flops"] > 0 for r in finetuned)
@@ -96,36 +97,36 @@ def test_bad_sweep_is_one_line_error_before_ray(tiny_task, tmp_path, capsys, ove
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_every_shipped_sweep_config_parses(path, monkeypatch):
-    monkeypatch.setattr(sweep_spec, "check_config", lambda cfg: None)  # no dataset needed
+    monkeypatch.setattr(sweeps, "check_config", lambda cfg: None)  # no dataset needed
     cfg = load_config(str(path))
-    params = sweep_spec.parse(cfg)
+    params = sweeps.parse(cfg)
     assert params and all(p.key in cfg.sweep.params or "." in p.key for p in params)
 
 
 def test_spec_forms_sharing_rules_and_trial_names(monkeypatch):
-    monkeypatch.setattr(sweep_spec, "check_config", lambda cfg: None)
+    monkeypatch.setattr(sweeps, "check_config", lambda cfg: None)
     cfg = load_config("tiny", ["sweep.params={distill: {temperature: [1, 4]}, "
                                "distill.lr: {loguniform: [0.0001, 0.01]}, "
                                "distill.steps: {uniform: [2, 9]}, "
                                "curate.scales: {choice: [[0.6], [0.4, 0.8]]}}"])
-    params = {p.key: p for p in sweep_spec.parse(cfg)}
+    params = {p.key: p for p in sweeps.parse(cfg)}
     assert params["distill.temperature"].kind == "grid"
     assert params["distill.lr"].kind == "loguniform" and not params["distill.lr"].integer
     assert params["distill.steps"].integer
     assert params["curate.scales"].values == [[0.6], [0.4, 0.8]]
     # distill/curate keys only (method task@in_domain): teacher, data and logits are shared
-    assert sweep_spec.shared_stages(cfg, list(params.values())) == {
+    assert sweeps.shared_stages(cfg, list(params.values())) == {
         "data": True, "teacher": True, "curate": False, "logits": "in_domain"}
-    unl = [sweep_spec.Param("data.unlabeled_limit", "grid", [8, 16])]
-    assert sweep_spec.shared_stages(cfg, unl) == {
+    unl = [sweeps.Param("data.unlabeled_limit", "grid", [8, 16])]
+    assert sweeps.shared_stages(cfg, unl) == {
         "data": False, "teacher": True, "curate": False, "logits": ""}
-    labels = [sweep_spec.Param("data.labels_per_class", "grid", [5, 10])]
-    assert not sweep_spec.shared_stages(cfg, labels)["teacher"]
-    assert sweep_spec.trial_name({"a.b": 1}) == sweep_spec.trial_name({"a.b": 1})
-    assert sweep_spec.trial_name({"a.b": 1}) != sweep_spec.trial_name({"a.b": 2})
+    labels = [sweeps.Param("data.labels_per_class", "grid", [5, 10])]
+    assert not sweeps.shared_stages(cfg, labels)["teacher"]
+    assert sweeps.trial_name({"a.b": 1}) == sweeps.trial_name({"a.b": 1})
+    assert sweeps.trial_name({"a.b": 1}) != sweeps.trial_name({"a.b": 2})
     with pytest.raises(KtrayError, match="lo < hi"):
-        sweep_spec.parse(load_config("tiny", ["sweep.params={distill.lr: {uniform: [2, 1]}}"]))
+        sweeps.parse(load_config("tiny", ["sweep.params={distill.lr: {uniform: [2, 1]}}"]))
     with pytest.raises(KtrayError, match="sweep.params is empty"):
-        sweep_spec.parse(load_config("tiny"))
+        sweeps.parse(load_config("tiny"))
     asha = load_config("tiny", ["sweep.scheduler=asha", "distill.steps=40", "finetune.steps=20"])
-    assert sweep_spec.asha_limits(asha) == (15, 61)
+    assert sweeps.asha_limits(asha) == (15, 61)

@@ -23,7 +23,7 @@ from ktray.data import columns as C
 from ktray.data.readers import make_image_table
 from ktray.data.sources import clear_cache
 from ktray.errors import KtrayError
-from ktray.io import atomic_local_path
+from ktray.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import json
 import torch
 from torch import nn
 
-from ktray import io
+from ktray import storage
 from ktray.errors import KtrayError
 from ktray.models.backbones import create_backbone
 from ktray.models.heads import TaskModel
@@ -114,10 +114,10 @@ def save_model(model: nn.Module, path: str, spec: dict | None = None) -> str:
     full.update(spec or {})
     _validate(full, path)
     state = _state_for_saving(_unwrap(model))
-    io.makedirs(path)
-    with io.atomic_local_path(io.join(path, MODEL_FILE)) as tmp:
+    storage.makedirs(path)
+    with storage.atomic_local_path(storage.join(path, MODEL_FILE)) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "kind": str(full["kind"])})
-    io.write_json(io.join(path, SPEC_FILE), full)
+    storage.write_json(storage.join(path, SPEC_FILE), full)
     return path
 
 
@@ -139,11 +139,11 @@ def read_spec(path: str) -> dict:
     Raises:
         KtrayError: No checkpoint there, or an invalid spec.
     """
-    uri = io.join(path, SPEC_FILE)
-    if not io.exists(uri):
+    uri = storage.join(path, SPEC_FILE)
+    if not storage.exists(uri):
         raise KtrayError(f"no model checkpoint at {path} ({SPEC_FILE} missing)")
     try:
-        spec = json.loads(io.read_bytes(uri))
+        spec = json.loads(storage.read_bytes(uri))
     except json.JSONDecodeError as e:
         raise KtrayError(f"invalid {uri}: {e}") from None
     _validate(spec, path)
@@ -182,10 +182,10 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module
     from safetensors.torch import load as load_bytes
 
     spec = read_spec(path)
-    weights = io.join(path, MODEL_FILE)
-    if not io.exists(weights):
+    weights = storage.join(path, MODEL_FILE)
+    if not storage.exists(weights):
         raise KtrayError(f"no model weights at {weights}")
     model = build_from_spec(spec)
-    state = load_bytes(io.read_bytes(weights))
+    state = load_bytes(storage.read_bytes(weights))
     load_state_dict_into(model, state, f"checkpoint {path}")
     return model.to(device).eval(), spec

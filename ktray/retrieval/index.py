@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from ktray import io as kio
+from ktray import storage
 from ktray.errors import KtrayError
 
 FLAT_MAX_VECTORS = 200_000
@@ -222,23 +222,23 @@ def search(
 
 
 def save_index(index: faiss.Index, uri: str) -> None:
-    """Write an index atomically to a local path or ``s3://`` URI (see ``ktray.io``).
+    """Write an index atomically to a local path or ``s3://`` URI (see ``ktray.storage``).
 
     Readers see the old file or the whole new one: faiss writes to a temporary file, which is
     renamed (local) or uploaded under a temporary key and moved (object stores).
     """
-    with kio.atomic_local_path(uri) as tmp:
+    with storage.atomic_local_path(uri) as tmp:
         faiss.write_index(index, tmp)
 
 
 def load_index(uri: str) -> faiss.Index:
     """Read an index written by :func:`save_index` (search parameters such as nprobe kept)."""
-    if not kio.exists(uri):
+    if not storage.exists(uri):
         raise KtrayError(f"index file not found: {uri}")
-    if not kio.is_remote(uri):
-        return faiss.read_index(kio.fs_and_path(uri)[1])
+    if not storage.is_remote(uri):
+        return faiss.read_index(storage.fs_and_path(uri)[1])
     # Through a local file rather than bytes in memory: a large index is not held twice.
-    fs, path = kio.fs_and_path(uri)
+    fs, path = storage.fs_and_path(uri)
     with tempfile.TemporaryDirectory(prefix="ktray-index-") as d:
         local = os.path.join(d, "index.faiss")
         fs.get_file(path, local)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ktray import io
+from ktray import storage
 from ktray.config import Config, RayConfig
 
 log = logging.getLogger("ktray")
@@ -41,8 +41,8 @@ def cluster_has_gpus() -> bool:
 
 
 def storage_path(cfg: Config) -> str:
-    path = cfg.ray.storage_path or io.join(cfg.out, "ray")
-    if not io.is_remote(path):
+    path = cfg.ray.storage_path or storage.join(cfg.out, "ray")
+    if not storage.is_remote(path):
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)
     return path

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ktray import curation, io, manifest
+from ktray import storage
+from ktray.pipeline import curation, manifest
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
 from ktray.errors import KtrayError
@@ -34,9 +35,9 @@ from ktray.retrieval import (balanced_select, build_index, choose_index, load_in
                              remove_near_duplicates, save_index, search, training_size)
 from ktray.retrieval.embed import (GALLERY_INDEX, CropScheme, Embedder, EncoderSpec,
                                    encoder_from_config, flops_per_crop, vectors)
-from ktray.retrieval.report import write_report
+from ktray.pipeline.curation_report import write_report
 from ktray.stages.common import map_shards
-from ktray.tasks import prepare_task
+from ktray.pipeline.tasks import prepare_task
 
 log = logging.getLogger("ktray")
 SETS = ("queries", "protected", "gallery")
@@ -76,7 +77,7 @@ class EmbedWriter:
             if len(part) != expected:  # a shard split across batches would be written partially
                 raise RuntimeError(f"{name} shard {shard}: got {len(part)} of {expected} rows")
             table, skipped = self.embedder.embed_rows(part, self.schemes[name])
-            io.write_parquet(io.join(self.out_dirs[name], part_name(shard)), table)
+            storage.write_parquet(storage.join(self.out_dirs[name], part_name(shard)), table)
             for k, v in zip(stats, (name, shard, len(table), skipped,
                                     time.perf_counter() - start)):
                 stats[k].append(v)
@@ -112,7 +113,7 @@ def run(cfg: Config) -> dict:
     timings["prepare"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    dirs = {name: io.join(out, "embeddings", name) for name in SETS}
+    dirs = {name: storage.join(out, "embeddings", name) for name in SETS}
     blocks, n_shards = [], {}
     for name, (table, scheme) in sets.items():
         spec = {"encoder": encoder.as_dict(), "scheme": scheme.as_dict(),
@@ -150,7 +151,7 @@ def run(cfg: Config) -> dict:
         image_of_vector, cur.images_per_query, k0=min(k0, cur.max_k), max_k=cur.max_k,
         seed=cfg.data.seed, exclude_images=excluded)
     transfer = curation.transfer_table(gallery, selected)
-    io.write_parquet(io.join(out, "transfer_set.parquet"), transfer)
+    storage.write_parquet(storage.join(out, "transfer_set.parquet"), transfer)
     timings["select"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -168,8 +169,8 @@ def run(cfg: Config) -> dict:
     elapsed = time.perf_counter() - started
     m = {
         "stage": "curate", "name": "", "config_hash": h,
-        "outputs": {"transfer_set": io.join(out, "transfer_set.parquet"),
-                    "index": io.join(out, "index.faiss"), "embeddings": io.join(out, "embeddings"),
+        "outputs": {"transfer_set": storage.join(out, "transfer_set.parquet"),
+                    "index": storage.join(out, "index.faiss"), "embeddings": storage.join(out, "embeddings"),
                     **reports},
         "rows": transfer.num_rows, "encoder": encoder.name, "img_size": encoder.img_size,
         "embedding_dim": dim, "crops_per_image": query_scheme.crops_per_image(),
@@ -191,8 +192,8 @@ def run(cfg: Config) -> dict:
 
 def _read_embeddings(dirs: dict, sets: dict):
     """Query rows, protected vectors, gallery part files and their vectors' image ids."""
-    q = io.read_parquet(dirs["queries"], columns=[C.IMAGE_ID, *C.BOX, C.EMBEDDING])
-    p = io.read_parquet(dirs["protected"], columns=[GALLERY_INDEX, C.EMBEDDING]) \
+    q = storage.read_parquet(dirs["queries"], columns=[C.IMAGE_ID, *C.BOX, C.EMBEDDING])
+    p = storage.read_parquet(dirs["protected"], columns=[GALLERY_INDEX, C.EMBEDDING]) \
         if len(sets["protected"][0]) else None
     parts = _parts(dirs["gallery"])
     image_of_vector = np.concatenate(
@@ -221,34 +222,34 @@ def _fingerprint(table: pa.Table) -> str:
 
 
 def _fingerprint_parts(parts: list[str]) -> list:
-    fs = io.fs_and_path(parts[0])[0] if parts else None
-    return [(os.path.basename(f), fs.info(io.fs_and_path(f)[1]).get("size")) for f in parts]
+    fs = storage.fs_and_path(parts[0])[0] if parts else None
+    return [(os.path.basename(f), fs.info(storage.fs_and_path(f)[1]).get("size")) for f in parts]
 
 
 def _parts(directory: str) -> list[str]:
-    fs, path = io.fs_and_path(directory)
+    fs, path = storage.fs_and_path(directory)
     if not fs.exists(path):
         return []
     names = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))
-    return [io.join(directory, n) for n in names if n.startswith("part-") and
+    return [storage.join(directory, n) for n in names if n.startswith("part-") and
             n.endswith(".parquet")]
 
 
 def _prepare_dir(directory: str, spec: dict, n_images: int, shard_rows: int):
     """Drop part files written under another spec; return (pending shards, shard count)."""
     spec = json.loads(json.dumps(spec))  # as read back from spec.json (tuples -> lists)
-    spec_uri = io.join(directory, "spec.json")
-    old = io.read_json(spec_uri) if io.exists(spec_uri) else None
+    spec_uri = storage.join(directory, "spec.json")
+    old = storage.read_json(spec_uri) if storage.exists(spec_uri) else None
     existing = _parts(directory)
     if old != spec and (old is not None or existing):
         log.info("curate: %s was embedded under other settings; recomputing it", directory)
-        fs = io.fs_and_path(directory)[0]
+        fs = storage.fs_and_path(directory)[0]
         for f in existing:
-            fs.rm(io.fs_and_path(f)[1])
+            fs.rm(storage.fs_and_path(f)[1])
         existing = []
-    io.makedirs(directory)
+    storage.makedirs(directory)
     if old != spec:
-        io.write_json(spec_uri, spec)
+        storage.write_json(spec_uri, spec)
     n = math.ceil(n_images / shard_rows)
     have = {os.path.basename(f) for f in existing}
     return [s for s in range(n) if part_name(s) not in have], n
@@ -274,8 +275,8 @@ def _compute(cfg: Config, encoder: EncoderSpec, schemes: dict, dirs: dict,
 
 def _index(out: str, parts: list[str], factory: str, dim: int, n: int, seed: int, key: str):
     """Build (or reuse) the gallery index ``index.faiss``; vector ids follow part order."""
-    uri, meta_uri = io.join(out, "index.faiss"), io.join(out, "index.json")
-    if io.exists(uri) and io.exists(meta_uri) and io.read_json(meta_uri).get("key") == key:
+    uri, meta_uri = storage.join(out, "index.faiss"), storage.join(out, "index.json")
+    if storage.exists(uri) and storage.exists(meta_uri) and storage.read_json(meta_uri).get("key") == key:
         log.info("curate: reusing %s", uri)
         return load_index(uri)
     size = training_size(factory, n)
@@ -287,7 +288,7 @@ def _index(out: str, parts: list[str], factory: str, dim: int, n: int, seed: int
 
     index = build_index(factory, dim, sample, shards())
     save_index(index, uri)
-    io.write_json(meta_uri, {"key": key, "factory": factory, "vectors": int(index.ntotal)})
+    storage.write_json(meta_uri, {"key": key, "factory": factory, "vectors": int(index.ntotal)})
     return index
 
 
@@ -296,7 +297,7 @@ def _sample(parts: list[str], n: int, size: int, seed: int) -> np.ndarray:
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     out, offset = [], 0
     for f in parts:
-        fs, path = io.fs_and_path(f)
+        fs, path = storage.fs_and_path(f)
         count = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
         want = rows[(rows >= offset) & (rows < offset + count)] - offset
         if len(want):
@@ -306,5 +307,5 @@ def _sample(parts: list[str], n: int, size: int, seed: int) -> np.ndarray:
 
 
 def _read_part(uri: str, column: str) -> pa.Table:
-    fs, path = io.fs_and_path(uri)
+    fs, path = storage.fs_and_path(uri)
     return pq.read_table(path, columns=[column], filesystem=fs)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from ktray import io
+from ktray import storage
 from ktray.config import Config
 from ktray.errors import KtrayError
 from ktray.evaluation import evaluate_model_dir
-from ktray.tasks import prepare_task
+from ktray.pipeline.tasks import prepare_task
 
 log = logging.getLogger("ktray")
 
 
 def run(cfg: Config, checkpoint: str, split: str = "test") -> dict:
     """Evaluate ``checkpoint`` (a model folder, local or s3://) on ``split``."""
-    if not io.exists(io.join(checkpoint, "model.json")):
+    if not storage.exists(storage.join(checkpoint, "model.json")):
         raise KtrayError(f"not a ktray checkpoint (no model.json): {checkpoint}")
     info = prepare_task(cfg)
     if split not in info["outputs"]:

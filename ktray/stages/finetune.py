@@ -9,7 +9,7 @@ from __future__ import annotations
 from ktray.config import Config
 from ktray.stages import distill as distill_stage
 from ktray.stages.train_stage import common_spec, run_train_stage
-from ktray.validate import parse_method
+from ktray.pipeline.validate import parse_method
 
 
 def run(cfg: Config, init: str = "") -> dict:

@@ -16,11 +16,12 @@ import time
 
 import pyarrow as pa
 
-from ktray import io, manifest
+from ktray import storage
+from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
 from ktray.predict import Predictor, expand_views
 from ktray.stages.common import map_shards
-from ktray.tasks import read_transfer
+from ktray.pipeline.tasks import read_transfer
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 2048
@@ -51,7 +52,7 @@ class ShardWriter:
             if len(part) != expected:  # a shard split across batches would be written partially
                 raise RuntimeError(f"shard {shard}: got {len(part)} of {expected} rows")
             table, n_skipped = self.predictor.predict(part)
-            io.write_parquet(io.join(self.out_dir, part_name(shard)), table)
+            storage.write_parquet(storage.join(self.out_dir, part_name(shard)), table)
             rows.append(len(table))
             skipped.append(n_skipped)
             secs.append(time.perf_counter() - start)
@@ -86,14 +87,14 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
     if done is not None:
         log.info("logits[%s]: reusing the finished run in %s", transfer, out)
         return done
-    if io.exists(io.join(out, manifest.MANIFEST)):
+    if storage.exists(storage.join(out, manifest.MANIFEST)):
         _drop_parts(out)  # a run finished under other settings: its part files are stale
     started = time.perf_counter()
     table = read_transfer(cfg, transfer)
     rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
     rows, n_shards = add_shards(rows, shard_rows)
-    io.makedirs(out)
-    fs, path = io.fs_and_path(out)
+    storage.makedirs(out)
+    fs, path = storage.fs_and_path(out)
     existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.exists(path) else set()
     pending = [s for s in range(n_shards) if part_name(s) not in existing]
     log.info("logits[%s]: %d rows (%d images x %d views), %d/%d shards to compute",
@@ -101,7 +102,7 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
     stats = []
     if pending:
         stats = _compute(cfg, teacher["outputs"]["model"], out, rows, pending, shard_rows)
-    written = io.read_parquet(out, columns=["image_id", "view"])
+    written = storage.read_parquet(out, columns=["image_id", "view"])
     elapsed = time.perf_counter() - started
     teacher_flops = teacher.get("flops_per_image") or 0.0
     return manifest.write(out, {
@@ -116,16 +117,16 @@ def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) 
 
 
 def _curated_hash(cfg: Config) -> str:
-    uri = io.join(cfg.out, "curate", manifest.MANIFEST)
-    return io.read_json(uri).get("config_hash", "") if io.exists(uri) else ""
+    uri = storage.join(cfg.out, "curate", manifest.MANIFEST)
+    return storage.read_json(uri).get("config_hash", "") if storage.exists(uri) else ""
 
 
 def _drop_parts(out: str) -> None:
-    fs, path = io.fs_and_path(out)
+    fs, path = storage.fs_and_path(out)
     for p in fs.ls(path, detail=False):
         if os.path.basename(p).startswith("part-"):
             fs.rm(p)
-    fs.rm(io.fs_and_path(io.join(out, manifest.MANIFEST))[1])
+    fs.rm(storage.fs_and_path(storage.join(out, manifest.MANIFEST))[1])
 
 
 def _compute(cfg: Config, model_dir: str, out: str, rows: pa.Table, pending: list[int],

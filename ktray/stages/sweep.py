@@ -25,13 +25,14 @@ import os
 import sys
 import time
 
-from ktray import compute, io, manifest, sweep_spec
+from ktray import storage
+from ktray.pipeline import accounting, manifest, sweeps
 from ktray.config import Config, apply_overrides, to_dict
 from ktray.errors import KtrayError
 from ktray.stages.common import ensure_ray, start_trial, storage_path, trial_steps
-from ktray.tasks import prepare_task
-from ktray.tracking import log_sweep, tracking_uri
-from ktray.validate import parse_method
+from ktray.pipeline.tasks import prepare_task
+from ktray.pipeline.tracking import log_sweep, tracking_uri
+from ktray.pipeline.validate import parse_method
 
 log = logging.getLogger("ktray")
 RESULT_KEYS = ("test_accuracy", "distill_test_accuracy", "pretrain_flops", "finetune_flops",
@@ -39,10 +40,10 @@ RESULT_KEYS = ("test_accuracy", "distill_test_accuracy", "pretrain_flops", "fine
 
 
 def sweep_dir(cfg: Config) -> str:
-    return io.join(cfg.out, "sweep")
+    return storage.join(cfg.out, "sweep")
 
 
-def _search_space(params: list[sweep_spec.Param]) -> dict:
+def _search_space(params: list[sweeps.Param]) -> dict:
     from ray import tune
 
     space = {}
@@ -61,15 +62,15 @@ def _search_space(params: list[sweep_spec.Param]) -> dict:
     return space
 
 
-def _prepare_shared(cfg: Config, params: list[sweep_spec.Param]) -> dict:
+def _prepare_shared(cfg: Config, params: list[sweeps.Param]) -> dict:
     """Compute the outputs every trial shares; return what the trials need to use them."""
     from ktray.stages import logits as logits_stage
     from ktray.stages import teacher as teacher_stage
 
-    rules = sweep_spec.shared_stages(cfg, params)
-    shared = {"out": io.join(sweep_dir(cfg), "shared"), "teacher": "", "links": []}
+    rules = sweeps.shared_stages(cfg, params)
+    shared = {"out": storage.join(sweep_dir(cfg), "shared"), "teacher": "", "links": []}
     base = apply_overrides(cfg, {"out": shared["out"]})
-    links = not io.is_remote(cfg.out)  # object stores have no symlinks: trials recompute
+    links = not storage.is_remote(cfg.out)  # object stores have no symlinks: trials recompute
     if rules["data"]:
         prepare_task(base)
         shared["links"].append("data")
@@ -110,7 +111,7 @@ def _trial_logging() -> None:
 
 
 def _run_method(cfg: Config, method: str) -> dict:
-    from ktray.stages import pipeline
+    from ktray.stages import run as run_stage
     from ktray.stages import teacher as teacher_stage
 
     _, transfer = parse_method(method)
@@ -122,7 +123,7 @@ def _run_method(cfg: Config, method: str) -> dict:
         r = teacher_stage.run(cfg)
         return {"test_accuracy": r.get("test_accuracy"), "train_seconds": r.get("train_seconds"),
                 "model": r["outputs"]["model"]}
-    entry, model = pipeline._student_entry(cfg, method)
+    entry, model = run_stage._student_entry(cfg, method)
     return dict(entry, model=model)
 
 
@@ -134,26 +135,26 @@ def _trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_
     start_trial()
     started = time.perf_counter()
     values = {k: config[k] for k in keys}
-    name = sweep_spec.trial_name(values)
-    trial_out = io.join(out_dir, name)
+    name = sweeps.trial_name(values)
+    trial_out = storage.join(out_dir, name)
     extra = {"out": trial_out, "tracking.mlflow": False}
     if shared["teacher"]:
         extra["teacher.checkpoint"] = shared["teacher"]
     cfg = apply_overrides(apply_overrides(base, values), extra)
     for rel in shared["links"]:
-        _link(io.join(shared["out"], rel), io.join(trial_out, rel))
+        _link(storage.join(shared["out"], rel), storage.join(trial_out, rel))
     ensure_ray(cfg.ray)
-    log.info("sweep %s: %s", name, " ".join(f"{k}={sweep_spec.display(v)}"
+    log.info("sweep %s: %s", name, " ".join(f"{k}={sweeps.display(v)}"
                                            for k, v in values.items()))
     result = _run_method(cfg, method)
     result.update(trial=name, params=values, trial_dir=trial_out, method=method,
                   wall_seconds=time.perf_counter() - started)
-    io.write_json(io.join(trial_out, "trial.json"), result)
+    storage.write_json(storage.join(trial_out, "trial.json"), result)
     ray.tune.report({**{k: result.get(k) for k in RESULT_KEYS if result.get(k) is not None},
                      "trial": name, "ktray_done": 1, "pipeline_step": trial_steps()})
 
 
-def _tune(cfg: Config, params: list[sweep_spec.Param], shared: dict):
+def _tune(cfg: Config, params: list[sweeps.Param], shared: dict):
     from ray import tune
 
     s = cfg.sweep
@@ -167,7 +168,7 @@ def _tune(cfg: Config, params: list[sweep_spec.Param], shared: dict):
 
         # Epoch reports of other stages lack the rung metric: ASHA skips those.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        grace, max_t = sweep_spec.asha_limits(cfg)
+        grace, max_t = sweeps.asha_limits(cfg)
         scheduler = ASHAScheduler(time_attr="pipeline_step", metric=s.asha_metric,
                                   mode=s.asha_mode, max_t=max_t, grace_period=grace,
                                   reduction_factor=s.reduction_factor)
@@ -182,22 +183,22 @@ def _tune(cfg: Config, params: list[sweep_spec.Param], shared: dict):
     return tuner.fit()
 
 
-def _rows(grid, params: list[sweep_spec.Param], out_dir: str) -> tuple[list, dict]:
+def _rows(grid, params: list[sweeps.Param], out_dir: str) -> tuple[list, dict]:
     rows, histories = [], {}
     for r in grid:
         values = {p.key: r.config.get(p.key) for p in params}
-        name = sweep_spec.trial_name(values)
+        name = sweeps.trial_name(values)
         row = {"trial": name, "status": "done", **values}
-        tj = io.join(out_dir, name, "trial.json")
-        if r.error is None and (r.metrics or {}).get("ktray_done") and io.exists(tj):
-            done = io.read_json(tj)
+        tj = storage.join(out_dir, name, "trial.json")
+        if r.error is None and (r.metrics or {}).get("ktray_done") and storage.exists(tj):
+            done = storage.read_json(tj)
             row.update({k: done.get(k) for k in RESULT_KEYS})
         elif r.error is not None:
             row["status"] = "error"
             row["error"] = (str(r.error).strip().splitlines() or ["?"])[-1][:300]
         else:
             row["status"] = "stopped"  # by the ASHA scheduler
-        row["trial_dir"] = io.join(out_dir, name)
+        row["trial_dir"] = storage.join(out_dir, name)
         rows.append(row)
         try:
             df = r.metrics_dataframe
@@ -207,21 +208,21 @@ def _rows(grid, params: list[sweep_spec.Param], out_dir: str) -> tuple[list, dic
     return rows, histories
 
 
-def _param_points(rows: list[dict], params: list[sweep_spec.Param]) -> tuple[list, str]:
+def _param_points(rows: list[dict], params: list[sweeps.Param]) -> tuple[list, str]:
     """Points for the accuracy-against-values plot: x = the first key taking several values,
     one line per combination of the others."""
-    varied = [p for p in params if len({sweep_spec.display(r.get(p.key)) for r in rows}) > 1]
+    varied = [p for p in params if len({sweeps.display(r.get(p.key)) for r in rows}) > 1]
     params = varied + [p for p in params if p not in varied]
     key = params[0].key
     values = [r.get(key) for r in rows]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     order = {}
     for v in values:
-        order.setdefault(sweep_spec.display(v), len(order))
+        order.setdefault(sweeps.display(v), len(order))
     points = []
     for r in rows:
-        p = dict(r, label=sweep_spec.display(r.get(key)),
-                 group=" ".join(f"{q.key}={sweep_spec.display(r.get(q.key))}"
+        p = dict(r, label=sweeps.display(r.get(key)),
+                 group=" ".join(f"{q.key}={sweeps.display(r.get(q.key))}"
                                 for q in params[1:]))
         p["x"] = r.get(key) if numeric else order[p["label"]]
         points.append(p)
@@ -229,49 +230,49 @@ def _param_points(rows: list[dict], params: list[sweep_spec.Param]) -> tuple[lis
 
 
 def write_sweep_results(cfg: Config, rows: list[dict],
-                        params: list[sweep_spec.Param]) -> tuple[dict, dict | None]:
+                        params: list[sweeps.Param]) -> tuple[dict, dict | None]:
     """results.{md,parquet} and the plots under OUT/sweep/ (atomic writes); returns their
     URIs and the best finished row."""
     d = sweep_dir(cfg)
     keys = [p.key for p in params]
-    label = [dict(r, label=" ".join(f"{k}={sweep_spec.display(r.get(k))}" for k in keys))
+    label = [dict(r, label=" ".join(f"{k}={sweeps.display(r.get(k))}" for k in keys))
              for r in rows]
-    paths = {"md": io.join(d, "results.md"), "parquet": io.join(d, "results.parquet"),
-             "transfer_png": io.join(d, "accuracy_vs_transfer_size.png"),
-             "compute_png": io.join(d, "accuracy_vs_compute.png"),
-             "params_png": io.join(d, "accuracy_vs_params.png")}
+    paths = {"md": storage.join(d, "results.md"), "parquet": storage.join(d, "results.parquet"),
+             "transfer_png": storage.join(d, "accuracy_vs_transfer_size.png"),
+             "compute_png": storage.join(d, "accuracy_vs_compute.png"),
+             "params_png": storage.join(d, "accuracy_vs_params.png")}
     title = f"{cfg.name}: {cfg.sweep.method}"
-    io.write_bytes(paths["transfer_png"], compute.plot_accuracy(
+    storage.write_bytes(paths["transfer_png"], accounting.plot_accuracy(
         label, "transfer_images", label="label", title=title,
         xlabel="transfer-set images"))
-    io.write_bytes(paths["compute_png"], compute.plot_accuracy(
+    storage.write_bytes(paths["compute_png"], accounting.plot_accuracy(
         label, "pretrain_flops", label="label", title=title,
         xlabel="pretraining FLOPs (distillation + teacher over the transfer set)"))
     points, xlabel = _param_points(rows, params)
-    io.write_bytes(paths["params_png"], compute.plot_accuracy(
+    storage.write_bytes(paths["params_png"], accounting.plot_accuracy(
         points, "x", group="group", label="label", title=title, xlabel=xlabel))
     columns = ["trial", "status", *keys, *RESULT_KEYS, "trial_dir", "error"]
-    io.write_parquet(paths["parquet"], compute.to_arrow(rows, columns))
+    storage.write_parquet(paths["parquet"], accounting.to_arrow(rows, columns))
     s = cfg.sweep
     done = [r for r in rows if r.get(s.metric) is not None]
     best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
     md = [f"# ktray sweep: {cfg.name}", "",
-          f"Method `{s.method}`; swept: {sweep_spec.describe(params)}; scheduler {s.scheduler}; "
+          f"Method `{s.method}`; swept: {sweeps.describe(params)}; scheduler {s.scheduler}; "
           f"{len(done)} of {len(rows)} trials finished.", ""]
     if best:
         md += [f"Best by {s.metric} ({s.mode}): **{best['trial']}** "
-               f"({', '.join(f'{k}={sweep_spec.display(best.get(k))}' for k in keys)}): "
-               f"{compute.fmt(best[s.metric], s.metric)}", ""]
-    md += [compute.markdown_table(rows, [c for c in columns if c != "trial_dir"]), ""]
+               f"({', '.join(f'{k}={sweeps.display(best.get(k))}' for k in keys)}): "
+               f"{accounting.fmt(best[s.metric], s.metric)}", ""]
+    md += [accounting.markdown_table(rows, [c for c in columns if c != "trial_dir"]), ""]
     md += [f"![{k}]({os.path.basename(paths[k])})" for k in
            ("transfer_png", "compute_png", "params_png")]
-    io.write_text(paths["md"], "\n".join(md) + "\n")
+    storage.write_text(paths["md"], "\n".join(md) + "\n")
     return paths, best
 
 
 def run(cfg: Config) -> dict:
     """Run the sweep of ``cfg.sweep``; return ``{"rows", "best", "outputs", ...}``."""
-    params = sweep_spec.parse(cfg)  # every key and value checked before Ray starts
+    params = sweeps.parse(cfg)  # every key and value checked before Ray starts
     if parse_method(cfg.sweep.method)[1] == "curated":
         import importlib.util
 
@@ -279,14 +280,14 @@ def run(cfg: Config) -> dict:
             raise KtrayError("sweep.method uses the curated transfer set, but this ktray has "
                              "no curate stage")
     started = time.perf_counter()
-    log.info("sweep %s: %s; method %s; %s scheduler", cfg.name, sweep_spec.describe(params),
+    log.info("sweep %s: %s; method %s; %s scheduler", cfg.name, sweeps.describe(params),
              cfg.sweep.method, cfg.sweep.scheduler)
     ensure_ray(cfg.ray)
     shared = _prepare_shared(cfg, params)
     grid = _tune(cfg, params, shared)
     rows, histories = _rows(grid, params, sweep_dir(cfg))
     paths, best = write_sweep_results(cfg, rows, params)
-    spent = compute.totals(compute.gather(sweep_dir(cfg)))
+    spent = accounting.totals(accounting.gather(sweep_dir(cfg)))
     result = {"rows": rows, "best": best, "outputs": paths,
               "seconds": time.perf_counter() - started, **spent}
     manifest.write(sweep_dir(cfg), {

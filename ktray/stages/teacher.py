@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from ktray import io, manifest
+from ktray import storage
+from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
 from ktray.errors import KtrayError
 from ktray.models import load_model, read_spec
 from ktray.models.flops import count_flops
 from ktray.stages.train_stage import run_train_stage
-from ktray.tasks import prepare_task
+from ktray.pipeline.tasks import prepare_task
 
 
 def run(cfg: Config) -> dict:
     """Train (or reuse) the adapted teacher; manifest outputs: ``model`` (checkpoint dir)."""
     t = cfg.teacher
-    if t.checkpoint and io.exists(io.join(t.checkpoint, "model.json")):
+    if t.checkpoint and storage.exists(storage.join(t.checkpoint, "model.json")):
         return _adopt(cfg)
     spec = {"kind": "teacher", "backbone": t.backbone, "checkpoint": t.checkpoint,
             "pretrained": t.pretrained, "img_size": t.img_size, "mode": t.mode,
@@ -42,8 +43,8 @@ def _adopt(cfg: Config) -> dict:
         raise KtrayError(f"teacher checkpoint {ckpt} has a head of "
                          f"{spec.get('num_classes')} classes but the task has "
                          f"{info['num_classes']}")
-    source = io.join(ckpt.rstrip("/").rsplit("/", 1)[0], manifest.MANIFEST)
-    src = io.read_json(source) if io.exists(source) else {}
+    source = storage.join(ckpt.rstrip("/").rsplit("/", 1)[0], manifest.MANIFEST)
+    src = storage.read_json(source) if storage.exists(source) else {}
     if src.get("stage") != "teacher":
         src = {}
     fpi = src.get("flops_per_image")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
-from ktray import io, manifest
+from ktray import storage
+from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
 from ktray.evaluation import evaluate_model_dir
 from ktray.stages.common import RaySession, add_trial_steps, ensure_ray, fit, in_tune_trial
-from ktray.tasks import prepare_task
+from ktray.pipeline.tasks import prepare_task
 from ktray.train.worker import run_training
-from ktray.validate import check_config
+from ktray.pipeline.validate import check_config
 
 log = logging.getLogger("ktray")
 
@@ -46,7 +47,7 @@ def run_train_stage(cfg: Config, stage: str, name: str, spec: dict, hash_parts: 
         if in_tune_trial():
             add_trial_steps(stage, done.get("steps"))
         return done
-    model_dir = io.join(out, "model")
+    model_dir = storage.join(out, "model")
     spec = dict(spec, out_dir=model_dir, num_classes=info["num_classes"],
                 train_uri=info["outputs"]["train"], val_uri=info["outputs"].get("val", ""))
     ensure_ray(cfg.ray)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ktray import io
+from ktray import storage
 from ktray.data import columns as C
 from ktray.data.datasets import LabeledImages, ViewImages, collate_skip_none
 from ktray.distill import DistillModule
@@ -120,7 +120,7 @@ def _classifier_run(model, model_spec, spec, session) -> dict:
     backbone passes of running it at every step.
     """
     size, mean, std = model_spec["img_size"], model_spec["mean"], model_spec["std"]
-    train = io.read_parquet(spec["train_uri"])
+    train = storage.read_parquet(spec["train_uri"])
     dataset = LabeledImages(train, size, mean, std, train=True, seed=spec["seed"])
     full = model
     probe_views = spec.get("probe_views", 0)
@@ -141,7 +141,7 @@ def _classifier_run(model, model_spec, spec, session) -> dict:
 
     extra = None
     if spec.get("val_uri"):
-        val = io.read_parquet(spec["val_uri"])
+        val = storage.read_parquet(spec["val_uri"])
         val_loader = DataLoader(LabeledImages(val, size, mean, std, train=False),
                                 batch_size=256, collate_fn=collate_skip_none)
 
@@ -187,7 +187,7 @@ class _TwoSizes(Dataset):
 
 
 def _distill_run(model, model_spec, spec, session) -> dict:
-    rows = io.read_parquet(spec["targets_uri"])
+    rows = storage.read_parquet(spec["targets_uri"])
     objective, online = spec["objective"], spec["teacher_mode"] == "online"
     teacher, teacher_spec = None, None
     if online or objective == "features":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 
-from ktray import io
+from ktray import storage
 from ktray.config import Config
 from ktray.errors import KtrayError
 
@@ -53,7 +53,7 @@ def parse_method(method: str) -> tuple[str, str]:
 
 def check_config(cfg: Config) -> None:
     """Raise KtrayError on the first problem found in ``cfg``."""
-    if cfg.data.kind in ("imagefolder", "parquet", "fashion_mnist") and not io.exists(cfg.data.root):
+    if cfg.data.kind in ("imagefolder", "parquet", "fashion_mnist") and not storage.exists(cfg.data.root):
         raise KtrayError(f"data.root not found: {cfg.data.root}")
     check_backbone_name(cfg.teacher.backbone)
     check_timm_name(cfg.student.arch, "student")
@@ -66,7 +66,7 @@ def check_config(cfg: Config) -> None:
                          f"not '{cfg.distill.feature_loss}'")
     for path, what in ((cfg.teacher.checkpoint, "teacher.checkpoint"),
                        (cfg.student.checkpoint, "student.checkpoint")):
-        if path and not io.exists(path):
+        if path and not storage.exists(path):
             raise KtrayError(f"{what} not found: {path}")
     for m in cfg.methods:
         parse_method(m)

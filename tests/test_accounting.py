@@ -6,7 +6,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from ktray import cli, compute
+from ktray import cli
+from ktray.pipeline import accounting
 
 
 def _manifest(root, rel, **fields):
@@ -49,7 +50,7 @@ def out(tmp_path):
 
 
 def test_gather_pretraining_compute_and_shared_outputs(out):
-    rows = compute.gather(out)
+    rows = accounting.gather(out)
     by = {(r["run"], r["stage"], r["name"]): r for r in rows}
     assert not [r for r in rows if r["stage"] == "bogus"]
     top = by[(".", "finetune", "task@in_domain")]
@@ -62,7 +63,7 @@ def test_gather_pretraining_compute_and_shared_outputs(out):
     assert trial["params"] == "distill.temperature=4"
     assert by[("sweep/trial_abc", "logits", "in_domain")]["shared"] is True
     assert by[("sweep/shared", "logits", "in_domain")]["shared"] is False
-    t = compute.totals(rows)
+    t = accounting.totals(rows)
     # every stage once: the trial's view of the shared logits and the pipeline aggregate excluded
     assert t["flops"] == pytest.approx(4e12 + 1e12 + 2e12 + 1e11 + 1e11 + 1e12 + 3e12 + 1e11)
     assert t["device_seconds"] == pytest.approx(100 + 20 + 30 + 5 + 5 + 20 + 40 + 5)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from ktray import io
+from ktray import storage
 from ktray.data import columns as C
 from ktray.data.sources import load_images
 
@@ -98,7 +98,7 @@ def scores_png(scores: np.ndarray, origins: Sequence[str] | None = None) -> byte
 
 
 def markdown(summary: dict, extra: dict | None = None) -> str:
-    """The summary of a curation run (``summary`` as ``ktray.curation.summary`` makes it)."""
+    """The summary of a curation run (``summary`` as ``ktray.pipeline.curation.summary`` makes it)."""
     s = summary
     lines = ["# ktray curation", "",
              f"{s['queries']} queries x {s['images_per_query']} images requested: "
@@ -126,9 +126,9 @@ def write_report(out: str, queries: pa.Table, transfer: pa.Table, summary: dict,
                  n_queries: int = 6, origins: Sequence[str] | None = None,
                  extra: dict | None = None) -> dict:
     """Write ``report.png``, ``scores.png`` and ``report.md`` under ``out``; return their URIs."""
-    paths = {"report_png": io.join(out, "report.png"), "scores_png": io.join(out, "scores.png"),
-             "report_md": io.join(out, "report.md")}
-    io.write_bytes(paths["report_png"], grid_png(queries, transfer, n_queries))
-    io.write_bytes(paths["scores_png"], scores_png(transfer[C.SCORE].to_numpy(), origins))
-    io.write_text(paths["report_md"], markdown(summary, extra))
+    paths = {"report_png": storage.join(out, "report.png"), "scores_png": storage.join(out, "scores.png"),
+             "report_md": storage.join(out, "report.md")}
+    storage.write_bytes(paths["report_png"], grid_png(queries, transfer, n_queries))
+    storage.write_bytes(paths["scores_png"], scores_png(transfer[C.SCORE].to_numpy(), origins))
+    storage.write_text(paths["report_md"], markdown(summary, extra))
     return paths

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 
-from ktray import io
+from ktray import storage
 from ktray.config import Config, to_dict
 
 log = logging.getLogger("ktray")
@@ -24,9 +24,9 @@ def tracking_uri(cfg: Config) -> str:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if io.is_remote(cfg.out):
+    if storage.is_remote(cfg.out):
         return "sqlite:///" + os.path.abspath("mlruns.db")
-    return "sqlite:///" + os.path.abspath(io.join(cfg.out, "mlflow.db"))
+    return "sqlite:///" + os.path.abspath(storage.join(cfg.out, "mlflow.db"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -87,14 +87,14 @@ def log_sweep(cfg: Config, rows: list[dict], keys: list[str], artifacts: dict,
             mlflow.log_metric(f"best_{cfg.sweep.metric}", best[cfg.sweep.metric])
             mlflow.set_tag("best_trial", best["trial"])
         for path in artifacts.values():
-            if not io.is_remote(path):
+            if not storage.is_remote(path):
                 mlflow.log_artifact(path)
         return parent.info.run_id
 
 
 def _stage_runs(cfg: Config, method: str) -> list[tuple[str, str]]:
     """(stage label, stage folder) of the training stages behind a method's result."""
-    from ktray.manifest import stage_dir
+    from ktray.pipeline.manifest import stage_dir
 
     if method == "teacher":
         return [("teacher", stage_dir(cfg.out, "teacher"))]
@@ -106,13 +106,13 @@ def _stage_runs(cfg: Config, method: str) -> list[tuple[str, str]]:
 
 def _histories(cfg: Config, method: str) -> dict[str, list[dict]]:
     """The per-report training metrics the stage manifests keep (``history``)."""
-    from ktray.manifest import MANIFEST
+    from ktray.pipeline.manifest import MANIFEST
 
     out = {}
     for label, folder in _stage_runs(cfg, method):
-        uri = io.join(folder, MANIFEST)
-        if io.exists(uri):
-            out[label] = io.read_json(uri).get("history") or []
+        uri = storage.join(folder, MANIFEST)
+        if storage.exists(uri):
+            out[label] = storage.read_json(uri).get("history") or []
     return out
 
 
@@ -133,14 +133,14 @@ def _log_history(client, run_id: str, histories: dict[str, list[dict]]) -> None:
 
 def _local_copy(uri: str, tmp: str) -> str:
     """``uri`` itself when local, else a copy of the file / folder under ``tmp``."""
-    if not io.is_remote(uri):
+    if not storage.is_remote(uri):
         return uri
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if io.exists(io.join(uri, "model.json")):
-        return io.download_dir(uri, os.path.join(tmp, name))
+    if storage.exists(storage.join(uri, "model.json")):
+        return storage.download_dir(uri, os.path.join(tmp, name))
     local = os.path.join(tmp, name)
     with open(local, "wb") as f:
-        f.write(io.read_bytes(uri))
+        f.write(storage.read_bytes(uri))
     return local
 
 

@@ -18,8 +18,8 @@ import os
 
 import pyarrow as pa
 
-from ktray import io
-from ktray.manifest import MANIFEST
+from ktray import storage
+from ktray.pipeline.manifest import MANIFEST
 
 SKIP_DIRS = {"ray", "report", "model", "mlruns"}
 AGGREGATES = ("pipeline", "sweep")
@@ -28,8 +28,8 @@ COLUMNS = ["run", "stage", "name", "params", "test_accuracy", "pretrain_flops", 
 
 
 def _manifest_paths(out: str) -> list[str]:
-    if io.is_remote(out):
-        fs, path = io.fs_and_path(out)
+    if storage.is_remote(out):
+        fs, path = storage.fs_and_path(out)
         proto = out.split("://", 1)[0]
         return sorted(f"{proto}://{p}" for p in fs.find(path)
                       if p.endswith("/" + MANIFEST)
@@ -58,12 +58,12 @@ def _number(value):
 
 
 def _params(run_dir: str) -> str:
-    uri = io.join(run_dir, "trial.json")
-    if not io.exists(uri):
+    uri = storage.join(run_dir, "trial.json")
+    if not storage.exists(uri):
         return ""
-    from ktray.sweep_spec import display
+    from ktray.pipeline.sweeps import display
 
-    params = io.read_json(uri).get("params", {})
+    params = storage.read_json(uri).get("params", {})
     return " ".join(f"{k}={display(v)}" for k, v in params.items())
 
 
@@ -73,7 +73,7 @@ def gather(out: str) -> list[dict]:
     rows, manifests = [], {}
     for uri in _manifest_paths(out):
         try:
-            m = io.read_json(uri)
+            m = storage.read_json(uri)
         except Exception:
             continue
         if not isinstance(m, dict) or "stage" not in m:
@@ -81,7 +81,7 @@ def gather(out: str) -> list[dict]:
         d = uri[:-len(MANIFEST) - 1]
         rel = d[len(out):].strip("/") or "."
         run = _run_of(rel, str(m["stage"]), str(m.get("name") or ""))
-        shared = not io.is_remote(d) and os.path.realpath(d) != os.path.abspath(d)
+        shared = not storage.is_remote(d) and os.path.realpath(d) != os.path.abspath(d)
         manifests[(run, m["stage"], m.get("name") or "")] = m
         rows.append({
             "run": run, "stage": str(m["stage"]), "name": str(m.get("name") or ""),
@@ -94,7 +94,7 @@ def gather(out: str) -> list[dict]:
             "transfer_images": None, "shared": shared, "path": d})
     params = {}
     for row in rows:
-        run_dir = out if row["run"] == "." else io.join(out, row["run"])
+        run_dir = out if row["run"] == "." else storage.join(out, row["run"])
         if row["run"] not in params:
             params[row["run"]] = _params(run_dir)
         row["params"] = params[row["run"]]
@@ -202,7 +202,7 @@ def write_report(out: str) -> dict:
     accuracy_vs_compute.png}`` atomically; return ``{"rows", "totals", "outputs"}``."""
     from ktray.errors import KtrayError
 
-    if not io.exists(out):
+    if not storage.exists(out):
         raise KtrayError(f"output folder not found: {out}")
     rows = gather(out)
     if not rows:
@@ -220,11 +220,11 @@ def write_report(out: str) -> dict:
                         title="accuracy against pretraining compute",
                         xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
                         hlines=hlines)
-    report = io.join(out, "report")
-    paths = {"md": io.join(report, "compute.md"), "parquet": io.join(report, "compute.parquet"),
-             "png": io.join(report, "accuracy_vs_compute.png")}
-    io.write_bytes(paths["png"], png)
-    io.write_parquet(paths["parquet"], to_arrow(rows, COLUMNS))
+    report = storage.join(out, "report")
+    paths = {"md": storage.join(report, "compute.md"), "parquet": storage.join(report, "compute.parquet"),
+             "png": storage.join(report, "accuracy_vs_compute.png")}
+    storage.write_bytes(paths["png"], png)
+    storage.write_parquet(paths["parquet"], to_arrow(rows, COLUMNS))
     md = [f"# Compute report: {out}", "",
           f"{t['stages']} stage runs; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
           "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0).", "",
@@ -232,5 +232,5 @@ def write_report(out: str) -> dict:
           "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.", "",
           markdown_table(rows, [c for c in COLUMNS if c != "path"]), "",
           "![accuracy against pretraining compute](accuracy_vs_compute.png)", ""]
-    io.write_text(paths["md"], "\n".join(md))
+    storage.write_text(paths["md"], "\n".join(md))
     return {"rows": rows, "totals": t, "outputs": paths}

@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ktray import io
+from ktray import storage
 from ktray.data import columns as C
 from ktray.data.readers import read_gallery
 from ktray.errors import KtrayError
 from ktray.retrieval import crop_boxes
 from ktray.retrieval.embed import GALLERY_INDEX
-from ktray.tasks import prepare_task, transfer_uri
-from ktray.validate import check_backbone_name, check_timm_name
+from ktray.pipeline.tasks import prepare_task, transfer_uri
+from ktray.pipeline.validate import check_backbone_name, check_timm_name
 
 ORIGIN = "origin"
 IN_DOMAIN, GENERIC, GALLERY = "in_domain", "generic", "gallery"
@@ -54,7 +54,7 @@ def check_config(cfg) -> None:
 def split(info: dict, name: str) -> pa.Table | None:
     """A split of the prepared task (``prepare_task(cfg)``) as an image table, or None."""
     uri = info["outputs"].get(name)
-    return io.read_parquet(uri, columns=[C.IMAGE_ID, C.SOURCE]) if uri else None
+    return storage.read_parquet(uri, columns=[C.IMAGE_ID, C.SOURCE]) if uri else None
 
 
 def indexed(*tables: pa.Table | None) -> pa.Table:
@@ -83,7 +83,7 @@ def gallery_table(cfg) -> pa.Table:
     tables = []
     for origin, key in ((IN_DOMAIN, "unlabeled"), (GENERIC, "generic")):
         if key in info["outputs"]:
-            t = io.read_parquet(transfer_uri(cfg, origin), columns=[C.IMAGE_ID, C.SOURCE])
+            t = storage.read_parquet(transfer_uri(cfg, origin), columns=[C.IMAGE_ID, C.SOURCE])
             tables.append(t.append_column(ORIGIN, pa.array([origin] * len(t), pa.string())))
     if not tables:
         raise KtrayError("curate.gallery is empty and the task has neither unlabeled images "

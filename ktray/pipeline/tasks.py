@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ktray import io, manifest
+from ktray import storage
+from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
 from ktray.data import readers
@@ -25,7 +26,7 @@ TRANSFER_NAMES = ("in_domain", "generic", "curated")
 
 
 def data_dir(cfg: Config) -> str:
-    return io.join(cfg.out, "data")
+    return storage.join(cfg.out, "data")
 
 
 def _read_splits(cfg: Config) -> tuple[pa.Table, pa.Table, pa.Table | None, list[str]]:
@@ -37,26 +38,26 @@ def _read_splits(cfg: Config) -> tuple[pa.Table, pa.Table, pa.Table | None, list
                  "Sneaker", "Bag", "Ankle boot"]
         return train, test, None, names
     if d.kind == "imagefolder":
-        if not io.exists(d.root):
+        if not storage.exists(d.root):
             raise KtrayError(f"data.root not found: {d.root}")
         for split in ("train", "test"):
-            if not io.exists(io.join(d.root, split)):
+            if not storage.exists(storage.join(d.root, split)):
                 raise KtrayError(f"data.root {d.root} has no '{split}/' folder "
                                  "(expected train/<class>/*, test/<class>/*)")
-        train, names = readers.read_imagefolder(io.join(d.root, "train"))
-        test, _ = readers.read_imagefolder(io.join(d.root, "test"), class_names=names)
+        train, names = readers.read_imagefolder(storage.join(d.root, "train"))
+        test, _ = readers.read_imagefolder(storage.join(d.root, "test"), class_names=names)
         unlabeled = None
-        if io.exists(io.join(d.root, "unlabeled")):
-            unlabeled = readers.read_unlabeled_folder(io.join(d.root, "unlabeled"))
+        if storage.exists(storage.join(d.root, "unlabeled")):
+            unlabeled = readers.read_unlabeled_folder(storage.join(d.root, "unlabeled"))
         return train, test, unlabeled, names
     if d.kind == "parquet":
-        train = readers.read_parquet_images(io.join(d.root, "train*.parquet"), d.label_column)
-        test = readers.read_parquet_images(io.join(d.root, "test*.parquet"), d.label_column)
+        train = readers.read_parquet_images(storage.join(d.root, "train*.parquet"), d.label_column)
+        test = readers.read_parquet_images(storage.join(d.root, "test*.parquet"), d.label_column)
         n = int(pa.compute.max(train[C.LABEL]).as_py()) + 1
         unlabeled = None
-        fs, path = io.fs_and_path(io.join(d.root, "unlabeled*.parquet"))
+        fs, path = storage.fs_and_path(storage.join(d.root, "unlabeled*.parquet"))
         if fs.glob(path):
-            unlabeled = readers.read_parquet_images(io.join(d.root, "unlabeled*.parquet"))
+            unlabeled = readers.read_parquet_images(storage.join(d.root, "unlabeled*.parquet"))
         return train, test, unlabeled, [str(i) for i in range(n)]
     raise KtrayError(f"unknown data.kind '{d.kind}'; valid: fashion_mnist, imagefolder, parquet")
 
@@ -97,14 +98,14 @@ def prepare_task(cfg: Config) -> dict:
     outputs = {}
     for split, table in tables.items():
         if table is not None and len(table):
-            uri = io.join(out, f"{split}.parquet")
-            io.write_parquet(uri, table)
+            uri = storage.join(out, f"{split}.parquet")
+            storage.write_parquet(uri, table)
             outputs[split] = uri
     if d.generic_images > 0:
-        pool_uri = io.join(out, "generic_pool.parquet")
+        pool_uri = storage.join(out, "generic_pool.parquet")
         pool = build_generic_pool(pool_uri, d.generic_images, size=d.generic_size, seed=d.seed)
-        io.write_parquet(io.join(out, "generic.parquet"), pool)
-        outputs["generic"] = io.join(out, "generic.parquet")
+        storage.write_parquet(storage.join(out, "generic.parquet"), pool)
+        outputs["generic"] = storage.join(out, "generic.parquet")
     counts = {k: (len(v) if v is not None else 0) for k, v in tables.items()}
     counts["generic"] = d.generic_images
     return manifest.write(out, {
@@ -116,7 +117,7 @@ def prepare_task(cfg: Config) -> dict:
 def split_table(cfg: Config, split: str) -> pa.Table | None:
     info = prepare_task(cfg)
     uri = info["outputs"].get(split)
-    return io.read_parquet(uri) if uri else None
+    return storage.read_parquet(uri) if uri else None
 
 
 def transfer_uri(cfg: Config, name: str) -> str:
@@ -132,12 +133,12 @@ def transfer_uri(cfg: Config, name: str) -> str:
             raise KtrayError("transfer set 'generic' needs data.generic_images > 0")
         return info["outputs"]["generic"]
     if name == "curated":
-        uri = io.join(cfg.out, "curate", "transfer_set.parquet")
-        if not io.exists(uri):
+        uri = storage.join(cfg.out, "curate", "transfer_set.parquet")
+        if not storage.exists(uri):
             raise KtrayError("transfer set 'curated' needs a finished 'ktray curate' run "
                              f"({uri} is missing)")
         return uri
-    if not io.exists(name):
+    if not storage.exists(name):
         raise KtrayError(f"unknown transfer set '{name}': not one of {', '.join(TRANSFER_NAMES)} "
                          "and no such path")
     return name
@@ -146,7 +147,7 @@ def transfer_uri(cfg: Config, name: str) -> str:
 def read_transfer(cfg: Config, name: str) -> pa.Table:
     uri = transfer_uri(cfg, name)
     if uri.endswith(".parquet"):
-        table = io.read_parquet(uri)
+        table = storage.read_parquet(uri)
         if C.SOURCE in table.column_names:
             return table
         return readers.read_parquet_images(uri)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io as _io
 
-from ktray import io
+from ktray import storage
 
 DESCRIPTIONS = {
     "teacher": "adapted VFM (backbone + task head)",
@@ -85,8 +85,8 @@ def plot(results: dict) -> bytes:
 
 def write_results(out: str, results: dict) -> dict:
     """Write results.json, results.md and results.png under ``out``; return their URIs."""
-    paths = {k: io.join(out, f"results.{k}") for k in ("json", "md", "png")}
-    io.write_bytes(paths["png"], plot(results))
-    io.write_text(paths["md"], markdown(results))
-    io.write_json(paths["json"], results)
+    paths = {k: storage.join(out, f"results.{k}") for k in ("json", "md", "png")}
+    storage.write_bytes(paths["png"], plot(results))
+    storage.write_text(paths["md"], markdown(results))
+    storage.write_json(paths["json"], results)
     return paths

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import time
 
-from ktray import compute, io, manifest
+from ktray import storage
+from ktray.pipeline import accounting, manifest
 from ktray.config import Config
-from ktray.report import format_table, write_results
+from ktray.pipeline.reporting import format_table, write_results
 from ktray.stages import finetune as finetune_stage
 from ktray.stages import teacher as teacher_stage
-from ktray.tasks import prepare_task
-from ktray.tracking import log_pipeline, tracking_uri
-from ktray.validate import check_config, parse_method
+from ktray.pipeline.tasks import prepare_task
+from ktray.pipeline.tracking import log_pipeline, tracking_uri
+from ktray.pipeline.validate import check_config, parse_method
 
 log = logging.getLogger("ktray")
 
@@ -30,9 +31,9 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
              "pretrain_flops": 0.0, "student_flops_per_image": ft.get("flops_per_image")}
     if method != "scratch":
         objective, transfer = parse_method(method)
-        pre = io.read_json(io.join(manifest.stage_dir(cfg.out, "distill", method),
+        pre = storage.read_json(storage.join(manifest.stage_dir(cfg.out, "distill", method),
                                    manifest.MANIFEST))
-        logits = io.read_json(io.join(cfg.out, "logits", transfer, manifest.MANIFEST))
+        logits = storage.read_json(storage.join(cfg.out, "logits", transfer, manifest.MANIFEST))
         entry.update(
             distill_seconds=pre["train_seconds"],
             train_seconds=pre["train_seconds"] + ft["train_seconds"],
@@ -73,7 +74,7 @@ def run(cfg: Config) -> dict:
                "methods": methods, "models": models,
                "total_seconds": time.perf_counter() - started}
     artifacts = write_results(cfg.out, results)
-    spent = compute.totals([r for r in compute.gather(cfg.out) if r["run"] == "."])
+    spent = accounting.totals([r for r in accounting.gather(cfg.out) if r["run"] == "."])
     manifest.write(manifest.stage_dir(cfg.out, "pipeline"), {
         "stage": "pipeline", "config_hash": "", "outputs": artifacts,
         "seconds": results["total_seconds"], "flops": spent["flops"],

@@ -9,23 +9,23 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ktray import io
+from ktray import storage
 from ktray.config import to_yaml
 
 MANIFEST = "manifest.json"
 
 
 def stage_dir(out: str, stage: str, name: str = "") -> str:
-    return io.join(out, stage, name) if name else io.join(out, stage)
+    return storage.join(out, stage, name) if name else storage.join(out, stage)
 
 
 def load_finished(directory: str, config_hash: str) -> dict | None:
     """The manifest of a finished run with the same config hash, else None."""
-    uri = io.join(directory, MANIFEST)
-    if not io.exists(uri):
+    uri = storage.join(directory, MANIFEST)
+    if not storage.exists(uri):
         return None
     try:
-        manifest = io.read_json(uri)
+        manifest = storage.read_json(uri)
     except Exception:
         return None
     return manifest if manifest.get("config_hash") == config_hash else None
@@ -34,9 +34,9 @@ def load_finished(directory: str, config_hash: str) -> dict | None:
 def write(directory: str, manifest: dict[str, Any], cfg=None) -> dict:
     """Write the resolved config (if given) then the manifest, atomically."""
     if cfg is not None:
-        io.write_text(io.join(directory, "config.yaml"), to_yaml(cfg))
+        storage.write_text(storage.join(directory, "config.yaml"), to_yaml(cfg))
     manifest.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    io.write_json(io.join(directory, MANIFEST), manifest)
+    storage.write_json(storage.join(directory, MANIFEST), manifest)
     return manifest
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ktray.config import Config, apply_overrides, config_hash
 from ktray.errors import KtrayError
-from ktray.validate import check_config, parse_method
+from ktray.pipeline.validate import check_config, parse_method
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 FORBIDDEN = ("out", "name", "methods", "sweep", "tracking", "ray")
