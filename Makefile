@@ -7,7 +7,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,18 @@ demo: install data
 
 test: install data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The library-level tests: no Ray, no servers, nothing slow (about a minute here).
+test-fast: install data
+	$(PY) -m pytest -q -m "not ray and not servers and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: install data
 	$(PY) benchmarks/logits_bench.py

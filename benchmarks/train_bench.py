@@ -3,8 +3,10 @@
 Every row trains the same student with the same distillation step (precomputed teacher logits
 over Fashion-MNIST views) for the same number of steps; img/s counts training images per
 second of the training loop (start-up shown apart). Rows: plain loop in this process (ktray's
-loop, no Ray), Ray Train V2 local mode (num_workers=0), Ray Train with 1 worker, and with 2
-DDP workers (gloo). Usage:
+loop, views decoded in-process by ``ViewStream``, no Ray), Ray Train V2 local mode
+(num_workers=0) streaming the views or with them cached (``train.cache_decoded_mb``), Ray Train
+with 1 worker, and with 2 DDP workers (gloo); the Ray rows read
+their views through the distill stage's Ray Data path (``view_dataset``). Usage:
 
     python benchmarks/train_bench.py [--steps 40] [--batch 128] [--arch resnet10t] [--size 32]
 """
@@ -31,10 +33,12 @@ def make_targets(work: str, fmnist: str, n: int) -> str:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(len(rows), 10)).astype(np.float32)
     feats = rng.normal(size=(len(rows), 8)).astype(np.float32)
-    rows = rows.append_column("logits", pa.FixedSizeListArray.from_arrays(
-        pa.array(logits.reshape(-1)), 10))
-    rows = rows.append_column("features", pa.FixedSizeListArray.from_arrays(
-        pa.array(feats.reshape(-1)), 8))
+    rows = rows.append_column(
+        "logits", pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), 10)
+    )
+    rows = rows.append_column(
+        "features", pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), 8)
+    )
     uri = os.path.join(work, "targets", "part-00000.parquet")
     storage.write_parquet(uri, rows.cast(output_schema(10, 8)))
     return os.path.dirname(uri)
@@ -52,49 +56,106 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+    import dataclasses
+
     from ktray.config import load_config
+    from ktray.data.datasets import DecodeViews, ViewStream
     from ktray.stages.common import ensure_ray, fit
+    from ktray.stages.train_data import describe_targets, view_dataset
     from ktray.stages.train_stage import train_worker
     from ktray.train.loop import LocalSession
+    from ktray.train.specs import DistillSpec
     from ktray.train.worker import run_training
 
     work = tempfile.mkdtemp(prefix="ktray-bench-")
     try:
-        spec = {"kind": "distill", "objective": "task", "teacher_mode": "precomputed",
-                "temperature": 2.0, "loss": "kl", "targets_uri": make_targets(
-                    work, args.fmnist, args.images), "teacher_dir": "", "num_classes": 10,
-                "seed": 0, "steps": args.steps, "lr": 1e-3, "weight_decay": 0.0,
-                "warmup_steps": 1, "batch_size": args.batch, "report_every": 10 ** 9,
-                "student": {"arch": args.arch, "img_size": args.size, "pretrained": False,
-                            "checkpoint": ""}}
+        uri = make_targets(work, args.fmnist, args.images)
+        info = describe_targets(uri, "logits")
+        base = load_config(
+            None,
+            [
+                f"student.arch={args.arch}",
+                f"student.img_size={args.size}",
+                f"distill.steps={args.steps}",
+                f"distill.batch_size={args.batch}",
+                "distill.lr=1e-3",
+                "distill.weight_decay=0",
+                "distill.warmup_steps=1",
+                "train.report_every=1000000",
+                "train.checkpoint_every=1000000",
+                "train.precision=fp32",
+            ],
+        )
+        spec = DistillSpec.from_config(base, "task")
+        config = {
+            "spec": dataclasses.asdict(spec),
+            "inputs": {"num_classes": 10, "rows": info["rows"]},
+        }
         rows = []
 
         start = time.perf_counter()
-        m = run_training(dict(spec, out_dir=os.path.join(work, "plain")), LocalSession("cpu"))
+        stream = ViewStream(
+            info["files"],
+            DecodeViews({"x": args.size}, ["logits"]),
+            info["columns"],
+            spec.decode_batch,
+        )
+        m = run_training(
+            dict(config, inputs=dict(config["inputs"], out_dir=os.path.join(work, "plain"))),
+            LocalSession("cpu", {"train": stream}),
+        )
         rows.append(("plain loop (no Ray)", m, time.perf_counter() - start))
 
-        variants = [("Ray Train local mode (num_workers=0)", 0),
-                    ("Ray Train, 1 worker", 1)]
+        variants = [
+            ("Ray Train local mode, streamed", 0, False),
+            ("Ray Train local mode, cached views", 0, True),
+            ("Ray Train, 1 worker, cached views", 1, True),
+        ]
         if not args.skip_ddp:
-            variants.append(("Ray Train, 2 DDP workers (gloo)", 2))
-        for name, workers in variants:
-            cfg = load_config(None, [f"out={work}/{workers}", f"ray.num_workers={workers}",
-                                     "ray.num_cpus=2"])
+            variants.append(("Ray Train, 2 DDP workers (gloo), cached", 2, True))
+        for name, workers, cached in variants:
+            cfg = load_config(
+                None, [f"out={work}/{workers}", f"ray.num_workers={workers}", "ray.num_cpus=2"]
+            )
             ensure_ray(cfg.ray)
+            ds = view_dataset(
+                uri,
+                info["columns"],
+                {"x": args.size},
+                spec,
+                rows=info["rows"] if cached else 0,
+                target_dim=10,
+            )
             start = time.perf_counter()
-            m = fit(cfg, f"bench-{workers}", train_worker,
-                    dict(spec, out_dir=os.path.join(work, f"model{workers}")))
+            m = fit(
+                cfg,
+                f"bench-{workers}-{int(cached)}",
+                train_worker,
+                dict(
+                    config,
+                    inputs=dict(
+                        config["inputs"], out_dir=os.path.join(work, f"model{workers}{cached}")
+                    ),
+                ),
+                datasets={"train": ds},
+            )
             rows.append((name, m, time.perf_counter() - start))
 
         plain = rows[0][1]["images"] / rows[0][1]["seconds"]
-        print(f"\nstudent {args.arch} @ {args.size}px, batch {args.batch} (global), {args.steps} "
-              f"steps, KD on precomputed logits, torch threads {torch.get_num_threads()}")
-        print(f"{'path':40s} {'images':>7s} {'loop s':>7s} {'img/s':>7s} {'vs plain':>8s} "
-              f"{'wall s':>7s}")
+        print(
+            f"\nstudent {args.arch} @ {args.size}px, batch {args.batch} (global), {args.steps} "
+            f"steps, KD on precomputed logits, torch threads {torch.get_num_threads()}"
+        )
+        print(
+            f"{'path':40s} {'images':>7s} {'loop s':>7s} {'img/s':>7s} {'vs plain':>8s} "
+            f"{'wall s':>7s}"
+        )
         for name, m, wall in rows:
             ips = m["images"] / m["seconds"]
-            print(f"{name:40s} {m['images']:7d} {m['seconds']:7.1f} {ips:7.1f} "
-                  f"{ips / plain:8.2f} {wall:7.1f}")
+            print(
+                f"{name:40s} {m['images']:7d} {m['seconds']:7.1f} {ips:7.1f} "
+                f"{ips / plain:8.2f} {wall:7.1f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -22,10 +22,17 @@ def main(command: str, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         script = os.path.basename(sys.argv[0]) or f"{command}.py"
-        print(f"usage: python jobs/{script} CONFIG [key=value ...]  "
-              f"(runs `ktray {command} CONFIG key=value ...`)", file=sys.stderr)
+        print(
+            f"usage: python jobs/{script} CONFIG [key=value ...]  "
+            f"(runs `ktray {command} CONFIG key=value ...`)",
+            file=sys.stderr,
+        )
         return 0 if argv else 2
-    print(f"ktray job: {command} {' '.join(argv)}\n  python {sys.executable}\n"
-          f"  ktray {os.path.dirname(cli.__file__)}\n"
-          f"  ray {os.environ.get('RAY_ADDRESS') or '(local)'}", file=sys.stderr, flush=True)
+    print(
+        f"ktray job: {command} {' '.join(argv)}\n  python {sys.executable}\n"
+        f"  ktray {os.path.dirname(cli.__file__)}\n"
+        f"  ray {os.environ.get('RAY_ADDRESS') or '(local)'}",
+        file=sys.stderr,
+        flush=True,
+    )
     return cli.main([command, *argv])

@@ -1,6 +1,6 @@
 """Ray job entry point: transfer-set curation (`ktray curate`).
 
-    ray job submit --working-dir . -- python jobs/curate.py CONFIG key=value ...
+ray job submit --working-dir . -- python jobs/curate.py CONFIG key=value ...
 """
 
 import os

@@ -1,6 +1,6 @@
 """Ray job entry point: the whole pipeline (`ktray run`).
 
-    ray job submit --working-dir . -- python jobs/pipeline.py CONFIG key=value ...
+ray job submit --working-dir . -- python jobs/pipeline.py CONFIG key=value ...
 """
 
 import os

@@ -1,6 +1,6 @@
 """Ray job entry point: a hyperparameter sweep (`ktray sweep`).
 
-    ray job submit --working-dir . -- python jobs/sweep.py CONFIG key=value ...
+ray job submit --working-dir . -- python jobs/sweep.py CONFIG key=value ...
 """
 
 import os

@@ -9,14 +9,21 @@ exact view the student sees) or online: the frozen teacher runs under ``torch.no
 ``x_teacher``, the same crop box resized to the teacher's input size. Both paths give the same
 loss for the same view.
 
-DDP: wrap the whole ``DistillModule``. The teacher's parameters and buffers (and, for the
-features objective, the student's unused classifier) are registered as DDP-ignored, so DDP
-neither broadcasts nor all-reduces them and no ``find_unused_parameters`` is needed.
+DDP: wrap only what trains. ``DistillModule.net`` (:class:`StudentNet`: the student and, for
+the features objective, the projector) is the one submodule handed to DDP
+(:meth:`DistillModule.wrap_net`); the frozen teacher stays outside it, so DDP neither
+broadcasts nor all-reduces it. The features objective never runs the student's classifier,
+so :class:`StudentNet` freezes it: every parameter DDP sees gets a gradient and no
+``find_unused_parameters`` is needed.
+
+The online teacher runs under ``torch.inference_mode`` (in bf16 when
+:meth:`DistillModule.teacher_bf16` was called); its targets are cloned out of inference mode
+so the loss can save them for backward.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -24,13 +31,42 @@ import torch.nn as nn
 from ktray.errors import KtrayError
 from ktray.losses import FEATURE_LOSSES, KD_LOSSES
 
-__all__ = ["OBJECTIVES", "DEFAULT_LOSS", "DistillModule"]
+__all__ = ["OBJECTIVES", "DEFAULT_LOSS", "DistillModule", "StudentNet"]
 
 OBJECTIVES = ("task", "features")
 """``task``: match the adapted teacher's predictions (task-oriented transfer).
 ``features``: match the teacher backbone's features (task-agnostic baseline)."""
 
 DEFAULT_LOSS = {"task": "kl", "features": "cosine"}
+
+TEACHER_MODES = ("precomputed", "online")
+"""Where the teacher's targets come from: the logits stage's table, or the teacher run on the
+same view during distillation."""
+
+
+class StudentNet(nn.Module):
+    """What distillation trains (and DDP wraps): the student, plus the projector for the
+    features objective. ``forward(x)`` gives logits (task) or projected features."""
+
+    def __init__(self, student: nn.Module, objective: str, projector: nn.Module | None):
+        super().__init__()
+        self.student, self.projector, self.objective = student, projector, objective
+        if objective == "features":
+            get_classifier = getattr(student, "get_classifier", None)
+            head = get_classifier() if callable(get_classifier) else None
+            if isinstance(head, nn.Module):
+                head.requires_grad_(False)  # never run: no gradient, kept out of DDP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.objective == "task":
+            # The plain forward keeps the student's head dropout; only logits are needed here.
+            return self.student(x)
+        feats = self.student.forward_head(self.student.forward_features(x), pre_logits=True)
+        return self.projector(feats) if self.projector is not None else feats
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
 
 
 class DistillModule(nn.Module):
@@ -46,7 +82,8 @@ class DistillModule(nn.Module):
         loss: a name from ``KD_LOSSES`` (task) or ``FEATURE_LOSSES`` (features); default
             ``kl`` / ``cosine``.
         temperature: passed to the loss; None keeps the loss's own default (1.0 for KD,
-            0.1 for contrastive; cosine and mse ignore it).
+            0.1 for contrastive; cosine and mse ignore it). The caller passes the
+            objective's own temperature (KD's or the contrastive loss's, never one for both).
         projector: optional module mapping student features [B, Ds] to [B, Dt] (features
             objective only), e.g. ``ktray.losses.FeatureProjector``.
     """
@@ -54,12 +91,12 @@ class DistillModule(nn.Module):
     def __init__(
         self,
         student: nn.Module,
-        teacher: Optional[nn.Module] = None,
+        teacher: nn.Module | None = None,
         *,
         objective: str = "task",
-        loss: Optional[str] = None,
-        temperature: Optional[float] = None,
-        projector: Optional[nn.Module] = None,
+        loss: str | None = None,
+        temperature: float | None = None,
+        projector: nn.Module | None = None,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -84,49 +121,40 @@ class DistillModule(nn.Module):
             raise KtrayError(
                 f"teacher {type(teacher).__name__} has no forward_all(x) -> (logits, features)"
             )
-
-        self.student = student
-        self.projector = projector
+        self.net = StudentNet(student, objective, projector)
         self.teacher = teacher
+        self._teacher_dtype: torch.dtype | None = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-        self._register_ddp_ignored()
 
-    # -- parameters -------------------------------------------------------------------------
+    # -- parts ------------------------------------------------------------------------------
 
-    def _unused_student_head(self) -> list[nn.Parameter]:
-        """The student's classifier, which the features objective never runs."""
-        get_classifier = getattr(self.student, "get_classifier", None)
-        if self.objective != "features" or not callable(get_classifier):
-            return []
-        head = get_classifier()
-        return list(head.parameters()) if isinstance(head, nn.Module) else []
+    @property
+    def student(self) -> nn.Module:
+        return _unwrap(self.net).student
 
-    def _register_ddp_ignored(self) -> None:
-        unused = {id(p) for p in self._unused_student_head()}
-        names = [n for n, p in self.named_parameters() if id(p) in unused]
+    @property
+    def projector(self) -> nn.Module | None:
+        return _unwrap(self.net).projector
+
+    def wrap_net(self, wrap) -> DistillModule:
+        """Replace ``net`` by ``wrap(net)`` (e.g. DDP); the teacher is left as it is."""
+        self.net = wrap(self.net)
+        return self
+
+    def teacher_bf16(self) -> None:
+        """Keep the online teacher's weights in bf16 and run it on bf16 inputs."""
         if self.teacher is not None:
-            names += [f"teacher.{n}" for n, _ in self.teacher.named_parameters()]
-            names += [f"teacher.{n}" for n, _ in self.teacher.named_buffers()]
-        if names:
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, names
-            )
+            self.teacher.to(torch.bfloat16)
+            self._teacher_dtype = torch.bfloat16
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters the optimizer should update: student (+ projector), never the teacher.
+        """Parameters the optimizer should update: student (+ projector), never the teacher
+        (nor, for the features objective, the student's unused classifier)."""
+        return (p for p in self.net.parameters() if p.requires_grad)
 
-        For the features objective the student's classifier is left out: it gets no gradient.
-        """
-        skip = {id(p) for p in self._unused_student_head()}
-        modules = [self.student] + ([self.projector] if self.projector is not None else [])
-        for module in modules:
-            for p in module.parameters():
-                if p.requires_grad and id(p) not in skip:
-                    yield p
-
-    def train(self, mode: bool = True) -> "DistillModule":
+    def train(self, mode: bool = True) -> DistillModule:
         """Switch student/projector mode; the teacher always stays in eval mode."""
         super().train(mode)
         if self.teacher is not None:
@@ -141,9 +169,9 @@ class DistillModule(nn.Module):
 
     def _teacher_target(
         self,
-        x_teacher: Optional[torch.Tensor],
-        teacher_logits: Optional[torch.Tensor],
-        teacher_features: Optional[torch.Tensor],
+        x_teacher: torch.Tensor | None,
+        teacher_logits: torch.Tensor | None,
+        teacher_features: torch.Tensor | None,
     ) -> torch.Tensor:
         precomputed = teacher_logits if self.objective == "task" else teacher_features
         if precomputed is not None:
@@ -155,9 +183,12 @@ class DistillModule(nn.Module):
             raise KtrayError(
                 f"online teacher needs x_teacher (the view at the teacher's size) or {kind}"
             )
-        with torch.no_grad():
+        with torch.inference_mode():
+            if self._teacher_dtype is not None:
+                x_teacher = x_teacher.to(self._teacher_dtype)
             logits, features = self.teacher.forward_all(x_teacher)
-        return logits if self.objective == "task" else features
+            target = (logits if self.objective == "task" else features).float()
+        return target.clone()  # a normal tensor: the loss may save it for backward
 
     def _loss(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.temperature is None:
@@ -167,9 +198,9 @@ class DistillModule(nn.Module):
     def forward(
         self,
         x_student: torch.Tensor,
-        x_teacher: Optional[torch.Tensor] = None,
-        teacher_logits: Optional[torch.Tensor] = None,
-        teacher_features: Optional[torch.Tensor] = None,
+        x_teacher: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One distillation step's losses.
 
@@ -185,14 +216,9 @@ class DistillModule(nn.Module):
             ``features``: ``{"loss", "feat"}`` with ``feat`` the detached loss.
         """
         target = self._teacher_target(x_teacher, teacher_logits, teacher_features)
+        out = self.net(x_student)
+        loss = self._loss(out, target)
         if self.objective == "task":
-            # The plain forward keeps the student's head dropout; only logits are needed here.
-            logits = self.student(x_student)
-            loss = self._loss(logits, target)
-            agree = (logits.detach().argmax(-1) == target.argmax(-1)).float().mean()
+            agree = (out.detach().argmax(-1) == target.argmax(-1)).float().mean()
             return {"loss": loss, "kd": loss.detach(), "agree": agree}
-        feats = self.student_features(x_student)
-        if self.projector is not None:
-            feats = self.projector(feats)
-        loss = self._loss(feats, target)
         return {"loss": loss, "feat": loss.detach()}

@@ -13,7 +13,7 @@ float32 first so a bf16/fp16 autocast forward still gets a stable softmax and no
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -122,7 +122,7 @@ def _check_features(student_proj: torch.Tensor, teacher_feat: torch.Tensor) -> N
 
 
 def cosine_loss(
-    student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: Optional[float] = None
+    student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: float | None = None
 ) -> torch.Tensor:
     """``mean(1 - cos(s, t))`` over the batch: 0 aligned, 1 orthogonal, 2 opposite.
 
@@ -137,7 +137,7 @@ def cosine_loss(
 
 
 def mse_loss(
-    student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: Optional[float] = None
+    student_proj: torch.Tensor, teacher_feat: torch.Tensor, temperature: float | None = None
 ) -> torch.Tensor:
     """Plain mean squared error on the raw (unnormalised) features, averaged over B*D.
 
@@ -190,9 +190,7 @@ class _LossTable(dict):
 
 LossFn = Callable[..., torch.Tensor]
 
-KD_LOSSES: dict[str, LossFn] = _LossTable(
-    "kd loss", {"kl": kd_loss, "soft_ce": soft_cross_entropy}
-)
+KD_LOSSES: dict[str, LossFn] = _LossTable("kd loss", {"kl": kd_loss, "soft_ce": soft_cross_entropy})
 """Losses on task predictions (objective ``task``)."""
 
 FEATURE_LOSSES: dict[str, LossFn] = _LossTable(
@@ -238,7 +236,7 @@ class FeatureProjector(nn.Module):
         hidden_dim: hidden width of the 2-layer MLP; None for a single Linear.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, hidden_dim: Optional[int] = None):
+    def __init__(self, student_dim: int, teacher_dim: int, hidden_dim: int | None = None):
         super().__init__()
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
             if int(value) <= 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -57,8 +57,8 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 def evaluate_classifier(
     model: nn.Module,
     loader: Iterable,
-    device: Union[str, torch.device],
-    num_classes: Optional[int] = None,
+    device: str | torch.device,
+    num_classes: int | None = None,
 ) -> dict:
     """Evaluate ``model(x) -> logits [B, C]`` over a loader of ``(x, y)`` batches.
 
@@ -77,7 +77,7 @@ def evaluate_classifier(
     """
     was_training = model.training
     model.eval()
-    confusion: Optional[torch.Tensor] = None
+    confusion: torch.Tensor | None = None
     loss_sum, n = 0.0, 0
     try:
         for x, y in loader:

@@ -1,8 +1,9 @@
 """Teacher predictions over image tables (no ray here).
 
 ``expand_views`` turns an image table into one row per (image, view) with the view's crop box;
-:class:`Predictor` loads a saved teacher and maps such rows to logits and pooled features. The
-``logits`` stage runs a Predictor inside Ray Data actors; benchmarks run it in a plain loop.
+``decode_views`` decodes such rows to ``uint8`` views; :class:`Predictor` loads a saved teacher
+and maps views to float16 logits (and pooled features when asked). The ``logits`` stage decodes
+in a CPU stage and runs a Predictor inside Ray Data actors; benchmarks run it in a plain loop.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from ktray.data import columns as C
 from ktray.data.sources import load_images
-from ktray.data.views import apply_view, sample_view, view_from_row
+from ktray.data.views import ViewParams, crop_view, sample_view
 from ktray.models import load_model
 
 VIEW_COLUMNS = [C.IMAGE_ID, C.SOURCE, C.VIEW, *C.BOX, C.FLIP]
@@ -31,82 +32,171 @@ def expand_views(table: pa.Table, views: int, seed: int, scale_min: float = 0.35
     for image_id, source in zip(ids, sources):
         for v in range(views):
             p = sample_view(seed, image_id, v, scale=(scale_min, 1.0), first_view_full=True)
-            for k, val in zip(VIEW_COLUMNS, (image_id, source, v, p.x0, p.y0, p.x1, p.y1,
-                                             p.flip)):
+            for k, val in zip(VIEW_COLUMNS, (image_id, source, v, p.x0, p.y0, p.x1, p.y1, p.flip)):
                 cols[k].append(val)
-    return pa.table({
-        C.IMAGE_ID: pa.array(cols[C.IMAGE_ID], pa.string()),
-        C.SOURCE: pa.array(cols[C.SOURCE], pa.string()),
-        C.VIEW: pa.array(cols[C.VIEW], pa.int32()),
-        **{k: pa.array(cols[k], pa.float32()) for k in C.BOX},
-        C.FLIP: pa.array(cols[C.FLIP], pa.bool_()),
-    })
+    return pa.table(
+        {
+            C.IMAGE_ID: pa.array(cols[C.IMAGE_ID], pa.string()),
+            C.SOURCE: pa.array(cols[C.SOURCE], pa.string()),
+            C.VIEW: pa.array(cols[C.VIEW], pa.int32()),
+            **{k: pa.array(cols[k], pa.float32()) for k in C.BOX},
+            C.FLIP: pa.array(cols[C.FLIP], pa.bool_()),
+        }
+    )
 
 
-def output_schema(num_classes: int, feature_dim: int) -> pa.Schema:
-    return pa.schema([
-        (C.IMAGE_ID, pa.string()), (C.SOURCE, pa.string()), (C.VIEW, pa.int32()),
-        *[(k, pa.float32()) for k in C.BOX], (C.FLIP, pa.bool_()),
-        (C.LOGITS, pa.list_(pa.float32(), num_classes)),
-        (C.FEATURES, pa.list_(pa.float32(), feature_dim)),
-    ])
+def output_schema(num_classes: int, feature_dim: int = 0) -> pa.Schema:
+    """The logits table (ARCHITECTURE.md): ``logits`` as float16, ``features`` (float16) only
+    when ``feature_dim`` > 0."""
+    fields = [
+        (C.IMAGE_ID, pa.string()),
+        (C.SOURCE, pa.string()),
+        (C.VIEW, pa.int32()),
+        *[(k, pa.float32()) for k in C.BOX],
+        (C.FLIP, pa.bool_()),
+        (C.LOGITS, pa.list_(pa.float16(), num_classes)),
+    ]
+    if feature_dim:
+        fields.append((C.FEATURES, pa.list_(pa.float16(), feature_dim)))
+    return pa.schema(fields)
+
+
+def order_for_reading(table: pa.Table) -> pa.Table:
+    """Rows sorted by the file their source names, then by row number within it, so a pass
+    reads every Parquet / IDX / tar file sequentially (a curated set comes in retrieval order,
+    which would make every read random access)."""
+    keys = []
+    for i, source in enumerate(table[C.SOURCE].to_pylist()):
+        uri, _, frag = source.partition("#")
+        keys.append((uri, int(frag) if frag.isdigit() else -1, frag, i))
+    order = [k[-1] for k in sorted(keys)]
+    return table.take(pa.array(order, pa.int64()))
+
+
+def decode_views(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The views of view rows as ``uint8 [N, size, size, 3]`` and a readable mask ``[N]``
+    (unreadable images give zeros). Each image is decoded once for all its views."""
+    cols = rows.select(VIEW_COLUMNS).to_pydict()
+    sources = cols[C.SOURCE]
+    unique = list(dict.fromkeys(sources))
+    images = dict(zip(unique, load_images(unique)))
+    pixels = np.zeros((len(sources), size, size, 3), np.uint8)
+    ok = np.zeros(len(sources), bool)
+    for i, source in enumerate(sources):
+        img = images[source]
+        if img is not None:
+            view = ViewParams(*(cols[k][i] for k in C.BOX), bool(cols[C.FLIP][i]))
+            pixels[i] = np.asarray(crop_view(img, view, size), np.uint8)
+            ok[i] = True
+    return pixels, ok
+
+
+def normalize_on_device(
+    pixels: np.ndarray | torch.Tensor, mean, std, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``uint8 [B, H, W, 3]`` -> normalised ``[B, 3, H, W]`` on ``device`` in ``dtype``,
+    channels_last (the NHWC bytes travel; the arithmetic runs on the device)."""
+    x = torch.as_tensor(pixels)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return ((x - m) / s).to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 class Predictor:
     """A saved teacher applied to view rows, in mini-batches.
 
+    Usable in a plain loop (:meth:`predict`: decode + views + forward in this process) and in
+    the logits stage's actors (:meth:`predict_pixels` on views decoded by a CPU stage).
+
     Args:
         model_dir: a checkpoint folder written by ``save_model`` (local or s3://).
         batch_size: images per forward pass.
         device: ``cuda``/``cpu``; default: cuda when available.
-        amp: run under bf16 autocast on GPU.
+        amp: on GPU, run the model in bf16 (weights and activations); a no-op on CPU.
+        features: also return the pooled features.
     """
 
-    def __init__(self, model_dir: str, batch_size: int = 128, device: str | None = None,
-                 amp: bool = True):
+    def __init__(
+        self,
+        model_dir: str,
+        batch_size: int = 128,
+        device: str | None = None,
+        amp: bool = True,
+        features: bool = True,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, self.spec = load_model(model_dir)
+        self.dtype = torch.bfloat16 if amp and self.device.type == "cuda" else torch.float32
         # channels_last: ~1.5x faster convolutions on CPU (oneDNN) and tensor cores on GPU
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval().to(
+            self.device, dtype=self.dtype, memory_format=torch.channels_last
+        )
         self.batch_size = batch_size
-        self.amp = amp and self.device.type == "cuda"
+        self.features = features
         self.num_classes = self.spec["num_classes"]
-        self.feature_dim = int(self.model.backbone.feature_dim)
+        self.feature_dim = int(self.model.backbone.feature_dim) if features else 0
+        self.size = int(self.spec["img_size"])
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``x [B,3,H,W]`` -> logits ``[B,C]`` and features ``[B,D]`` as float32 numpy."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            logits, feats = self.model.forward_all(x)
-        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
+    def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """``x [B,3,H,W]`` (normalised) -> logits ``[B,C]`` and features ``[B,D]`` (None when
+        not asked for) as float16 numpy."""
+        x = x.to(self.device, self.dtype, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        logits, feats = self.model.forward_all(x)
+        logits = logits.to(torch.float16).cpu().numpy()
+        return logits, feats.to(torch.float16).cpu().numpy() if self.features else None
+
+    def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``uint8 [N, S, S, 3]`` views -> float16 logits ``[N, C]`` (+ features ``[N, D]``)."""
+        lo, fe = [], []
+        for start in range(0, len(pixels), self.batch_size):
+            x = normalize_on_device(
+                pixels[start : start + self.batch_size],
+                self.spec["mean"],
+                self.spec["std"],
+                self.device,
+                self.dtype,
+            )
+            a, b = self.forward(x)
+            lo.append(a)
+            fe.append(b)
+        logits = np.concatenate(lo) if lo else np.zeros((0, self.num_classes), np.float16)
+        if not self.features:
+            return logits, None
+        return logits, np.concatenate(fe) if fe else np.zeros((0, self.feature_dim), np.float16)
+
+    def table(self, rows: pa.Table, pixels: np.ndarray, ok: np.ndarray) -> tuple[pa.Table, int]:
+        """View rows + their decoded views -> (logits table of the readable rows, skipped)."""
+        keep = np.flatnonzero(ok)
+        logits, feats = self.predict_pixels(pixels[keep])
+        out = rows.select(VIEW_COLUMNS).take(pa.array(keep, pa.int64()))
+        out = out.append_column(C.LOGITS, fixed_list(logits))
+        if feats is not None:
+            out = out.append_column(C.FEATURES, fixed_list(feats))
+        return out.cast(output_schema(self.num_classes, self.feature_dim)), len(ok) - len(keep)
 
     def predict(self, rows: pa.Table) -> tuple[pa.Table, int]:
-        """Rows with view columns -> (rows + logits + features, number of unreadable images)."""
-        size, mean, std = self.spec["img_size"], self.spec["mean"], self.spec["std"]
-        pylist = rows.select(VIEW_COLUMNS).to_pylist()
-        keep, logits, feats = [], [], []
-        for start in range(0, len(pylist), self.batch_size):
-            chunk = pylist[start:start + self.batch_size]
-            images = load_images([r[C.SOURCE] for r in chunk])
-            xs = []
-            for i, (r, img) in enumerate(zip(chunk, images)):
-                if img is not None:
-                    xs.append(apply_view(img, view_from_row(r), size, mean, std))
-                    keep.append(start + i)
-            if xs:
-                lo, fe = self.forward(torch.stack(xs))
-                logits.append(lo)
-                feats.append(fe)
-        skipped = len(pylist) - len(keep)
-        out = rows.select(VIEW_COLUMNS).take(pa.array(keep, pa.int64()))
-        lo = np.concatenate(logits) if logits else np.zeros((0, self.num_classes), np.float32)
-        fe = np.concatenate(feats) if feats else np.zeros((0, self.feature_dim), np.float32)
-        out = out.append_column(C.LOGITS, _fixed_list(lo)).append_column(
-            C.FEATURES, _fixed_list(fe))
-        return out.cast(output_schema(self.num_classes, self.feature_dim)), skipped
+        """Rows with view columns -> (rows + logits [+ features], number of unreadable rows),
+        decoding in this process (the plain loop)."""
+        outs, skipped = [], 0
+        step = max(self.batch_size, 1024)
+        for start in range(0, len(rows), step):
+            chunk = rows.slice(start, step)
+            pixels, ok = decode_views(chunk, self.size)
+            out, n = self.table(chunk, pixels, ok)
+            outs.append(out)
+            skipped += n
+        if not outs:
+            return output_schema(self.num_classes, self.feature_dim).empty_table(), 0
+        return pa.concat_tables(outs), skipped
 
 
-def _fixed_list(a: np.ndarray) -> pa.Array:
-    a = np.ascontiguousarray(a, dtype=np.float32)
+def fixed_list(a: np.ndarray) -> pa.Array:
+    """``[N, K]`` numpy -> a fixed-size list array of its dtype (float16 stays float16)."""
+    a = np.ascontiguousarray(a)
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])

@@ -2,22 +2,35 @@
 
 Every file ktray writes goes to a temporary name beside its final name and is renamed when
 complete, so a killed run never leaves a half-written file that looks whole.
+
+Object stores get bounded timeouts (connect 10 s, read 60 s, 3 attempts; set through fsspec's
+config, so every reader uses them) and :func:`probe` turns the errors of a missing credential,
+bucket or endpoint into one line naming the URI and where credentials are looked for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray.errors import KtrayError
+
+S3_TIMEOUTS = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+}
+"""botocore settings of every s3:// filesystem (unless the fsspec config already has some)."""
+fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", dict(S3_TIMEOUTS))
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -118,8 +131,11 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     if not fs.exists(path):
         raise KtrayError(f"parquet not found: {uri}")
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet")
-                       and not os.path.basename(p).startswith("."))
+        files = sorted(
+            p
+            for p in fs.find(path)
+            if p.endswith(".parquet") and not os.path.basename(p).startswith(".")
+        )
         if not files:
             raise KtrayError(f"no parquet files under {uri}")
         return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
@@ -133,3 +149,129 @@ def download_dir(uri: str, local_dir: str) -> str:
     fs, path = fs_and_path(uri)
     fs.get(path.rstrip("/") + "/", local_dir, recursive=True)
     return local_dir
+
+
+def credentials_hint() -> str:
+    """Where S3 credentials and the endpoint come from, as seen in this process."""
+    env = "set" if os.environ.get("AWS_ACCESS_KEY_ID") else "not set"
+    files = [
+        f
+        for f in (
+            os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+        )
+        if os.path.isfile(os.path.expanduser(f))
+    ]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return (
+        f"credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({env}), "
+        f"AWS_PROFILE and ~/.aws/credentials, ~/.aws/config ("
+        f"{', '.join(files) if files else 'none found'}) or an instance role; the endpoint "
+        f"from AWS_ENDPOINT_URL ({endpoint or 'not set: AWS'})"
+    )
+
+
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+_UNREACHABLE = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ProxyConnectionError",
+    "ClientConnectorError",
+    "ServerTimeoutError",
+    "TimeoutError",
+)
+_DENIED = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "Forbidden",
+    "403",
+    "InvalidToken",
+    "ExpiredToken",
+)
+
+
+def storage_error(error: BaseException, uri: str, key: str = "") -> KtrayError | None:
+    """A one-line error for an object-store failure on ``uri``, or None for other errors.
+
+    Args:
+        error: What the filesystem raised.
+        uri: The location being accessed.
+        key: The config key that named it (``out``, ``data.root``), for the message.
+    """
+    names = {c.__name__ for c in type(error).__mro__}
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = f"{key}={uri}" if key else uri
+    if names & set(_NO_CREDENTIALS):
+        return KtrayError(f"{where}: no S3 credentials found; {credentials_hint()}")
+    if names & set(_UNREACHABLE):
+        return KtrayError(f"{where}: cannot reach the object store ({text}); {credentials_hint()}")
+    if isinstance(error, PermissionError) or any(d in text for d in _DENIED):
+        return KtrayError(f"{where}: access denied ({text}); {credentials_hint()}")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        bucket = fs_and_path(uri)[1].split("/")[0]
+        return KtrayError(f"{where}: bucket '{bucket}' does not exist; {credentials_hint()}")
+    if is_remote(uri) and names & {"BotoCoreError", "ClientError", "ClientResponseError"}:
+        return KtrayError(f"{where}: object store error: {type(error).__name__}: {text}")
+    return None
+
+
+def probe(uri: str, key: str = "", must_exist: bool = False) -> None:
+    """Check cheaply that ``uri`` can be reached: the bucket of a remote URI is listed (one
+    request, bounded timeouts); a local path is left to the stage that reads it.
+
+    Args:
+        uri: Local path or URI.
+        key: The config key that named it, for the message.
+        must_exist: Also require ``uri`` itself to exist.
+
+    Raises:
+        KtrayError: No credentials, no bucket, access denied, endpoint unreachable (one line,
+            naming the URI and how credentials are found), or a missing ``uri``.
+    """
+    if not uri or not is_remote(uri):
+        if must_exist and uri and not exists(uri):
+            raise KtrayError(f"{key or 'path'} not found: {uri}")
+        return
+    fs, path = fs_and_path(uri)
+    bucket = path.split("/")[0]
+    try:
+        if hasattr(fs, "_call_s3"):  # one HEAD request: the bucket exists and we may use it
+            from fsspec.asyn import sync
+
+            sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+        else:
+            fs.ls(bucket, refresh=True)
+        found = fs.exists(path) if must_exist else True
+    except FileNotFoundError:
+        raise KtrayError(f"{key}={uri}: bucket '{bucket}' does not exist; {credentials_hint()}")
+    except Exception as e:  # noqa: BLE001 - translated below, else re-raised
+        err = storage_error(e, uri, key)
+        if err is None:
+            raise
+        raise err from None
+    if not found:
+        raise KtrayError(f"{key or 'path'} not found: {uri}")
+
+
+def fingerprint(uri: str) -> str:
+    """A short hash of the file listing under ``uri`` (a file, folder or glob): relative
+    names, sizes and modification times, so that a file added, removed or replaced changes it.
+    Reads no file contents."""
+    fs, path = fs_and_path(uri)
+    if any(c in path for c in "*?["):
+        entries = {p: fs.info(p) for p in fs.glob(path)}
+    elif fs.isdir(path):
+        entries = fs.find(path, detail=True)
+    elif fs.exists(path):
+        entries = {path: fs.info(path)}
+    else:
+        entries = {}
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        info = entries[name]
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+        h.update(f"{name[len(path) :]}\t{info.get('size')}\t{stamp}\n".encode())
+    return h.hexdigest()[:16]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from servers import (ServerUnavailable, _clean_env, _http_get, _wait_until, free_port,
-                     stop_process)
+from servers import ServerUnavailable, _clean_env, _http_get, _wait_until, free_port, stop_process
 
 
 @dataclasses.dataclass
@@ -68,10 +66,18 @@ def start_mlflow_server(workdir: Path, timeout: float = 120.0) -> MlflowServer:
             )  # fmt: skip
         uri = f"http://127.0.0.1:{port}"
         try:
-            _wait_until(lambda: _http_get(uri + "/health")[0] == 200, timeout, proc, "mlflow server", log)
+            _wait_until(
+                lambda uri=uri: _http_get(uri + "/health")[0] == 200,
+                timeout,
+                proc,
+                "mlflow server",
+                log,
+            )
         except ServerUnavailable as e:
             last_error = e
             stop_process(proc, timeout=10.0)
             continue
-        return MlflowServer(uri=uri, workdir=workdir, start_seconds=time.monotonic() - t0, proc=proc)
+        return MlflowServer(
+            uri=uri, workdir=workdir, start_seconds=time.monotonic() - t0, proc=proc
+        )
     raise ServerUnavailable(f"mlflow server did not start: {last_error}")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from servers import ServerUnavailable, _wait_until, free_port
+from servers import ServerUnavailable, _wait_until, free_port, unavailable  # noqa: F401
 
 VENV_BIN = str(Path(sys.executable).parent)
 RAY = os.path.join(VENV_BIN, "ray")
@@ -33,21 +34,42 @@ class RayCluster:
     proc: subprocess.Popen
     start_seconds: float
 
+    @property
+    def token_path(self) -> str:
+        """This cluster's own Ray auth token (as `ray get-auth-token --generate` makes one),
+        in its temp dir: token authentication stays on, the user's ~/.ray token untouched."""
+        path = os.path.join(self.temp_dir, "auth_token")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path
+
     def env(self) -> dict[str, str]:
-        """Environment for `ray job ...` commands aimed at this cluster."""
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                   PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+        """Environment for `ray start` / `ray job ...` commands aimed at this cluster."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=self.token_path,
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        )
         return env
 
+    def get(self, path: str, timeout: float = 10):
+        """GET on the dashboard's HTTP API with this cluster's token."""
+        token = open(self.token_path).read().strip()
+        request = urllib.request.Request(
+            f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+
     def job(self, submission_id: str) -> dict:
-        with urllib.request.urlopen(f"{self.dashboard}/api/jobs/{submission_id}", timeout=10) as r:
-            return json.loads(r.read())
+        return json.loads(self.get(f"/api/jobs/{submission_id}")[1])
 
     def job_logs(self, submission_id: str) -> str:
-        url = f"{self.dashboard}/api/jobs/{submission_id}/logs"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return json.loads(r.read()).get("logs", "")
+        return json.loads(self.get(f"/api/jobs/{submission_id}/logs")[1]).get("logs", "")
 
     def wait_job(self, submission_id: str, timeout: float) -> dict:
         """Poll the job server until the job is SUCCEEDED / FAILED / STOPPED."""
@@ -115,22 +137,43 @@ def start_ray_cluster(num_cpus: int = 2, timeout: float = 90.0) -> RayCluster:
         return p
 
     gcs, dash = port(), port()
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
-           f"--ray-client-server-port={port()}", f"--metrics-export-port={port()}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    cluster = RayCluster(dashboard=f"http://127.0.0.1:{dash}", gcs_port=gcs, temp_dir=temp_dir,
-                         proc=None, start_seconds=0.0)  # type: ignore[arg-type]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={port()}",
+        f"--dashboard-agent-grpc-port={port()}",
+        f"--ray-client-server-port={port()}",
+        f"--metrics-export-port={port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    cluster = RayCluster(
+        dashboard=f"http://127.0.0.1:{dash}",
+        gcs_port=gcs,
+        temp_dir=temp_dir,
+        proc=None,
+        start_seconds=0.0,
+    )  # type: ignore[arg-type]
     with open(log, "wb") as out:
-        cluster.proc = subprocess.Popen(cmd, env=cluster.env(), stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+        cluster.proc = subprocess.Popen(
+            cmd,
+            env=cluster.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def ready() -> bool:
-        with urllib.request.urlopen(cluster.dashboard + "/api/version", timeout=2) as r:
-            return r.status == 200
+        return cluster.get("/api/version", timeout=2)[0] == 200
 
     try:
         _wait_until(ready, timeout, cluster.proc, "ray start", log)

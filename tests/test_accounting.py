@@ -22,27 +22,93 @@ def out(tmp_path):
     """A pipeline run plus a sweep whose trial links the shared logits (as `ktray sweep` does)."""
     root = str(tmp_path / "out")
     _manifest(root, "data", stage="data", config_hash="x")
-    _manifest(root, "teacher", stage="teacher", name="", test_accuracy=0.9, flops=4e12,
-              flops_per_image=1e9, device_seconds=100.0, train_seconds=50.0)
-    _manifest(root, "logits/in_domain", stage="logits", name="in_domain", images=1000,
-              flops=1e12, device_seconds=20.0, seconds=25.0)
-    _manifest(root, "distill/task@in_domain", stage="distill", name="task@in_domain",
-              flops=2e12, device_seconds=30.0, train_seconds=30.0, test_accuracy=0.6)
-    _manifest(root, "finetune/task@in_domain", stage="finetune", name="task@in_domain",
-              test_accuracy=0.8, flops=1e11, device_seconds=5.0, train_seconds=5.0)
-    _manifest(root, "finetune/scratch", stage="finetune", name="scratch", test_accuracy=0.5,
-              flops=1e11, device_seconds=5.0, train_seconds=5.0)
+    _manifest(
+        root,
+        "teacher",
+        stage="teacher",
+        name="",
+        test_accuracy=0.9,
+        flops=4e12,
+        flops_per_image=1e9,
+        device_seconds=100.0,
+        train_seconds=50.0,
+    )
+    _manifest(
+        root,
+        "logits/in_domain",
+        stage="logits",
+        name="in_domain",
+        images=1000,
+        flops=1e12,
+        device_seconds=20.0,
+        seconds=25.0,
+    )
+    _manifest(
+        root,
+        "distill/task@in_domain",
+        stage="distill",
+        name="task@in_domain",
+        flops=2e12,
+        device_seconds=30.0,
+        train_seconds=30.0,
+        test_accuracy=0.6,
+    )
+    _manifest(
+        root,
+        "finetune/task@in_domain",
+        stage="finetune",
+        name="task@in_domain",
+        test_accuracy=0.8,
+        flops=1e11,
+        device_seconds=5.0,
+        train_seconds=5.0,
+    )
+    _manifest(
+        root,
+        "finetune/scratch",
+        stage="finetune",
+        name="scratch",
+        test_accuracy=0.5,
+        flops=1e11,
+        device_seconds=5.0,
+        train_seconds=5.0,
+    )
     _manifest(root, "pipeline", stage="pipeline", seconds=300.0, flops=7.2e12)
-    _manifest(root, "sweep/shared/logits/in_domain", stage="logits", name="in_domain",
-              images=1000, flops=1e12, device_seconds=20.0, seconds=25.0)
+    _manifest(
+        root,
+        "sweep/shared/logits/in_domain",
+        stage="logits",
+        name="in_domain",
+        images=1000,
+        flops=1e12,
+        device_seconds=20.0,
+        seconds=25.0,
+    )
     trial = os.path.join(root, "sweep", "trial_abc")
     os.makedirs(os.path.join(trial, "logits"))
-    os.symlink(os.path.join(root, "sweep/shared/logits/in_domain"),
-               os.path.join(trial, "logits", "in_domain"))
-    _manifest(trial, "distill/task@in_domain", stage="distill", name="task@in_domain",
-              flops=3e12, device_seconds=40.0, train_seconds=40.0)
-    _manifest(trial, "finetune/task@in_domain", stage="finetune", name="task@in_domain",
-              test_accuracy=0.85, flops=1e11, device_seconds=5.0, train_seconds=5.0)
+    os.symlink(
+        os.path.join(root, "sweep/shared/logits/in_domain"),
+        os.path.join(trial, "logits", "in_domain"),
+    )
+    _manifest(
+        trial,
+        "distill/task@in_domain",
+        stage="distill",
+        name="task@in_domain",
+        flops=3e12,
+        device_seconds=40.0,
+        train_seconds=40.0,
+    )
+    _manifest(
+        trial,
+        "finetune/task@in_domain",
+        stage="finetune",
+        name="task@in_domain",
+        test_accuracy=0.85,
+        flops=1e11,
+        device_seconds=5.0,
+        train_seconds=5.0,
+    )
     with open(os.path.join(trial, "trial.json"), "w") as f:
         json.dump({"params": {"distill.temperature": 4.0}}, f)
     _manifest(root, "ray/some-train-run", stage="bogus")  # Ray storage: skipped
@@ -75,8 +141,15 @@ def test_report_command_writes_table_and_plot(out, capsys):
     report = os.path.join(out, "report")
     table = pq.read_table(os.path.join(report, "compute.parquet"))
     assert table.num_rows == 11
-    assert set(table.column_names) >= {"run", "stage", "test_accuracy", "pretrain_flops",
-                                       "flops", "device_seconds", "shared"}
+    assert set(table.column_names) >= {
+        "run",
+        "stage",
+        "test_accuracy",
+        "pretrain_flops",
+        "flops",
+        "device_seconds",
+        "shared",
+    }
     md = open(os.path.join(report, "compute.md")).read()
     assert "| sweep/trial_abc | finetune | task@in_domain | distill.temperature=4 |" in md
     assert open(os.path.join(report, "accuracy_vs_compute.png"), "rb").read(4) == b"\x89PNG"

@@ -29,7 +29,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config  # noqa
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
-KUBERAY = {"raycluster": CLUSTER / "kuberay" / "raycluster.yaml", "rayjob": CLUSTER / "kuberay" / "rayjob.yaml"}
+KUBERAY = {
+    "raycluster": CLUSTER / "kuberay" / "raycluster.yaml",
+    "rayjob": CLUSTER / "kuberay" / "rayjob.yaml",
+}
 IMAGE_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-(?P<py>py\d+)-gpu$")
 
 
@@ -62,9 +65,20 @@ def test_launcher_validates_like_ray_up(launcher):
     assert raw["provider"]["type"] == provider
     validate_config(prepared)  # raises jsonschema.ValidationError / ValueError
     # no field was left for the provider's defaults.yaml to fill silently
-    for key in ("head_setup_commands", "worker_setup_commands", "setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands", "file_mounts", "available_node_types", "head_node_type", "docker"):
-        assert key in raw, f"{provider}: {key} must be set explicitly (else defaults.yaml supplies it)"
+    for key in (
+        "head_setup_commands",
+        "worker_setup_commands",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "file_mounts",
+        "available_node_types",
+        "head_node_type",
+        "docker",
+    ):
+        assert key in raw, (
+            f"{provider}: {key} must be set explicitly (else defaults.yaml supplies it)"
+        )
 
 
 def test_launcher_validator_rejects_typos(launcher):
@@ -105,7 +119,9 @@ def test_launcher_node_types(launcher):
             nc = w["node_config"]
             accels = nc.get("guestAccelerators", [])
             assert nc["machineType"].startswith("g2-") or any(
-                a["acceleratorType"] in {"nvidia-tesla-t4", "nvidia-l4"} and a["acceleratorCount"] >= 1 for a in accels
+                a["acceleratorType"] in {"nvidia-tesla-t4", "nvidia-l4"}
+                and a["acceleratorCount"] >= 1
+                for a in accels
             ), nc
             assert nc.get("scheduling", {}).get("onHostMaintenance") == "TERMINATE"
 
@@ -114,12 +130,17 @@ def test_launcher_installs_the_working_tree(launcher):
     provider, raw, prepared = launcher
     assert raw["file_mounts"] == {"~/ktray": "."}
     for key in ("head_setup_commands", "worker_setup_commands"):  # after merge_setup_commands
-        assert any(shlex.split(c)[:3] == ["pip", "install", "-e"] and c.rstrip().endswith("~/ktray")
-                   for c in prepared[key]), (provider, key, prepared[key])
+        assert any(
+            shlex.split(c)[:3] == ["pip", "install", "-e"] and c.rstrip().endswith("~/ktray")
+            for c in prepared[key]
+        ), (provider, key, prepared[key])
     excluded = " ".join(raw.get("rsync_exclude", []))
     assert ".venv" in excluded and ".git" in excluded, "the 6 GB venv and .git must not be rsynced"
     assert any("ray start --head" in c for c in raw["head_start_ray_commands"])
-    assert any("--autoscaling-config=~/ray_bootstrap_config.yaml" in c for c in raw["head_start_ray_commands"])
+    assert any(
+        "--autoscaling-config=~/ray_bootstrap_config.yaml" in c
+        for c in raw["head_start_ray_commands"]
+    )
     assert any("$RAY_HEAD_IP:6379" in c for c in raw["worker_start_ray_commands"])
 
 
@@ -149,7 +170,9 @@ def test_kuberay_kind_and_operator_comment(name, kind):
     assert doc["apiVersion"] == "ray.io/v1"
     assert doc["kind"] == kind
     assert doc["metadata"]["name"]
-    assert re.search(r"^# KubeRay operator: v?\d+\.\d+(\.\d+|\.x)\b", text, re.M), "operator version comment"
+    assert re.search(r"^# KubeRay operator: v?\d+\.\d+(\.\d+|\.x)\b", text, re.M), (
+        "operator version comment"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(KUBERAY))
@@ -173,7 +196,9 @@ def test_kuberay_cluster_spec(name):
         for c in _containers(g["template"]):
             limits = c.get("resources", {}).get("limits", {})
             if int(limits.get("nvidia.com/gpu", 0)) >= 1:
-                assert int(c["resources"]["requests"]["nvidia.com/gpu"]) == int(limits["nvidia.com/gpu"])
+                assert int(c["resources"]["requests"]["nvidia.com/gpu"]) == int(
+                    limits["nvidia.com/gpu"]
+                )
                 gpu_groups.append(g["groupName"])
     assert gpu_groups, "no worker group asks for nvidia.com/gpu"
 
@@ -181,15 +206,25 @@ def test_kuberay_cluster_spec(name):
 @pytest.mark.parametrize("name", sorted(KUBERAY))
 def test_kuberay_autoscaler_reads_the_cluster(name):
     """What the KubeRay autoscaler sidecar derives from the CR: validated, GPU workers seen."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
 
     doc, spec = _cluster_spec(name)
-    cr = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-          "metadata": {"name": doc["metadata"]["name"], "namespace": "default"}, "spec": copy.deepcopy(spec)}
+    cr = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": doc["metadata"]["name"], "namespace": "default"},
+        "spec": copy.deepcopy(spec),
+    }
     config = _derive_autoscaling_config_from_ray_cr(cr)  # ends with validate_config
     types = config["available_node_types"]
     assert types["headgroup"]["resources"].get("GPU", 0) == 0
-    assert any(t["resources"].get("GPU", 0) >= 1 and t["max_workers"] >= 1 for k, t in types.items() if k != "headgroup")
+    assert any(
+        t["resources"].get("GPU", 0) >= 1 and t["max_workers"] >= 1
+        for k, t in types.items()
+        if k != "headgroup"
+    )
 
 
 def test_rayjob_entrypoint_and_runtime_env():
@@ -249,8 +284,14 @@ def test_launcher_commands_are_shell_and_ray_start_options_exist(launcher):
     provider, raw, _ = launcher
     known = _ray_start_options()
     seen = []
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         for cmd in raw.get(key, []):
             r = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
             assert r.returncode == 0, (provider, key, cmd, r.stderr)
@@ -267,4 +308,6 @@ def test_kuberay_ray_start_params_exist(name):
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for g in groups:
         for key in g.get("rayStartParams", {}):
-            assert f"--{key}" in known, f"{name}: rayStartParams {key!r} is not a `ray start` option"
+            assert f"--{key}" in known, (
+                f"{name}: rayStartParams {key!r} is not a `ray start` option"
+            )

@@ -17,8 +17,15 @@ def test_every_shipped_config_loads(path):
 
 
 def test_packaged_name_resolves_and_overrides_apply():
-    cfg = load_config("demo", ["teacher.img_size=128", "distill.temperature=4",
-                               "methods=[scratch,task@generic]", "out=s3://b/run"])
+    cfg = load_config(
+        "demo",
+        [
+            "teacher.img_size=128",
+            "distill.temperature=4",
+            "methods=[scratch,task@generic]",
+            "out=s3://b/run",
+        ],
+    )
     assert cfg.teacher.img_size == 128 and isinstance(cfg.teacher.img_size, int)
     assert cfg.distill.temperature == 4.0 and isinstance(cfg.distill.temperature, float)
     assert cfg.methods == ["scratch", "task@generic"]

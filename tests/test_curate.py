@@ -15,16 +15,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imagegen import draw
 from PIL import Image
 
-from imagegen import draw
 from ktray import cli, storage
 from ktray.config import load_config
-from ktray.stages import curate as curate_stage
 from ktray.pipeline.tasks import read_transfer
+from ktray.stages import curate as curate_stage
 
-BASE = ["curate.img_size=32", "curate.grid=1", "curate.scales=[0.6]",
-        "curate.dedup_threshold=0.997", "curate.batch_size=32", "tracking.mlflow=false"]
+BASE = [
+    "curate.img_size=32",
+    "curate.grid=1",
+    "curate.scales=[0.6]",
+    "curate.dedup_threshold=0.997",
+    "curate.batch_size=32",
+    "tracking.mlflow=false",
+]
 PLANTED = "dup/test_copy.png"
 
 
@@ -75,11 +81,17 @@ def _check_balanced(transfer: pa.Table, queries: int, per_query: int) -> None:
 
 
 def test_curate_skips_corrupt_excludes_duplicates_deterministic_and_resumes(
-        tiny_task, tmp_path, ray_local):
+    tiny_task, tmp_path, ray_local
+):
     gallery = make_gallery(str(tmp_path / "gallery"), tiny_task)
     out = str(tmp_path / "out")
-    cfg = _cfg(tiny_task, out, f"curate.gallery={gallery}", "curate.images_per_query=2",
-               "curate.shard_rows=16")
+    cfg = _cfg(
+        tiny_task,
+        out,
+        f"curate.gallery={gallery}",
+        "curate.images_per_query=2",
+        "curate.shard_rows=16",
+    )
     m = curate_stage.run(cfg)
     assert m["images"] == {"queries": 24, "protected": 12, "gallery": 68}
     assert m["skipped_by_set"] == {"queries": 0, "protected": 0, "gallery": 3}
@@ -102,16 +114,29 @@ def test_curate_skips_corrupt_excludes_duplicates_deterministic_and_resumes(
         assert os.path.exists(os.path.join(out, "curate", name)), name
     assert open(os.path.join(out, "curate", "report.png"), "rb").read(4) == b"\x89PNG"
     emb = pq.read_table(os.path.join(out, "curate", "embeddings", "gallery", "part-00000.parquet"))
-    assert emb.schema.names == ["gallery_index", "image_id", "crop_id", "x0", "y0", "x1", "y1",
-                                "embedding"]
+    assert emb.schema.names == [
+        "gallery_index",
+        "image_id",
+        "crop_id",
+        "x0",
+        "y0",
+        "x1",
+        "y1",
+        "embedding",
+    ]
     assert emb.schema.field("embedding").type.list_size == 64
 
     # a rerun with the same config reuses the finished run
     assert curate_stage.run(cfg)["finished_at"] == m["finished_at"]
 
     # determinism: a second run elsewhere selects the same images for the same queries
-    cfg2 = _cfg(tiny_task, str(tmp_path / "out2"), f"curate.gallery={gallery}",
-                "curate.images_per_query=2", "curate.shard_rows=16")
+    cfg2 = _cfg(
+        tiny_task,
+        str(tmp_path / "out2"),
+        f"curate.gallery={gallery}",
+        "curate.images_per_query=2",
+        "curate.shard_rows=16",
+    )
     curate_stage.run(cfg2)
     assert read_transfer(cfg2, "curated").equals(transfer)
 
@@ -129,8 +154,15 @@ def test_curate_skips_corrupt_excludes_duplicates_deterministic_and_resumes(
     assert read_transfer(cfg, "curated").equals(transfer)
 
     # a smaller quota reuses the embeddings (nothing recomputed) and stays balanced
-    m4 = curate_stage.run(_cfg(tiny_task, out, f"curate.gallery={gallery}",
-                               "curate.images_per_query=1", "curate.shard_rows=16"))
+    m4 = curate_stage.run(
+        _cfg(
+            tiny_task,
+            out,
+            f"curate.gallery={gallery}",
+            "curate.images_per_query=1",
+            "curate.shard_rows=16",
+        )
+    )
     assert m4["computed_shards"] == 0 and m4["rows"] == 24
 
 
@@ -160,8 +192,20 @@ def test_curate_gallery_parquet_and_webdataset(kind, tiny_task, tmp_path, ray_lo
     else:
         uri = _tar_gallery(str(tmp_path / "g" / "shard-000.tar"), images)
     out = str(tmp_path / "out")
-    assert cli.main(["curate", "tiny", f"data.root={tiny_task}", f"out={out}", *BASE,
-                     f"curate.gallery={uri}", "curate.images_per_query=1"]) == 0
+    assert (
+        cli.main(
+            [
+                "curate",
+                "tiny",
+                f"data.root={tiny_task}",
+                f"out={out}",
+                *BASE,
+                f"curate.gallery={uri}",
+                "curate.images_per_query=1",
+            ]
+        )
+        == 0
+    )
     m = json.load(open(os.path.join(out, "curate", "manifest.json")))
     assert m["images"]["gallery"] == 41 and m["skipped_by_set"]["gallery"] == 1
     transfer = pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))
@@ -174,8 +218,20 @@ def test_curate_gallery_parquet_and_webdataset(kind, tiny_task, tmp_path, ray_lo
 def test_curated_set_feeds_the_pipeline(tiny_task, tmp_path, ray_local):
     """The demo gallery (in-domain unlabeled + generic pool) through `ktray run`."""
     out = str(tmp_path / "out")
-    assert cli.main(["run", "tiny", f"data.root={tiny_task}", f"out={out}", *BASE,
-                     "methods=[task@curated]", "curate.images_per_query=1"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "tiny",
+                f"data.root={tiny_task}",
+                f"out={out}",
+                *BASE,
+                "methods=[task@curated]",
+                "curate.images_per_query=1",
+            ]
+        )
+        == 0
+    )
     results = json.load(open(os.path.join(out, "results.json")))
     assert 0.0 <= results["methods"]["task@curated"]["test_accuracy"] <= 1.0
     m = json.load(open(os.path.join(out, "curate", "manifest.json")))
@@ -184,28 +240,47 @@ def test_curated_set_feeds_the_pipeline(tiny_task, tmp_path, ray_local):
     lm = json.load(open(os.path.join(out, "logits", "curated", "manifest.json")))
     assert lm["images"] == 24 and lm["rows"] == 48  # tiny: 2 views per image
     # another curate setting: a new transfer set, and new teacher logits for exactly it
-    args = ["tiny", f"data.root={tiny_task}", f"out={out}", *BASE, "curate.images_per_query=1",
-            "curate.grid=0"]
+    args = [
+        "tiny",
+        f"data.root={tiny_task}",
+        f"out={out}",
+        *BASE,
+        "curate.images_per_query=1",
+        "curate.grid=0",
+    ]
     assert cli.main(["curate", *args]) == 0
     assert cli.main(["logits", *args, "--transfer", "curated"]) == 0
     lm2 = json.load(open(os.path.join(out, "logits", "curated", "manifest.json")))
     assert lm2["config_hash"] != lm["config_hash"] and lm2["computed_shards"] == lm2["shards"]
-    curated = set(pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))
-                  ["image_id"].to_pylist())
-    assert set(storage.read_parquet(os.path.join(out, "logits", "curated"))
-               ["image_id"].to_pylist()) == curated
+    curated = set(
+        pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))["image_id"].to_pylist()
+    )
+    assert (
+        set(storage.read_parquet(os.path.join(out, "logits", "curated"))["image_id"].to_pylist())
+        == curated
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["curate.images_per_query=0"], "curate.images_per_query must be at least 1"),
-    (["curate.dedup_threshold=1.5"], "curate.dedup_threshold must be in (0, 1]"),
-    (["curate.scales=[1.5]"], "crop scale 1.5 is outside (0, 1]"),
-    (["curate.gallery=/no/such/gallery"], "gallery not found or of unknown kind"),
-    (["curate.encoder=vit_nonexistent_xl"], "unknown curate.encoder model 'vit_nonexistent_xl'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["curate.images_per_query=0"], "curate.images_per_query must be >= 1, got 0"),
+        (["curate.dedup_threshold=1.5"], "curate.dedup_threshold must be <= 1, got 1.5"),
+        (["curate.scales=[1.5]"], "curate.scales must be numbers in (0, 1], got [1.5]"),
+        (
+            ["curate.gallery=/no/such/gallery"],
+            "curate.gallery: gallery files not found: /no/such/gallery",
+        ),
+        (
+            ["curate.encoder=vit_nonexistent_xl"],
+            "curate.encoder: unknown model 'vit_nonexistent_xl'",
+        ),
+    ],
+)
 def test_curate_bad_input_is_one_line(overrides, message, tiny_task, tmp_path, capsys):
-    code = cli.main(["curate", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/o", *BASE,
-                     *overrides])
+    code = cli.main(
+        ["curate", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/o", *BASE, *overrides]
+    )
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("ktray: error: ") and message in last
@@ -220,13 +295,23 @@ def test_curate_on_s3(s3_server, ray_s3, tiny_task, tmp_path):
         local = _tar_gallery(str(tmp_path / "g" / f"shard-{i:03d}.tar"), images[i::2])
         fs.put(local, f"{s3_server.bucket}/gallery/shard-{i:03d}.tar")
     out = s3_server.url("curate-out")
-    cfg = _cfg(tiny_task, out, f"curate.gallery={s3_server.url('gallery')}",
-               "curate.images_per_query=1", "curate.shard_rows=16")
+    cfg = _cfg(
+        tiny_task,
+        out,
+        f"curate.gallery={s3_server.url('gallery')}",
+        "curate.images_per_query=1",
+        "curate.shard_rows=16",
+    )
     m = curate_stage.run(cfg)
     assert m["images"]["gallery"] == 42 and m["skipped_by_set"]["gallery"] == 2
     fs.invalidate_cache()
-    for name in ("transfer_set.parquet", "index.faiss", "report.png", "manifest.json",
-                 "embeddings/gallery/part-00002.parquet"):
+    for name in (
+        "transfer_set.parquet",
+        "index.faiss",
+        "report.png",
+        "manifest.json",
+        "embeddings/gallery/part-00002.parquet",
+    ):
         assert fs.exists(f"{s3_server.bucket}/curate-out/curate/{name}"), name
     transfer = read_transfer(cfg, "curated")
     _check_balanced(transfer, 24, 1)

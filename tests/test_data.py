@@ -18,11 +18,27 @@ import pytest
 import torch
 from PIL import Image
 
-from ktray.data import (ViewImages, LabeledImages, ViewParams, apply_view, build_generic_pool,
-                        class_counts, collate_skip_none, eval_transform, load_image_strict,
-                        load_images, read_gallery, read_idx, read_imagefolder,
-                        read_parquet_images, read_unlabeled_folder, read_webdataset,
-                        sample_view, split_validation, subsample_per_class)
+from ktray.data import (
+    LabeledImages,
+    ViewImages,
+    ViewParams,
+    apply_view,
+    build_generic_pool,
+    class_counts,
+    collate_skip_none,
+    eval_transform,
+    load_image_strict,
+    load_images,
+    read_gallery,
+    read_idx,
+    read_imagefolder,
+    read_parquet_images,
+    read_unlabeled_folder,
+    read_webdataset,
+    sample_view,
+    split_validation,
+    subsample_per_class,
+)
 from ktray.errors import CorruptImageError, KtrayError
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -57,8 +73,9 @@ def folder(tmp_path):
             for i in range(n):
                 mode = "L" if i == 0 else "RGB"
                 ext = ("png", "JPG")[i % 2]
-                _image(10 * c + i, mode).save(d / f"{i}.{ext}", format="PNG" if ext == "png"
-                                              else "JPEG")
+                _image(10 * c + i, mode).save(
+                    d / f"{i}.{ext}", format="PNG" if ext == "png" else "JPEG"
+                )
             (d / "notes.txt").write_text("not an image")
     return root
 
@@ -122,8 +139,11 @@ def test_imagefolder_errors(folder, tmp_path):
 
 def test_unlabeled_folder_and_corrupt_images(bad_files):
     table = read_unlabeled_folder(str(bad_files))
-    assert table.column("image_id").to_pylist() == ["good.png", "sub/corrupt.jpg",
-                                                   "sub/truncated.jpg"]
+    assert table.column("image_id").to_pylist() == [
+        "good.png",
+        "sub/corrupt.jpg",
+        "sub/truncated.jpg",
+    ]
     assert set(table.column("label").to_pylist()) == {-1}
     sources = table.column("source").to_pylist() + [str(bad_files / "missing.png")]
     good, corrupt, truncated, missing = load_images(sources)
@@ -137,12 +157,18 @@ def test_parquet_img2dataset_and_hf_layouts(tmp_path):
     d = tmp_path / "pq"
     d.mkdir()
     imgs = [_image(i) for i in range(4)]
-    pq.write_table(pa.table({
-        "key": ["000", "001", "002", "003"],
-        "jpg": [_encode(imgs[0], "JPEG"), None, b"garbage", _encode(imgs[3], "PNG")],
-        "status": ["success", "failed_to_download", "success", "success"],
-        "cls": [1, 2, None, 0],
-    }), d / "shard0.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["000", "001", "002", "003"],
+                "jpg": [_encode(imgs[0], "JPEG"), None, b"garbage", _encode(imgs[3], "PNG")],
+                "status": ["success", "failed_to_download", "success", "success"],
+                "cls": [1, 2, None, 0],
+            }
+        ),
+        d / "shard0.parquet",
+        row_group_size=2,
+    )
     table = read_parquet_images(str(d / "shard0.parquet"), label_column="cls")
     assert table.column("image_id").to_pylist() == ["000", "002", "003"]
     assert table.column("label").to_pylist() == [1, -1, 0]
@@ -164,6 +190,66 @@ def test_parquet_img2dataset_and_hf_layouts(tmp_path):
         read_parquet_images(str(d))
 
 
+def _parquet_task(root, train_labels, test_labels) -> str:
+    os.makedirs(root, exist_ok=True)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        pq.write_table(
+            pa.table(
+                {"jpg": [_encode(_image(i), "PNG") for i in range(len(labels))], "label": labels}
+            ),
+            os.path.join(root, f"{split}-0.parquet"),
+        )
+    return str(root)
+
+
+def test_parquet_labels_names_and_numbering(tmp_path):
+    from ktray.config import load_config
+    from ktray.pipeline.tasks import prepare_task
+
+    def prepare(root, *overrides):
+        return prepare_task(
+            load_config(
+                "tiny",
+                [
+                    "data.kind=parquet",
+                    f"data.root={root}",
+                    f"out={tmp_path}/out-{os.path.basename(root)}",
+                    "data.generic_images=0",
+                    *overrides,
+                ],
+            )
+        )
+
+    names = prepare(_parquet_task(tmp_path / "s", ["dog", "cat", "dog", "emu"], ["cat", "emu"]))
+    assert names["class_names"] == ["cat", "dog", "emu"] and names["num_classes"] == 3
+    test = pq.read_table(names["outputs"]["test"])
+    assert test.column("label").to_pylist() == [0, 2]
+    with pytest.raises(
+        KtrayError,
+        match=r"label 'yak' in column 'label' of .*test-0.parquet: "
+        "not one of the 3 class names",
+    ):
+        prepare(_parquet_task(tmp_path / "y", ["dog", "cat", "emu"], ["yak"]))
+    with pytest.raises(
+        KtrayError,
+        match=r"1 of 4 classes have no training image .*"
+        r"\(first: 0 = '0'\); labels must number the classes "
+        "from 0",
+    ):
+        prepare(_parquet_task(tmp_path / "one", [1, 2, 3, 1], [1, 2]))
+    given = prepare(_parquet_task(tmp_path / "g", [0, 1, 2, 0], [2]), "data.class_names=[a,b,c]")
+    assert given["class_names"] == ["a", "b", "c"]
+    with pytest.raises(KtrayError, match=r"label 3 in column 'label' of .* must be 0..2"):
+        prepare(_parquet_task(tmp_path / "o", [0, 1, 3], [0]), "data.class_names=[a,b,c]")
+    root = _parquet_task(tmp_path / "f", ["x", "y", "x"], ["y"])
+    open(os.path.join(root, "classes.txt"), "w").write("y\nx\n")
+    assert prepare(root)["class_names"] == ["y", "x"]
+    with pytest.raises(KtrayError, match="give data.class_names"):
+        read_parquet_images(os.path.join(root, "train-0.parquet"), label_column="label")
+    with pytest.raises(KtrayError, match="label 2.5 in column 'label' .* is neither an integer"):
+        prepare(_parquet_task(tmp_path / "fl", [0.0, 1.0, 2.5], [1.0]))
+
+
 def _write_tar(path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
@@ -174,11 +260,17 @@ def _write_tar(path, members: dict[str, bytes]) -> None:
 
 def test_webdataset_reader_and_members(tmp_path):
     a, b = _image(1), _image(2, "L")
-    _write_tar(tmp_path / "shard-000.tar", {
-        "s/000.jpg": _encode(a, "JPEG"), "s/000.cls": b"3",
-        "s/001.png": _encode(b, "PNG"), "s/001.cls": b"1\n",
-        "s/002.txt": b"caption only", "s/002.cls": b"0",
-    })
+    _write_tar(
+        tmp_path / "shard-000.tar",
+        {
+            "s/000.jpg": _encode(a, "JPEG"),
+            "s/000.cls": b"3",
+            "s/001.png": _encode(b, "PNG"),
+            "s/001.cls": b"1\n",
+            "s/002.txt": b"caption only",
+            "s/002.cls": b"0",
+        },
+    )
     _write_tar(tmp_path / "shard-001.tar", {"s/003.webp": _encode(a, "WEBP"), "s/003.cls": b"0"})
     table = read_webdataset(str(tmp_path / "shard-{000..001}.tar"), label_ext="cls")
     assert table.column("image_id").to_pylist() == ["s/000", "s/001", "s/003"]
@@ -230,9 +322,13 @@ def test_memory_filesystem_uris():
 # --------------------------------------------------------------------------------------------
 def _table(n_per_class: int, classes: int = 3) -> pa.Table:
     n = n_per_class * classes
-    return pa.table({"image_id": [f"img{i}" for i in range(n)],
-                     "source": [f"/x/{i}.png" for i in range(n)],
-                     "label": pa.array([i % classes for i in range(n)], pa.int64())})
+    return pa.table(
+        {
+            "image_id": [f"img{i}" for i in range(n)],
+            "source": [f"/x/{i}.png" for i in range(n)],
+            "label": pa.array([i % classes for i in range(n)], pa.int64()),
+        }
+    )
 
 
 def test_subsample_and_validation_split():
@@ -315,8 +411,9 @@ def test_view_images_apply_stored_view_and_skip_unreadable(bad_files):
     for k in ("y0", "x1", "y1"):
         rows = rows.append_column(k, pa.array([getattr(p, k)] * 3, pa.float32()))
     rows = rows.append_column("flip", pa.array([p.flip] * 3))
-    rows = rows.append_column("logits", pa.array([[0.1, 0.2], [1.0, 2.0], [3.0, 4.0]],
-                                                 pa.list_(pa.float32())))
+    rows = rows.append_column(
+        "logits", pa.array([[0.1, 0.2], [1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))
+    )
     ds = ViewImages(rows, 16, MEAN, STD, targets=("logits",))
     item = ds[0]
     expected = apply_view(load_image_strict(str(bad_files / "good.png")), p, 16, MEAN, STD)
@@ -336,8 +433,10 @@ def test_generic_pool_is_deterministic(tmp_path):
     b = build_generic_pool(str(tmp_path / "b"), 6, size=24, seed=3)
     c = build_generic_pool(str(tmp_path / "c"), 6, size=24, seed=4)
     assert a.num_rows == 6 and a.column("image_id").to_pylist() == b.column("image_id").to_pylist()
-    png = [pq.read_table(s.column("source")[0].as_py().split("#")[0])["png"].to_pylist()
-           for s in (a, b, c)]
+    png = [
+        pq.read_table(s.column("source")[0].as_py().split("#")[0])["png"].to_pylist()
+        for s in (a, b, c)
+    ]
     assert png[0] == png[1] and png[0] != png[2]
     assert not [f for f in os.listdir(tmp_path / "a") if f != "pool.parquet"]  # no temporaries
     imgs = load_images(a.column("source").to_pylist())

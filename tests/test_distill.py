@@ -82,7 +82,10 @@ def test_online_and_precomputed_teacher_give_same_loss(teacher, loss):
 
 def test_features_online_and_precomputed_match(teacher):
     dm = DistillModule(
-        make_student(), teacher, objective="features", loss="contrastive",
+        make_student(),
+        teacher,
+        objective="features",
+        loss="contrastive",
         projector=FeatureProjector(96, TEACHER_DIM),
     )
     xs, xt = make_batch()
@@ -149,26 +152,50 @@ def test_features_objective_with_projector_goes_down(teacher):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_ddp_ignores_teacher_and_unused_head(teacher, tmp_path):
+def test_ddp_wraps_only_the_student_and_projector(teacher, tmp_path):
+    """DDP without find_unused_parameters over the trained part only: the teacher stays
+    outside, and the features objective's unused classifier is frozen (DDP would otherwise
+    wait forever for its gradient, or raise at the second step)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    student = make_student()
     dm = DistillModule(
-        make_student(), teacher, objective="features", projector=FeatureProjector(96, TEACHER_DIM)
+        student, teacher, objective="features", projector=FeatureProjector(96, TEACHER_DIM)
     )
-    ignored = set(dm._ddp_params_and_buffers_to_ignore)
-    assert {"teacher.head.weight", "teacher.backbone.1.running_mean", "student.fc.weight"} <= ignored
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        ddp = DDP(dm)  # no find_unused_parameters: the unused classifier is ignored
+        dm.wrap_net(DDP)
+        assert isinstance(dm.net, DDP) and not isinstance(dm.teacher, DDP)
+        ddp_params = {id(p) for p in dm.net.parameters() if p.requires_grad}
+        assert not ddp_params & {id(p) for p in teacher.parameters()}
+        assert not ddp_params & {id(p) for p in student.get_classifier().parameters()}
+        assert dm.student is student  # the unwrapped student stays reachable
         opt = torch.optim.SGD(dm.trainable_parameters(), lr=0.1)
         xs, xt = make_batch()
-        for _ in range(2):
+        before = teacher.head.weight.clone()
+        for _ in range(3):
             opt.zero_grad()
-            ddp(xs, x_teacher=xt)["loss"].backward()
+            dm(xs, x_teacher=xt)["loss"].backward()
             opt.step()
+        assert torch.equal(teacher.head.weight, before)
     finally:
         dist.destroy_process_group()
+
+
+def test_online_teacher_in_bf16_gives_bf16_close_targets(teacher):
+    """teacher_bf16(): the online teacher's weights in bf16, targets close to fp32's and
+    usable by the loss's backward (cloned out of inference mode)."""
+    dm = DistillModule(make_student(), teacher, objective="task", temperature=2.0)
+    xs, xt = make_batch()
+    with torch.no_grad():
+        ref, _ = teacher.forward_all(xt)
+    dm.teacher_bf16()
+    assert teacher.head.weight.dtype == torch.bfloat16
+    target = dm._teacher_target(xt, None, None)
+    assert target.dtype == torch.float32 and not target.is_inference()
+    assert torch.allclose(target, ref, atol=0.25, rtol=0.05)
+    dm(xs, x_teacher=xt)["loss"].backward()
 
 
 def test_errors(teacher):

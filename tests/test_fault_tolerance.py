@@ -10,6 +10,7 @@
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import threading
 import time
 import uuid
 
+from raycluster import session_pids
+
 from ktray import storage
 from ktray.config import load_config
 from ktray.stages import finetune as finetune_stage
 from ktray.stages import logits as logits_stage
-from raycluster import session_pids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,15 +58,22 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path, s3_server,
-                                                           ray_s3):
+def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path, s3_server, ray_s3):
     """ray.num_workers=1, Ray Train storage on S3 (what a multi-node cluster needs)."""
     out = str(tmp_path / "out")
     steps = 200
     prefix = f"ray-ft-{uuid.uuid4().hex[:6]}"
-    cfg = load_config("tiny", [f"data.root={tiny_task}", f"out={out}", "ray.num_workers=1",
-                               "ray.max_failures=2", f"finetune.scratch_steps={steps}",
-                               f"ray.storage_path={s3_server.url(prefix)}"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.root={tiny_task}",
+            f"out={out}",
+            "ray.num_workers=1",
+            "ray.max_failures=2",
+            f"finetune.scratch_steps={steps}",
+            f"ray.storage_path={s3_server.url(prefix)}",
+        ],
+    )
     snapshot = f"{s3_server.bucket}/{prefix}/finetune-scratch/checkpoint_manager_snapshot.json"
     fs = s3_server.make_fs()
     killed: dict = {}
@@ -82,8 +91,7 @@ def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path,
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             if registered_checkpoint():
-                workers = [p for p in descendants(os.getpid())
-                           if "RayTrainWorker" in cmdline(p)]
+                workers = [p for p in descendants(os.getpid()) if "RayTrainWorker" in cmdline(p)]
                 if workers:
                     for pid in workers:
                         os.kill(pid, signal.SIGKILL)
@@ -109,10 +117,12 @@ def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path,
 
 
 def _logits_child(cfg_args: list[str], shard_rows: int) -> str:
-    return ("from ktray.config import load_config\n"
-            "from ktray.stages import logits\n"
-            f"cfg = load_config('tiny', {cfg_args!r})\n"
-            f"logits.run(cfg, 'in_domain', shard_rows={shard_rows})\n")
+    return (
+        "from ktray.config import load_config\n"
+        "from ktray.stages import logits\n"
+        f"cfg = load_config('tiny', {cfg_args!r})\n"
+        f"logits.run(cfg, 'in_domain', shard_rows={shard_rows})\n"
+    )
 
 
 def test_sigkilled_logits_run_resumes_without_duplicates(tiny_task, tmp_path, ray_local):
@@ -123,12 +133,20 @@ def test_sigkilled_logits_run_resumes_without_duplicates(tiny_task, tmp_path, ra
     args = [f"data.root={tiny_task}", f"out={out}", "logits.views=1"]
     cfg = load_config("tiny", args)
     d = logits_stage.logits_dir(cfg, "in_domain")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=REPO)
+    token = tmp_path / "auth_token"  # the child's Ray keeps token authentication on
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONPATH=REPO)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _logits_child(args, 4)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _logits_child(args, 4)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     parts_at_kill = None
     try:
         deadline = time.monotonic() + 180
@@ -152,8 +170,10 @@ def test_sigkilled_logits_run_resumes_without_duplicates(tiny_task, tmp_path, ra
     assert not os.path.exists(os.path.join(d, "manifest.json"))
     n_rows, shards = 48, 12
     m = logits_stage.run(cfg, "in_domain", shard_rows=4)
-    print(f"\nfault tolerance (logits): {time.perf_counter() - start:.1f}s, "
-          f"{parts_at_kill}/{shards} parts at the kill, {m['computed_shards']} recomputed")
+    print(
+        f"\nfault tolerance (logits): {time.perf_counter() - start:.1f}s, "
+        f"{parts_at_kill}/{shards} parts at the kill, {m['computed_shards']} recomputed"
+    )
     assert m["shards"] == shards and m["rows"] == n_rows
     assert m["computed_shards"] <= shards - parts_at_kill
     table = storage.read_parquet(d)

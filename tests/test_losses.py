@@ -46,7 +46,9 @@ def test_kd_loss_hand_value_2x3():
     expected = (row1 + row2) / 2 * 2.0**2
     assert expected == pytest.approx(0.8181074784760219, abs=1e-12)
     assert kd_loss(S, T_, 2.0).item() == pytest.approx(expected, abs=1e-6)
-    assert kd_loss(S, T_, 2.0).item() == pytest.approx(_kl_reference(S.tolist(), T_.tolist(), 2.0), abs=1e-6)
+    assert kd_loss(S, T_, 2.0).item() == pytest.approx(
+        _kl_reference(S.tolist(), T_.tolist(), 2.0), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0, 8.0])
@@ -58,7 +60,9 @@ def test_kd_loss_has_t_squared_factor(temperature):
     assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
     # the same KL without the factor is ref / T^2
     plain = torch.nn.functional.kl_div(
-        torch.log_softmax(s / temperature, -1), torch.softmax(t / temperature, -1), reduction="batchmean"
+        torch.log_softmax(s / temperature, -1),
+        torch.softmax(t / temperature, -1),
+        reduction="batchmean",
     ).item()
     assert got == pytest.approx(plain * temperature**2, rel=1e-5, abs=1e-7)
 
@@ -131,7 +135,9 @@ def test_contrastive_aligned_lower_than_shuffled():
     t = torch.randn(16, 32, generator=g)
     s = t + 0.1 * torch.randn(16, 32, generator=g)
     aligned = feature_loss(s, t, "contrastive", temperature=0.1).item()
-    shuffled = feature_loss(s, t[torch.roll(torch.arange(16), 1)], "contrastive", temperature=0.1).item()
+    shuffled = feature_loss(
+        s, t[torch.roll(torch.arange(16), 1)], "contrastive", temperature=0.1
+    ).item()
     assert aligned < 0.1 < math.log(16) < shuffled
 
 
@@ -139,7 +145,9 @@ def test_contrastive_aligned_lower_than_shuffled():
 def test_contrastive_constant_features_is_log_b(batch):
     s = torch.ones(batch, 4)
     t = torch.full((batch, 4), 2.0)
-    assert feature_loss(s, t, "contrastive", temperature=0.07).item() == pytest.approx(math.log(batch), abs=1e-5)
+    assert feature_loss(s, t, "contrastive", temperature=0.07).item() == pytest.approx(
+        math.log(batch), abs=1e-5
+    )
 
 
 def test_feature_dim_mismatch_suggests_projector():
@@ -148,13 +156,20 @@ def test_feature_dim_mismatch_suggests_projector():
 
 
 def test_loss_tables_and_unknown_name():
-    assert set(LOSSES) == set(KD_LOSSES) | set(FEATURE_LOSSES) == {"kl", "soft_ce", "cosine", "mse", "contrastive"}
+    assert (
+        set(LOSSES)
+        == set(KD_LOSSES) | set(FEATURE_LOSSES)
+        == {"kl", "soft_ce", "cosine", "mse", "contrastive"}
+    )
     assert get_loss("kl") is kd_loss
     with pytest.raises(KtrayError, match=r"unknown loss 'nope'.*contrastive.*kl"):
         LOSSES["nope"]
     with pytest.raises(KtrayError, match="unknown loss"):
         get_loss("nope")
-    with pytest.raises(KtrayError, match=r"unknown feature loss 'kl'; choose one of \['contrastive', 'cosine', 'mse'\]"):
+    with pytest.raises(
+        KtrayError,
+        match=r"unknown feature loss 'kl'; choose one of \['contrastive', 'cosine', 'mse'\]",
+    ):
         feature_loss(S, T_, "kl")
     # every loss shares the (student, teacher, temperature) signature
     for name, fn in LOSSES.items():

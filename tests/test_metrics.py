@@ -81,4 +81,6 @@ def test_evaluate_classifier_errors():
     with pytest.raises(KtrayError, match="no batches"):
         evaluate_classifier(Fixed(LOGITS), [], "cpu")
     with pytest.raises(KtrayError, match="expected 5"):
-        evaluate_classifier(Fixed(LOGITS), [(torch.tensor([0]), torch.tensor([0]))], "cpu", num_classes=5)
+        evaluate_classifier(
+            Fixed(LOGITS), [(torch.tensor([0]), torch.tensor([0]))], "cpu", num_classes=5
+        )

@@ -13,10 +13,18 @@ def test_pipeline_logs_to_mlflow_server(mlflow_server, tiny_task, tmp_path, ray_
     experiment = f"ktray-test-{uuid.uuid4().hex[:6]}"
     model_name = f"ktray-student-{uuid.uuid4().hex[:6]}"
     start = time.perf_counter()
-    code = cli.main(["run", "tiny", f"data.root={tiny_task}", f"out={tmp_path}/out",
-                     "tracking.mlflow=true", f"tracking.tracking_uri={mlflow_server}",
-                     f"tracking.experiment={experiment}",
-                     f"tracking.registered_model={model_name}"])
+    code = cli.main(
+        [
+            "run",
+            "tiny",
+            f"data.root={tiny_task}",
+            f"out={tmp_path}/out",
+            "tracking.mlflow=true",
+            f"tracking.tracking_uri={mlflow_server}",
+            f"tracking.experiment={experiment}",
+            f"tracking.registered_model={model_name}",
+        ]
+    )
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err
     with capsys.disabled():
@@ -36,8 +44,11 @@ def test_pipeline_logs_to_mlflow_server(mlflow_server, tiny_task, tmp_path, ray_
     assert parent.data.tags["best_student"] in ("scratch", "task@in_domain")
     assert 0.0 <= parent.data.metrics["best_student_test_accuracy"] <= 1.0
 
-    children = {r.data.tags["mlflow.runName"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["mlflow.runName"]: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"teacher", "scratch", "task@in_domain"}
     distilled = children["task@in_domain"]
     assert "test_accuracy" in distilled.data.metrics

@@ -27,8 +27,8 @@ from ktray.models import (
     student_feature_dim,
     student_features,
     student_forward_all,
+    weights,
 )
-from ktray.models import weights
 
 torch.set_num_threads(2)
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -146,7 +146,7 @@ def test_teacher_checkpoint_roundtrip(tmp_path):
 
 def test_student_checkpoint_roundtrip_on_remote_fs():
     student = create_student("test_resnet", num_classes=3, img_size=32).eval()
-    uri = "memory://ktray-test/student"  # a non-local fsspec filesystem, like s3://
+    uri = "memory://ktray-test-models/student"  # a non-local fsspec filesystem, like s3://
     save_model(student, uri)
     loaded, spec = load_model(uri)
     assert spec["kind"] == "student" and spec["arch"] == "test_resnet" and spec["num_classes"] == 3
@@ -219,7 +219,11 @@ def test_open_clip_tower(tmp_path):
     config = {
         "embed_dim": 24,
         "vision_cfg": {
-            "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8
+            "image_size": 32,
+            "layers": 2,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
         },
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }
@@ -241,6 +245,7 @@ def test_flops_positive_and_scale_with_resolution():
     assert student.training  # mode restored
 
 
+@pytest.mark.slow
 def test_library_does_not_import_ray():
     code = "import sys, ktray.models; assert 'ray' not in sys.modules, 'ray imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

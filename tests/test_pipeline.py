@@ -3,9 +3,7 @@
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from ktray import cli, storage
 from ktray.config import load_config
@@ -22,13 +20,40 @@ def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, caps
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["task"] == "tiny" and results["num_classes"] == 3
     assert set(results["methods"]) == {"teacher", "scratch", "task@in_domain"}
-    for m in results["methods"].values():
-        assert 0.0 <= m["test_accuracy"] <= 1.0
-        assert m["train_seconds"] > 0
-    assert results["methods"]["task@in_domain"]["pretrain_flops"] > 0
-    for name in ("results.md", "results.png", "data/train.parquet", "teacher/model/model.json",
-                 "teacher/config.yaml", "finetune/scratch/manifest.json",
-                 "distill/task@in_domain/model/model.safetensors"):
+    # every number is the one its stage measured (not a default, not another method's)
+    methods = results["methods"]
+
+    def manifest(*parts):
+        with open(os.path.join(out, *parts, "manifest.json")) as f:
+            return json.load(f)
+
+    teacher, scratch = manifest("teacher"), manifest("finetune", "scratch")
+    distill, finetune = (
+        manifest("distill", "task@in_domain"),
+        manifest("finetune", "task@in_domain"),
+    )
+    logits = manifest("logits", "in_domain")
+    assert methods["teacher"]["test_accuracy"] == teacher["test_accuracy"]
+    assert methods["scratch"]["test_accuracy"] == scratch["test_accuracy"]
+    assert methods["task@in_domain"]["test_accuracy"] == finetune["test_accuracy"]
+    assert methods["task@in_domain"]["distill_test_accuracy"] == distill["test_accuracy"]
+    assert methods["task@in_domain"]["train_seconds"] == pytest.approx(
+        distill["train_seconds"] + finetune["train_seconds"]
+    )
+    assert methods["task@in_domain"]["pretrain_flops"] == pytest.approx(
+        distill["flops"] + logits["flops"]
+    )
+    assert distill["flops"] > 0 and logits["flops"] > 0
+    assert results["models"]["scratch"] == scratch["outputs"]["model"]
+    for name in (
+        "results.md",
+        "results.png",
+        "data/train.parquet",
+        "teacher/model/model.json",
+        "teacher/config.yaml",
+        "finetune/scratch/manifest.json",
+        "distill/task@in_domain/model/model.safetensors",
+    ):
         assert os.path.exists(os.path.join(out, name)), name
     assert open(os.path.join(out, "results.png"), "rb").read(4) == b"\x89PNG"
     # the teacher's predictions: 24 unlabeled images x 2 views, each with its view's box
@@ -44,12 +69,22 @@ def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, caps
     # a rerun reuses every finished stage (manifests untouched)
     stamp = os.path.getmtime(os.path.join(out, "distill", "task@in_domain", "manifest.json"))
     assert run_cli("run", "tiny", f"data.root={tiny_task}", f"out={out}") == 0
-    assert os.path.getmtime(os.path.join(out, "distill", "task@in_domain",
-                                         "manifest.json")) == stamp
+    assert (
+        os.path.getmtime(os.path.join(out, "distill", "task@in_domain", "manifest.json")) == stamp
+    )
     capsys.readouterr()
     # ... and evaluate works on any checkpoint
-    assert run_cli("evaluate", "tiny", f"data.root={tiny_task}", f"out={out}",
-                   "--checkpoint", os.path.join(out, "finetune", "scratch", "model")) == 0
+    assert (
+        run_cli(
+            "evaluate",
+            "tiny",
+            f"data.root={tiny_task}",
+            f"out={out}",
+            "--checkpoint",
+            os.path.join(out, "finetune", "scratch", "model"),
+        )
+        == 0
+    )
     ev = json.loads(capsys.readouterr().out)
     assert ev["test_accuracy"] == pytest.approx(results["methods"]["scratch"]["test_accuracy"])
 
@@ -73,13 +108,19 @@ def test_logits_skip_corrupt_and_resume_without_duplicates(tiny_task, tmp_path, 
     assert not [f for f in os.listdir(d) if ".tmp" in f]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.root=/no/such/dir"], "data.root not found: /no/such/dir"),
-    (["teacher.backbone=vit_nonexistent_xl"], "unknown teacher backbone model 'vit_nonexistent_xl'"),
-    (["student.arch=resnet_999"], "unknown student model 'resnet_999'"),
-    (["teacher.bakbone=x"], "did you mean 'teacher.backbone'"),
-    (["methods=[scratch,magic@in_domain]"], "unknown objective 'magic'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.root=/no/such/dir"], "data.root not found: /no/such/dir"),
+        (
+            ["teacher.backbone=vit_nonexistent_xl"],
+            "teacher.backbone: unknown model 'vit_nonexistent_xl'",
+        ),
+        (["student.arch=resnet_999"], "student.arch: unknown model 'resnet_999'"),
+        (["teacher.bakbone=x"], "did you mean 'teacher.backbone'"),
+        (["methods=[scratch,magic@in_domain]"], "unknown objective 'magic'"),
+    ],
+)
 def test_bad_input_is_one_line_error_before_ray(tiny_task, tmp_path, capsys, overrides, message):
     import ray
 
@@ -109,7 +150,12 @@ def test_teacher_checkpoint_with_wrong_class_count(tiny_task, tmp_path, ray_loca
     from imagegen import make_imagefolder
 
     make_imagefolder(other, classes=4, train=4, test=2, unlabeled=4)
-    code = run_cli("teacher", "tiny", f"data.root={other}", f"out={tmp_path}/o2",
-                   f"teacher.checkpoint={out}/teacher/model")
+    code = run_cli(
+        "teacher",
+        "tiny",
+        f"data.root={other}",
+        f"out={tmp_path}/o2",
+        f"teacher.checkpoint={out}/teacher/model",
+    )
     assert code == 2
     assert "3 classes but the task has 4" in capsys.readouterr().err

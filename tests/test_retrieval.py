@@ -100,8 +100,9 @@ def test_balanced_select_properties(
     fn = exact_search_fn(gallery)
     args = (queries, query_ids, image_of, quota)
 
-    table, shortfall = balanced_select(fn, *args, k0=k0, max_k=10**6, seed=seed,
-                                       exclude_images=exclude)
+    table, shortfall = balanced_select(
+        fn, *args, k0=k0, max_k=10**6, seed=seed, exclude_images=exclude
+    )
     got = table_by_query(table)
     distinct_q = list(dict.fromkeys(query_ids))
     available = n_images - len(exclude)
@@ -123,8 +124,7 @@ def test_balanced_select_properties(
         assert [r for r, _, _ in rows] == list(range(len(rows)))
         assert all(a[2] >= b[2] for a, b in zip(rows, rows[1:]))
     # Deterministic for a seed, and independent of the first search depth.
-    again, _ = balanced_select(fn, *args, k0=k0 + 3, max_k=10**6, seed=seed,
-                               exclude_images=exclude)
+    again, _ = balanced_select(fn, *args, k0=k0 + 3, max_k=10**6, seed=seed, exclude_images=exclude)
     for col in (QUERY_ID, IMAGE_ID, RANK):
         assert again[col].tolist() == table[col].tolist()
 
@@ -153,6 +153,28 @@ def test_balanced_select_shortfall_and_deeper_search():
     assert all(v > 0 for v in shortfall.values())
     with pytest.raises(KtrayError, match="query image ids"):
         balanced_select(fn, queries, query_ids[:3], image_of, 2)
+
+
+def test_balanced_select_never_searches_deeper_than_max_k():
+    """max_k caps every search; a quota reachable only beyond it is reported as shortfall,
+    while the same quota with a deeper cap is met."""
+    rng = np.random.default_rng(3)
+    gallery = l2_normalize(rng.standard_normal((50, 8)))  # 50 images, one crop each
+    queries = l2_normalize(rng.standard_normal((2, 8)))
+    calls = []
+
+    def fn(v, k):
+        calls.append(k)
+        return exact_search_fn(gallery)(v, k)
+
+    args = (fn, queries, ["a", "b"], np.arange(50), 5)
+    table, shortfall = balanced_select(*args, k0=2, max_k=3)
+    assert max(calls) <= 3
+    assert len(table[IMAGE_ID]) <= 6 and set(shortfall) == {"a", "b"}
+    assert all(v >= 2 for v in shortfall.values())
+    calls.clear()
+    table, shortfall = balanced_select(*args, k0=2, max_k=50)
+    assert not shortfall and len(table[IMAGE_ID]) == 10 and max(calls) > 3
 
 
 # ---------------------------------------------------------------- indexes
@@ -198,6 +220,7 @@ def test_choose_index():
         choose_index(10**7, 256, 10**6)
 
 
+@pytest.mark.slow
 def test_ivfpq_recall_against_exact(planted, ivf_index):
     gallery, queries, pos = planted
     factory, ivf = ivf_index
@@ -212,6 +235,7 @@ def test_ivfpq_recall_against_exact(planted, ivf_index):
     assert (ids[:, -1] == -1).all() and np.isneginf(scores[:, -1]).all()
 
 
+@pytest.mark.slow
 def test_index_save_load_roundtrip(tmp_path, planted, ivf_index):
     _, queries, _ = planted
     _, ivf = ivf_index
@@ -244,6 +268,7 @@ def test_build_index_rejects_bad_input():
 # ---------------------------------------------------------------- near duplicates
 
 
+@pytest.mark.slow
 def test_near_duplicates_of_protected_vectors_are_excluded(planted, ivf_index):
     rng = np.random.default_rng(3)
     gallery, _, _ = planted
@@ -267,17 +292,27 @@ def test_near_duplicates_of_protected_vectors_are_excluded(planted, ivf_index):
     assert "Refine" in ivf_index[0]
     assert remove_near_duplicates(ivf, protected, image_of, 0.9) == planted_images
     assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.1) == planted_images
-    assert remove_near_duplicates(ivf, protected, image_of, 0.9, margin=0.4,
-                                  vectors_of=lambda ids: gallery[ids]) == planted_images
+    assert (
+        remove_near_duplicates(
+            ivf, protected, image_of, 0.9, margin=0.4, vectors_of=lambda ids: gallery[ids]
+        )
+        == planted_images
+    )
     assert remove_near_duplicates(gallery, protected[:0], image_of, 0.9) == set()
 
     # Applied before selection, the protected images' copies are never selected.
-    table, _ = balanced_select(lambda v, k: search(flat, v, k), protected,
-                               [f"t{i}" for i in range(50)], image_of, 3,
-                               exclude_images=planted_images)
+    table, _ = balanced_select(
+        lambda v, k: search(flat, v, k),
+        protected,
+        [f"t{i}" for i in range(50)],
+        image_of,
+        3,
+        exclude_images=planted_images,
+    )
     assert not planted_images & set(table[IMAGE_ID].tolist())
-    table, _ = balanced_select(lambda v, k: search(flat, v, k), protected,
-                               [f"t{i}" for i in range(50)], image_of, 3)
+    table, _ = balanced_select(
+        lambda v, k: search(flat, v, k), protected, [f"t{i}" for i in range(50)], image_of, 3
+    )
     assert planted_images <= set(table[IMAGE_ID].tolist())  # without exclusion they win
 
 
@@ -300,6 +335,7 @@ def test_crop_boxes_deterministic_and_in_range():
         crop_boxes(grid=2, scales=(1.5,))
 
 
+@pytest.mark.slow
 def test_retrieval_library_does_not_import_ray():
     code = "import sys, ktray.retrieval; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

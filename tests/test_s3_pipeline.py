@@ -22,14 +22,16 @@ def s3_task(s3_server, tmp_path_factory):
     return s3_server.url("task")
 
 
-def test_tiny_pipeline_on_s3(s3_server, s3_task, ray_s3, tmp_path, tmp_path_factory, monkeypatch,
-                             capsys):
+def test_tiny_pipeline_on_s3(
+    s3_server, s3_task, ray_s3, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
     fs = s3_server.fs
-    out, storage = s3_server.url("out"), s3_server.url("ray")
+    out, ray_storage = s3_server.url("out"), s3_server.url("ray")
     monkeypatch.chdir(tmp_path)
     start = time.perf_counter()
-    code = cli.main(["run", "tiny", f"data.root={s3_task}", f"out={out}",
-                     f"ray.storage_path={storage}"])
+    code = cli.main(
+        ["run", "tiny", f"data.root={s3_task}", f"out={out}", f"ray.storage_path={ray_storage}"]
+    )
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err
     with capsys.disabled():
@@ -39,11 +41,20 @@ def test_tiny_pipeline_on_s3(s3_server, s3_task, ray_s3, tmp_path, tmp_path_fact
     results = json.loads(fs.cat(f"{s3_server.bucket}/out/results.json"))
     assert set(results["methods"]) == {"teacher", "scratch", "task@in_domain"}
     assert results["models"]["task@in_domain"].startswith("s3://")
-    for name in ("results.md", "results.png", "data/manifest.json", "teacher/manifest.json",
-                 "logits/in_domain/manifest.json", "distill/task@in_domain/manifest.json",
-                 "finetune/scratch/manifest.json", "finetune/task@in_domain/manifest.json",
-                 "teacher/model/model.safetensors", "distill/task@in_domain/model/model.json",
-                 "finetune/task@in_domain/model/model.safetensors", "pipeline/manifest.json"):
+    for name in (
+        "results.md",
+        "results.png",
+        "data/manifest.json",
+        "teacher/manifest.json",
+        "logits/in_domain/manifest.json",
+        "distill/task@in_domain/manifest.json",
+        "finetune/scratch/manifest.json",
+        "finetune/task@in_domain/manifest.json",
+        "teacher/model/model.safetensors",
+        "distill/task@in_domain/model/model.json",
+        "finetune/task@in_domain/model/model.safetensors",
+        "pipeline/manifest.json",
+    ):
         assert fs.exists(f"{s3_server.bucket}/out/{name}"), name
     assert fs.glob(f"{s3_server.bucket}/out/logits/in_domain/part-*.parquet")
     table = storage.read_parquet(s3_server.url("out", "logits", "in_domain"))
@@ -59,4 +70,3 @@ def test_tiny_pipeline_on_s3(s3_server, s3_task, ray_s3, tmp_path, tmp_path_fact
     model = _local_copy(results["models"]["task@in_domain"], str(copies))
     assert sorted(os.listdir(model)) == ["model.json", "model.safetensors"]
     assert json.load(open(_local_copy(f"{out}/results.json", str(copies))))["task"] == "tiny"
-

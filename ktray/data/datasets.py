@@ -6,11 +6,14 @@
 - :class:`ViewImages`: rows of teacher predictions; every item is the stored view, with the
   stored logits / features as targets. An unreadable transfer image is skipped
   (:func:`collate_skip_none`).
+- :class:`DecodeViews`: the streaming counterpart of ``ViewImages`` for distillation: a batch
+  of view rows -> ``uint8`` pixels (+ float16 targets), run by Ray Data's CPU decode stage (or
+  in-process by :class:`ViewStream`); the training device normalises (:func:`normalize`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +24,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ktray.data import columns as C
 from ktray.data.sources import load_image_strict, load_images
-from ktray.data.views import ViewParams, apply_view, eval_transform, sample_view
+from ktray.data.views import ViewParams, apply_view, crop_view, eval_transform, sample_view
 from ktray.errors import CorruptImageError, KtrayError
 
 
@@ -46,8 +49,10 @@ def preload(table: pa.Table) -> list[Image.Image]:
     return images
 
 
-def list_column_matrix(column: pa.ChunkedArray | pa.Array, name: str = "column") -> np.ndarray:
-    """A list<float> column of equal-length lists as a ``[N, D]`` float32 array.
+def list_column_matrix(
+    column: pa.ChunkedArray | pa.Array, name: str = "column", dtype=np.float32
+) -> np.ndarray:
+    """A list<float> column of equal-length lists as a ``[N, D]`` array of ``dtype``.
 
     Raises:
         KtrayError: Null rows or lists of different lengths.
@@ -55,10 +60,10 @@ def list_column_matrix(column: pa.ChunkedArray | pa.Array, name: str = "column")
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
     if n == 0:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, 0), dtype)
     if arr.null_count:
         raise KtrayError(f"{name} has {arr.null_count} null rows")
-    flat = np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
+    flat = np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # writable
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     if flat.size != n * int(lengths[0]) or (lengths != lengths[0]).any():
         raise KtrayError(f"{name} holds lists of different lengths")
@@ -89,10 +94,19 @@ class LabeledImages(Dataset):
         CorruptImageError: An image cannot be read (at construction when ``cache=True``).
     """
 
-    def __init__(self, table: pa.Table, size: int, mean: Sequence[float], std: Sequence[float],
-                 train: bool, seed: int = 0, cache: bool = False,
-                 scale: tuple[float, float] = (0.35, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+    def __init__(
+        self,
+        table: pa.Table,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        seed: int = 0,
+        cache: bool = False,
+        scale: tuple[float, float] = (0.35, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+    ):
         _require(table, (C.IMAGE_ID, C.SOURCE, C.LABEL), "labeled image table")
         self.image_ids = table.column(C.IMAGE_ID).to_pylist()
         self.sources = table.column(C.SOURCE).to_pylist()
@@ -113,8 +127,7 @@ class LabeledImages(Dataset):
 
     def view(self, i: int, view: int) -> torch.Tensor:
         """Row ``i`` under the deterministic view ``view``: ``[3, size, size]``."""
-        params = sample_view(self.seed, self.image_ids[i], view, self.scale, self.ratio,
-                             self.flip)
+        params = sample_view(self.seed, self.image_ids[i], view, self.scale, self.ratio, self.flip)
         return apply_view(self.image(i), params, self.size, self.mean, self.std)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -143,24 +156,40 @@ class ViewImages(Dataset):
         (``[D]``), ``label`` and ``view``.
     """
 
-    def __init__(self, rows: pa.Table, size: int, mean: Sequence[float], std: Sequence[float],
-                 targets: Sequence[str] = (C.LOGITS, C.FEATURES)):
+    def __init__(
+        self,
+        rows: pa.Table,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        targets: Sequence[str] = (C.LOGITS, C.FEATURES),
+    ):
         _require(rows, (C.IMAGE_ID, C.SOURCE), "view table")
         self.sources = rows.column(C.SOURCE).to_pylist()
         self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
         n = rows.num_rows
         if C.BOX[0] in rows.column_names:
             _require(rows, C.BOX, "view table")
-            self.boxes = np.stack([rows.column(k).to_numpy().astype(np.float64)
-                                   for k in C.BOX], axis=1)
+            self.boxes = np.stack(
+                [rows.column(k).to_numpy().astype(np.float64) for k in C.BOX], axis=1
+            )
         else:
             self.boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]]), (n, 1))
-        self.flips = (np.asarray(rows.column(C.FLIP).to_pylist(), dtype=bool)
-                      if C.FLIP in rows.column_names else np.zeros(n, dtype=bool))
-        self.targets = {name: torch.from_numpy(list_column_matrix(rows.column(name), name))
-                        for name in targets if name in rows.column_names}
-        self.extras = {name: rows.column(name).to_pylist()
-                       for name in (C.LABEL, C.VIEW) if name in rows.column_names}
+        self.flips = (
+            np.asarray(rows.column(C.FLIP).to_pylist(), dtype=bool)
+            if C.FLIP in rows.column_names
+            else np.zeros(n, dtype=bool)
+        )
+        self.targets = {
+            name: torch.from_numpy(list_column_matrix(rows.column(name), name))
+            for name in targets
+            if name in rows.column_names
+        }
+        self.extras = {
+            name: rows.column(name).to_pylist()
+            for name in (C.LABEL, C.VIEW)
+            if name in rows.column_names
+        }
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -186,3 +215,130 @@ def collate_skip_none(batch: list) -> dict | None:
     """``default_collate`` after dropping ``None`` items; None when every item was None."""
     items = [b for b in batch if b is not None]
     return default_collate(items) if items else None
+
+
+def view_params(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The stored views of a view table: boxes ``[N, 4]`` (full image when the box columns are
+    absent) and flips ``[N]``."""
+    n = table.num_rows
+    if C.BOX[0] in table.column_names:
+        _require(table, C.BOX, "view table")
+        boxes = np.stack([table.column(k).to_numpy().astype(np.float64) for k in C.BOX], 1)
+    else:
+        boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]]), (n, 1))
+    flips = (
+        np.asarray(table.column(C.FLIP).to_pylist(), dtype=bool)
+        if C.FLIP in table.column_names
+        else np.zeros(n, dtype=bool)
+    )
+    return boxes, flips
+
+
+class DecodeViews:
+    """View rows -> ``{"x": uint8 [B, S, S, 3], ..., target: float16 [B, D]}``.
+
+    The CPU half of the distillation input: decodes each row's image, cuts its stored view
+    and resizes it to every requested size (student ``x``; online teacher ``xt``). Targets
+    travel with their rows as float16. Unreadable images are dropped (the batch shrinks).
+
+    Args:
+        sizes: Output column -> side in pixels, e.g. ``{"x": 32, "xt": 224}``.
+        targets: List columns copied as float16 ``[B, D]`` (``logits`` / ``features``).
+    """
+
+    def __init__(self, sizes: dict[str, int], targets: Sequence[str] = ()):
+        self.sizes = {k: int(v) for k, v in sizes.items()}
+        self.targets = tuple(targets)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        _require(batch, (C.SOURCE, *self.targets), "view table")
+        boxes, flips = view_params(batch)
+        images = load_images(batch.column(C.SOURCE).to_pylist())
+        keep = [i for i, img in enumerate(images) if img is not None]
+        out: dict[str, np.ndarray] = {}
+        for name, size in self.sizes.items():
+            pix = np.zeros((len(keep), size, size, 3), np.uint8)
+            for j, i in enumerate(keep):
+                params = ViewParams(*(float(v) for v in boxes[i]), bool(flips[i]))
+                pix[j] = np.asarray(crop_view(images[i], params, size))
+            out[name] = pix
+        for name in self.targets:
+            out[name] = list_column_matrix(batch.column(name), name, np.float16)[keep]
+        return out
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device | str
+) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalised float32 ``[B, 3, H, W]`` (channels_last) on
+    ``device``: the uint8 batch crosses to the device (4x fewer bytes than float32) and is
+    normalised there."""
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()  # NHWC memory = channels_last
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+
+
+class ViewStream:
+    """Ray-free stand-in for a Ray Data shard (plain loops, benchmarks, tests).
+
+    Streams Parquet view tables file by file (the file order shuffled each epoch), decodes
+    them with :class:`DecodeViews` in this process and yields torch batches through a local
+    shuffle buffer, with the ``iter_torch_batches`` keywords a Ray Data shard takes. Memory is
+    bounded by one decode batch plus the shuffle buffer, whatever the table's size.
+
+    Args:
+        files: Parquet files (local or s3://).
+        decode: The decode function.
+        columns: Columns to read.
+        decode_batch: Rows per decode call.
+        seed: Seed of the file order and the shuffle buffer.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        decode: DecodeViews,
+        columns: Sequence[str],
+        decode_batch: int = 256,
+        seed: int = 0,
+    ):
+        self.files, self.decode, self.columns = list(files), decode, list(columns)
+        self.decode_batch, self.seed, self.epoch = int(decode_batch), int(seed), 0
+
+    def _decoded(self, rng: np.random.Generator):
+        import pyarrow.parquet as pq
+
+        from ktray import storage
+
+        for i in rng.permutation(len(self.files)):
+            fs, path = storage.fs_and_path(self.files[i])
+            with fs.open(path, "rb") as f:
+                for rb in pq.ParquetFile(f).iter_batches(self.decode_batch, columns=self.columns):
+                    out = self.decode(pa.Table.from_batches([rb]))
+                    if len(next(iter(out.values()))):
+                        yield {k: torch.from_numpy(v) for k, v in out.items()}
+
+    def iter_torch_batches(
+        self,
+        *,
+        batch_size: int,
+        local_shuffle_buffer_size: int | None = None,
+        drop_last: bool = False,
+        **_ignored,
+    ):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        buf: dict[str, torch.Tensor] | None = None
+        cap = max(int(local_shuffle_buffer_size or 0), batch_size)
+        for part in self._decoded(rng):
+            buf = part if buf is None else {k: torch.cat([buf[k], part[k]]) for k in buf}
+            if local_shuffle_buffer_size:
+                perm = torch.from_numpy(rng.permutation(len(buf["x"])))
+                buf = {k: v[perm] for k, v in buf.items()}
+            while len(buf["x"]) >= cap:
+                yield {k: v[:batch_size] for k, v in buf.items()}
+                buf = {k: v[batch_size:] for k, v in buf.items()}
+        while buf is not None and len(buf["x"]) >= (batch_size if drop_last else 1):
+            yield {k: v[:batch_size] for k, v in buf.items()}
+            buf = {k: v[batch_size:] for k, v in buf.items()}

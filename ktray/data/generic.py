@@ -27,9 +27,25 @@ from ktray.storage import atomic_local_path
 
 log = logging.getLogger(__name__)
 
-SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "clock", "moon",
-                  "brick", "grass", "gravel", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "page", "text", "cell")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "coins",
+    "clock",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "page",
+    "text",
+    "cell",
+)
 """scikit-image images used when they load without a download (newer releases fetch some)."""
 
 POOL_FILE = "generic_pool.parquet"
@@ -46,6 +62,7 @@ def offline_photos() -> tuple[Image.Image, ...]:
     photos = []
     try:
         import skimage.data
+
         for name in SKIMAGE_PHOTOS:
             try:
                 arr = getattr(skimage.data, name)()
@@ -59,18 +76,24 @@ def offline_photos() -> tuple[Image.Image, ...]:
         log.debug("scikit-image is not installed")
     try:
         from sklearn.datasets import load_sample_images
+
         photos += [Image.fromarray(a).convert("RGB") for a in load_sample_images().images]
     except Exception as e:  # noqa: BLE001
         log.debug("sklearn sample images unavailable: %s", e)
     if not photos:
-        raise KtrayError("no offline photos for the generic pool: install scikit-image or "
-                         "scikit-learn")
+        raise KtrayError(
+            "no offline photos for the generic pool: install scikit-image or scikit-learn"
+        )
     return tuple(photos)
 
 
-def random_crop(photo: Image.Image, rng: np.random.Generator, size: int,
-                scale: tuple[float, float] = (0.1, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+def random_crop(
+    photo: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.1, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
     """A random-resized crop of ``photo`` (area fraction in ``scale``), flipped at random."""
     w, h = photo.size
     for _ in range(10):
@@ -126,17 +149,21 @@ def build_generic_pool(out_uri: str, n_images: int, size: int = 64, seed: int = 
     rng = np.random.default_rng(seed)
     path = pool_path(out_uri)
     keys = [f"generic_{seed}_{i:07d}" for i in range(n_images)]
-    schema = pa.schema([("key", pa.string()), ("png", pa.binary())],
-                       metadata={"ktray.generic_pool": f"seed={seed} size={size} "
-                                                       f"photos={len(photos)}"})
+    schema = pa.schema(
+        [("key", pa.string()), ("png", pa.binary())],
+        metadata={"ktray.generic_pool": f"seed={seed} size={size} photos={len(photos)}"},
+    )
     with atomic_local_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             for start in range(0, n_images, _ROWS_PER_GROUP):
-                chunk = keys[start:start + _ROWS_PER_GROUP]
-                pngs = [_png(random_crop(photos[int(rng.integers(len(photos)))], rng, size))
-                        for _ in chunk]
+                chunk = keys[start : start + _ROWS_PER_GROUP]
+                pngs = [
+                    _png(random_crop(photos[int(rng.integers(len(photos)))], rng, size))
+                    for _ in chunk
+                ]
                 writer.write_table(pa.table({"key": chunk, "png": pngs}, schema=schema))
     clear_cache()  # a handle cached on an earlier file at this path would serve stale rows
     log.info("wrote %d generic crops from %d photos to %s", n_images, len(photos), path)
-    return make_image_table(keys, [f"{path}#{i}" for i in range(n_images)],
-                            [C.UNLABELED] * n_images)
+    return make_image_table(
+        keys, [f"{path}#{i}" for i in range(n_images)], [C.UNLABELED] * n_images
+    )

@@ -17,15 +17,30 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ktray.data import columns as C
-from ktray.data.sources import (idx_count, image_column, list_tar_members, load_tar_bytes,
-                                read_idx_array)
+from ktray.data.labels import encode_labels, label_names
+from ktray.data.sources import idx_count, image_column, load_tar_bytes, read_idx_array
+from ktray.data.tarlist import is_metadata_parquet, list_shard, scan_tar_members
 from ktray.errors import KtrayError
 
+DATA_KINDS = ("fashion_mnist", "imagefolder", "parquet")
+"""``data.kind``: IDX files (:func:`read_idx`), class folders (:func:`read_imagefolder`) or
+Parquet files of encoded images (:func:`read_parquet_images`)."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-IMAGE_TABLE_SCHEMA = pa.schema([(C.IMAGE_ID, pa.string()), (C.SOURCE, pa.string()),
-                                (C.LABEL, pa.int64())])
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_TABLE_SCHEMA = pa.schema(
+    [(C.IMAGE_ID, pa.string()), (C.SOURCE, pa.string()), (C.LABEL, pa.int64())]
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -36,8 +51,14 @@ def make_image_table(image_ids, sources, labels=None) -> pa.Table:
     image_ids, sources = [str(i) for i in image_ids], [str(s) for s in sources]
     if labels is None:
         labels = [C.UNLABELED] * len(image_ids)
-    return pa.table([pa.array(image_ids, pa.string()), pa.array(sources, pa.string()),
-                     pa.array(labels, pa.int64())], schema=IMAGE_TABLE_SCHEMA)
+    return pa.table(
+        [
+            pa.array(image_ids, pa.string()),
+            pa.array(sources, pa.string()),
+            pa.array(labels, pa.int64()),
+        ],
+        schema=IMAGE_TABLE_SCHEMA,
+    )
 
 
 def _is_image(path: str) -> bool:
@@ -51,7 +72,7 @@ def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _rel(path: str, root: str) -> str:
-    return path[len(root.rstrip("/")):].lstrip("/")
+    return path[len(root.rstrip("/")) :].lstrip("/")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -59,7 +80,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = _BRACE.search(pattern)
     if not m:
         return [pattern]
-    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = rng.groups()
@@ -91,8 +112,11 @@ def expand_files(uri: str, suffixes: tuple[str, ...], what: str) -> list[str]:
         if _GLOB_CHARS.search(path):
             found = [p for p in fs.glob(path) if p.endswith(suffixes)]
         elif fs.isdir(path):
-            found = [p for p in fs.find(path)
-                     if p.endswith(suffixes) and not os.path.basename(p).startswith(".")]
+            found = [
+                p
+                for p in fs.find(path)
+                if p.endswith(suffixes) and not os.path.basename(p).startswith(".")
+            ]
         elif fs.exists(path):
             found = [path]
         else:
@@ -118,12 +142,13 @@ def _stem(uri: str) -> str:
     name = os.path.basename(uri.rstrip("/"))
     for ext in (".parquet", ".tar.gz", ".tgz", ".tar"):
         if name.endswith(ext):
-            return name[:-len(ext)]
+            return name[: -len(ext)]
     return os.path.splitext(name)[0]
 
 
-def read_imagefolder(root: str, split: str | None = None,
-                     class_names: list[str] | None = None) -> tuple[pa.Table, list[str]]:
+def read_imagefolder(
+    root: str, split: str | None = None, class_names: list[str] | None = None
+) -> tuple[pa.Table, list[str]]:
     """Read an ImageFolder tree ``root[/split]/<class>/**/<image>``.
 
     Args:
@@ -144,16 +169,21 @@ def read_imagefolder(root: str, split: str | None = None,
     folder = f"{base}/{split}" if split else base
     if not fs.isdir(folder):
         raise KtrayError(f"image folder not found: {_to_uri(fs, folder)}")
-    classes = sorted(os.path.basename(e["name"].rstrip("/"))
-                     for e in fs.ls(folder, detail=True) if e["type"] == "directory")
+    classes = sorted(
+        os.path.basename(e["name"].rstrip("/"))
+        for e in fs.ls(folder, detail=True)
+        if e["type"] == "directory"
+    )
     classes = [c for c in classes if not c.startswith(".")]
     if not classes:
         raise KtrayError(f"no class folders in {_to_uri(fs, folder)}")
     names = list(class_names) if class_names is not None else classes
     unknown = [c for c in classes if c not in names]
     if unknown:
-        raise KtrayError(f"class folder {unknown[0]!r} in {_to_uri(fs, folder)} is not one of "
-                         f"the training classes")
+        raise KtrayError(
+            f"class folder {unknown[0]!r} in {_to_uri(fs, folder)} is not one of "
+            f"the training classes"
+        )
     index = {c: i for i, c in enumerate(names)}
     ids, sources, labels = [], [], []
     for c in classes:
@@ -182,12 +212,37 @@ def read_unlabeled_folder(root: str) -> pa.Table:
     return make_image_table([_rel(p, base) for p in files], [_to_uri(fs, p) for p in files])
 
 
-def read_parquet_images(uri: str, label_column: str | None = None) -> pa.Table:
+def parquet_label_names(uri: str, label_column: str) -> list[str] | None:
+    """The sorted distinct labels of Parquet files whose label column holds strings (class
+    names), or None when it holds integers. Reads the label column only.
+
+    Raises:
+        KtrayError: A missing label column, or labels mixing strings and numbers.
+    """
+    values: set = set()
+    for f in expand_files(uri, (".parquet",), "parquet files"):
+        fs, path = fsspec.core.url_to_fs(f)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if label_column not in pf.schema_arrow.names:
+                raise KtrayError(f"no label column {label_column!r} in {f}")
+            values |= {
+                v for v in pf.read(columns=[label_column]).column(0).to_pylist() if v is not None
+            }
+    return label_names(values, uri, label_column)
+
+
+def read_parquet_images(
+    uri: str, label_column: str | None = None, class_names: list[str] | None = None
+) -> pa.Table:
     """Rows of Parquet files of encoded images (img2dataset / HF layout) as an image table.
 
     Args:
         uri: A Parquet file, a folder of them, or a glob.
-        label_column: Integer column with the labels (nulls become -1); default unlabeled.
+        label_column: Column with the labels (nulls become -1); default unlabeled. Integer
+            class indices from 0, or class names (strings) when ``class_names`` is given.
+        class_names: The classes in label order: string labels are looked up in it, integer
+            labels must be below its length.
 
     Returns:
         The image table; sources are ``file#row``, image ids come from a ``key`` column when
@@ -195,7 +250,8 @@ def read_parquet_images(uri: str, label_column: str | None = None) -> pa.Table:
         ``"success"`` are left out.
 
     Raises:
-        KtrayError: No files, a file without an image column, or a missing label column.
+        KtrayError: No files, a file without an image column, a missing label column, or a
+            label that is not a class (a string without class names, out of range, negative).
     """
     files = expand_files(uri, (".parquet",), "parquet files")
     keys, prefixes, sources, labels = [], [], [], []
@@ -228,9 +284,8 @@ def read_parquet_images(uri: str, label_column: str | None = None) -> pa.Table:
         sources += [f"{f}#{r}" for r in rows]
         if label_column:
             lab = meta.column(label_column).to_pylist()
-            labels += [C.UNLABELED if lab[r] is None else int(lab[r]) for r in rows]
-    return make_image_table(_unique_ids(keys, prefixes), sources,
-                            labels if label_column else None)
+            labels += encode_labels([lab[r] for r in rows], class_names, f, label_column)
+    return make_image_table(_unique_ids(keys, prefixes), sources, labels if label_column else None)
 
 
 def _idx_file(fs, folder: str, prefix: str, kind: str) -> str | None:
@@ -264,15 +319,20 @@ def read_idx(folder: str, split: str = "train") -> pa.Table:
     images = _idx_file(fs, base, prefix, "images")
     labels_path = _idx_file(fs, base, prefix, "labels")
     if images is None or labels_path is None:
-        raise KtrayError(f"IDX files not found in {folder}: expected {prefix}-images-idx3-ubyte.gz"
-                         f" and {prefix}-labels-idx1-ubyte.gz (gzipped or not)")
+        raise KtrayError(
+            f"IDX files not found in {folder}: expected {prefix}-images-idx3-ubyte.gz"
+            f" and {prefix}-labels-idx1-ubyte.gz (gzipped or not)"
+        )
     images_uri, labels_uri = _to_uri(fs, images), _to_uri(fs, labels_path)
     labels = read_idx_array(labels_uri)
     n = idx_count(images_uri)
     if labels.ndim != 1 or len(labels) != n:
         raise KtrayError(f"{labels_uri} has {len(labels)} labels for {n} images in {images_uri}")
-    return make_image_table([f"{split}/{i}" for i in range(n)],
-                            [f"{images_uri}#{i}" for i in range(n)], labels.astype("int64"))
+    return make_image_table(
+        [f"{split}/{i}" for i in range(n)],
+        [f"{images_uri}#{i}" for i in range(n)],
+        labels.astype("int64"),
+    )
 
 
 def read_webdataset(uri_or_glob: str, label_ext: str | None = None) -> pa.Table:
@@ -286,13 +346,19 @@ def read_webdataset(uri_or_glob: str, label_ext: str | None = None) -> pa.Table:
     Returns:
         The image table; one row per sample key (``dir/name`` up to the first dot of the
         member name), source ``shard.tar#member``, image id the key (prefixed with the shard
-        name when keys repeat across shards).
+        name when keys repeat across shards). Listing reads no image bytes: img2dataset's
+        sidecar ``<shard>.parquet`` (+ ``_stats.json``) gives the keys, other shards have
+        their headers streamed once (:mod:`ktray.data.tarlist`).
     """
     shards = expand_files(uri_or_glob, (".tar", ".tar.gz", ".tgz"), "tar shards")
     keys, prefixes, sources, labels = [], [], [], []
+    ext_cache: dict = {}  # img2dataset sidecars: the image extension, read once
     for shard in shards:
         samples: dict[str, dict[str, str]] = {}
-        for name in list_tar_members(shard):
+        # Without a label, names come from the img2dataset sidecar Parquet when there is one;
+        # else (and for labels) from the tar headers, streamed once: no image bytes are read.
+        names = scan_tar_members(shard) if label_ext else list_shard(shard, ext_cache)
+        for name in names:
             d, b = os.path.split(name)
             if b.startswith("."):
                 continue
@@ -300,8 +366,14 @@ def read_webdataset(uri_or_glob: str, label_ext: str | None = None) -> pa.Table:
             samples.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = name
         label_members = []
         for key, members in samples.items():
-            ext = next((e for e in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-                        if e in members), None)
+            ext = next(
+                (
+                    e
+                    for e in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+                    if e in members
+                ),
+                None,
+            )
             if ext is None:
                 continue
             keys.append(key)
@@ -322,8 +394,9 @@ def read_webdataset(uri_or_glob: str, label_ext: str | None = None) -> pa.Table:
 def read_gallery(uri: str) -> pa.Table:
     """An unlabeled image table from a folder of images, Parquet files or tar shards.
 
-    The kind is chosen by content: Parquet files win over tar shards, which win over loose
-    images.
+    The kind is chosen by content: Parquet files of encoded images win over tar shards, which
+    win over loose images. Parquet files with a ``key`` column and no image column beside tar
+    shards are img2dataset's webdataset metadata: the tars are the gallery.
 
     Raises:
         KtrayError: Nothing readable at ``uri``.
@@ -339,8 +412,10 @@ def read_gallery(uri: str) -> pa.Table:
             return make_image_table([os.path.basename(path)], [uri])
         raise KtrayError(f"gallery not found or of unknown kind: {uri}")
     files = [p for p in fs.find(path) if not os.path.basename(p).startswith(".")]
-    if any(p.endswith(".parquet") for p in files):
+    parquets = [p for p in files if p.endswith(".parquet")]
+    has_tars = any(p.endswith((".tar", ".tar.gz", ".tgz")) for p in files)
+    if parquets and not (has_tars and is_metadata_parquet(_to_uri(fs, parquets[0]))):
         return read_parquet_images(uri)
-    if any(p.endswith((".tar", ".tar.gz", ".tgz")) for p in files):
+    if has_tars:
         return read_webdataset(uri)
     return read_unlabeled_folder(uri)

@@ -23,7 +23,8 @@ import tarfile
 import threading
 from bisect import bisect_right
 from collections import OrderedDict, defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -60,8 +61,9 @@ class _LRU:
         value, nbytes = make()
         self._items[key] = (value, nbytes)
         self._bytes += nbytes
-        while len(self._items) > 1 and (self._bytes > self.max_bytes
-                                        or len(self._items) > self.max_items):
+        while len(self._items) > 1 and (
+            self._bytes > self.max_bytes or len(self._items) > self.max_items
+        ):
             _, (old, old_bytes) = self._items.popitem(last=False)
             self._bytes -= old_bytes
             if hasattr(old, "close"):
@@ -251,7 +253,7 @@ def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
                 encoded.append((None, f"row {frag} out of range in {uri}"))
                 continue
             g = bisect_right(h.starts, row) - 1
-            values = _data_cache.get(("parquet", uri, g), lambda: _row_group_bytes(h, g))
+            values = _data_cache.get(("parquet", uri, g), lambda h=h, g=g: _row_group_bytes(h, g))
             data = values[row - h.starts[g]]
             encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
     # Decode outside the lock: PIL releases the GIL, so threads decode in parallel.

@@ -51,8 +51,7 @@ def class_counts(table: pa.Table) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def subsample_per_class(table: pa.Table, n_per_class: int,
-                        seed: int) -> tuple[pa.Table, pa.Table]:
+def subsample_per_class(table: pa.Table, n_per_class: int, seed: int) -> tuple[pa.Table, pa.Table]:
     """Choose ``n_per_class`` labeled rows of every class.
 
     Args:
@@ -75,14 +74,17 @@ def subsample_per_class(table: pa.Table, n_per_class: int,
     chosen = []
     for label, rows in groups.items():
         if len(rows) < n_per_class:
-            raise KtrayError(f"class {label} has {len(rows)} images, fewer than the "
-                             f"{n_per_class} per class asked for")
+            raise KtrayError(
+                f"class {label} has {len(rows)} images, fewer than the "
+                f"{n_per_class} per class asked for"
+            )
         chosen += _ranked(ids, rows, seed, "subsample")[:n_per_class]
     return _take_split(table, chosen)
 
 
-def split_validation(table: pa.Table, fraction_or_n: float | int,
-                     seed: int) -> tuple[pa.Table, pa.Table]:
+def split_validation(
+    table: pa.Table, fraction_or_n: float | int, seed: int
+) -> tuple[pa.Table, pa.Table]:
     """Split off a validation set, stratified by class.
 
     Args:
@@ -102,8 +104,9 @@ def split_validation(table: pa.Table, fraction_or_n: float | int,
         return table, table.slice(0, 0)
     is_fraction = isinstance(fraction_or_n, float) and 0.0 < fraction_or_n < 1.0
     if not is_fraction and not (float(fraction_or_n).is_integer() and fraction_or_n >= 1):
-        raise KtrayError(f"validation split must be a fraction in (0, 1) or a count >= 1, "
-                         f"not {fraction_or_n}")
+        raise KtrayError(
+            f"validation split must be a fraction in (0, 1) or a count >= 1, not {fraction_or_n}"
+        )
     groups = _by_class(table)
     labels = table.column(C.LABEL).to_pylist()
     unlabeled = [i for i, label in enumerate(labels) if label is None or label < 0]
@@ -117,8 +120,10 @@ def split_validation(table: pa.Table, fraction_or_n: float | int,
         else:
             n = int(fraction_or_n)
         if n >= len(rows):
-            raise KtrayError(f"class {label} has {len(rows)} images: too few to hold out {n} "
-                             f"for validation and keep some for training")
+            raise KtrayError(
+                f"class {label} has {len(rows)} images: too few to hold out {n} "
+                f"for validation and keep some for training"
+            )
         chosen += _ranked(ids, rows, seed, "validation")[:n]
     val, train = _take_split(table, chosen)
     return train, val

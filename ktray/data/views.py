@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class ViewParams:
     flip: bool = False
 
     @classmethod
-    def full(cls) -> "ViewParams":
+    def full(cls) -> ViewParams:
         """The whole image, unflipped."""
         return cls(0.0, 0.0, 1.0, 1.0, False)
 
@@ -61,10 +61,15 @@ def _rng(seed: int, image_id: str, view: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def sample_view(seed: int, image_id: str, view: int,
-                scale: tuple[float, float] = (0.35, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                flip: bool = True, first_view_full: bool = False) -> ViewParams:
+def sample_view(
+    seed: int,
+    image_id: str,
+    view: int,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    first_view_full: bool = False,
+) -> ViewParams:
     """Sample a random-resized-crop view, deterministic in ``(seed, image_id, view)``.
 
     Area and aspect ratio are sampled in normalised coordinates (RandomResizedCrop on a unit
@@ -100,15 +105,6 @@ def sample_view(seed: int, image_id: str, view: int,
     return ViewParams(x0, y0, _f32(min(x0 + w, 1.0)), _f32(min(y0 + h, 1.0)), bool(do_flip))
 
 
-def sample_views(seed: int, image_ids: Sequence[str], views: int,
-                 **kwargs) -> list[tuple[str, int, ViewParams]]:
-    """``views`` views of every image, as ``(image_id, view, params)`` in image-major order.
-
-    Keyword arguments are passed to :func:`sample_view`.
-    """
-    return [(i, v, sample_view(seed, i, v, **kwargs)) for i in image_ids for v in range(views)]
-
-
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An RGB image as a normalised float tensor ``[3, H, W]``."""
     # numpy, not torch: per-image ops this small are slower through torch's intra-op threads,
@@ -138,8 +134,9 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def apply_view(img: Image.Image, params: ViewParams, size: int, mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
+def apply_view(
+    img: Image.Image, params: ViewParams, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Crop a view from an image, resize it, flip it and normalise it.
 
     Args:
@@ -152,6 +149,13 @@ def apply_view(img: Image.Image, params: ViewParams, size: int, mean: Sequence[f
     Returns:
         ``[3, size, size]`` float32 tensor.
     """
+    return to_tensor(crop_view(img, params, size), mean, std)
+
+
+def crop_view(img: Image.Image, params: ViewParams, size: int) -> Image.Image:
+    """The view of ``img`` as a ``size x size`` RGB image (cropped, resized, flipped; not
+    normalised): what :func:`apply_view` normalises, and what the inference passes' decode
+    stage ships to the model actors as uint8."""
     img = _rgb(img)
     w, h = img.size
     x0, y0, x1, y1 = params.x0 * w, params.y0 * h, params.x1 * w, params.y1 * h
@@ -165,11 +169,12 @@ def apply_view(img: Image.Image, params: ViewParams, size: int, mean: Sequence[f
     out = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     if params.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(out, mean, std)
+    return out
 
 
-def eval_transform(img: Image.Image, size: int, mean: Sequence[float],
-                   std: Sequence[float]) -> torch.Tensor:
+def eval_transform(
+    img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """The full image resized to ``size x size`` and normalised: ``[3, size, size]``."""
     return apply_view(img, ViewParams.full(), size, mean, std)
 

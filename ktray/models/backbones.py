@@ -93,8 +93,7 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"name={self.name!r}, feature_dim={self.feature_dim}, "
-            f"img_size={self.default_img_size}"
+            f"name={self.name!r}, feature_dim={self.feature_dim}, img_size={self.default_img_size}"
         )
 
 
@@ -130,10 +129,18 @@ def _close_matches(name: str, candidates: list[str], limit: int = 5) -> str:
     return ", ".join(found) if found else "none"
 
 
-def _check_timm_name(name: str, pretrained: bool) -> None:
-    """Validate a timm name (and, when pretrained, that its weights can be had) cheaply."""
+def check_timm_name(name: str, pretrained: bool) -> None:
+    """Validate a timm name (and, when pretrained, that its weights can be had) cheaply.
+
+    The one timm-name check of ktray: students, teacher backbones and curation encoders all
+    come here (through :func:`check_backbone` for the latter two).
+
+    Raises:
+        KtrayError: Unknown name (with close matches), or weights neither cached nor
+            downloadable.
+    """
     if name.startswith("hf-hub:"):
-        repo = name[len("hf-hub:"):].split("@")[0]
+        repo = name[len("hf-hub:") :].split("@")[0]
         files = _TIMM_FILES if pretrained else ("config.json",)
         require_hub(repo, name, files)
         return
@@ -185,8 +192,8 @@ def _timm_feature_dim(model: nn.Module) -> int:
 
 
 def _timm_backbone(name: str, pretrained: bool, img_size: int | None) -> Backbone:
-    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
-    _check_timm_name(timm_name, pretrained)
+    timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+    check_timm_name(timm_name, pretrained)
     model = _create_timm(timm_name, pretrained, img_size, num_classes=0)
     data = timm.data.resolve_model_data_config(model)
     return Backbone(
@@ -217,20 +224,23 @@ def _lite_backbone(name: str, variant: int, pretrained: bool, img_size: int | No
 
 
 def _parse_open_clip(name: str) -> tuple[str, str | None]:
-    rest = name[len(OPEN_CLIP_PREFIX):]
+    rest = name[len(OPEN_CLIP_PREFIX) :]
     if rest.startswith(("hf-hub:", "local-dir:")):
         return rest, None
     arch, _, tag = rest.partition(":")
     return arch, tag or None
 
 
-def _open_clip_backbone(name: str, pretrained: bool, img_size: int | None) -> Backbone:
+def _check_open_clip(name: str, pretrained: bool) -> None:
     import open_clip  # imported here: ~2 s, and only open_clip names need it
 
     arch, tag = _parse_open_clip(name)
     if arch.startswith("hf-hub:"):
-        require_hub(arch[len("hf-hub:"):], name, _OPEN_CLIP_FILES + ("open_clip_config.json",))
-    elif not arch.startswith("local-dir:"):
+        require_hub(arch[len("hf-hub:") :], name, _OPEN_CLIP_FILES + ("open_clip_config.json",))
+    elif arch.startswith("local-dir:"):
+        if not os.path.isdir(arch[len("local-dir:") :]):
+            raise KtrayError(f"{name}: folder {arch[len('local-dir:') :]} not found")
+    else:
         if arch not in open_clip.list_models():
             raise KtrayError(
                 f"unknown open_clip model {arch!r}; close names: "
@@ -252,6 +262,42 @@ def _open_clip_backbone(name: str, pretrained: bool, img_size: int | None) -> Ba
                 require_hub(repo, name, _OPEN_CLIP_FILES)
             elif cfg.get("url"):
                 require_url(cfg["url"], name)
+
+
+def check_backbone(name: str, pretrained: bool = True) -> None:
+    """Check a backbone name and, when ``pretrained``, that its weights can be had, without
+    building anything: the hub cache and the weight files are looked at, and the hub host
+    gets one bounded TCP connect (no download, no retries) only when nothing is cached.
+
+    Args:
+        name: As for :func:`create_backbone`.
+        pretrained: Whether the pretrained weights will be loaded.
+
+    Raises:
+        KtrayError: Unknown name (with close matches) or weights that cannot be had.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise KtrayError("backbone name is empty")
+    name = name.strip()
+    variant = lite.lite_variant(name)
+    if variant is not None:
+        if pretrained:
+            path = lite.weights_path(variant)
+            if not os.path.isfile(path):
+                raise KtrayError(f"ImageNet weights for {name} not found at {path}")
+    elif name.startswith(OPEN_CLIP_PREFIX):
+        _check_open_clip(name, pretrained)
+    else:
+        check_timm_name(
+            name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name, pretrained
+        )
+
+
+def _open_clip_backbone(name: str, pretrained: bool, img_size: int | None) -> Backbone:
+    import open_clip  # imported here: ~2 s, and only open_clip names need it
+
+    arch, tag = _parse_open_clip(name)
+    _check_open_clip(name, pretrained)
     kwargs = {"force_image_size": img_size} if img_size else {}
     try:
         clip = open_clip.create_model(

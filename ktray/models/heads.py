@@ -143,7 +143,7 @@ class TaskModel(nn.Module):
         """
         return self.head(self.backbone(x))
 
-    def set_trainable(self, mode: str, partial_blocks: int = 2) -> "TaskModel":
+    def set_trainable(self, mode: str, partial_blocks: int = 2) -> TaskModel:
         """Choose what trains.
 
         Args:
@@ -175,7 +175,7 @@ class TaskModel(nn.Module):
         self.partial_blocks = int(partial_blocks) if mode == "partial" else 0
         return self.train(self.training)
 
-    def train(self, mode: bool = True) -> "TaskModel":
+    def train(self, mode: bool = True) -> TaskModel:
         """Set train mode, keeping frozen parts of the backbone in eval mode."""
         super().train(mode)
         if not mode or self.mode == "full":

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ktray.errors import KtrayError
-from ktray.models.backbones import TIMM_PREFIX, _check_timm_name, _create_timm
+from ktray.models.backbones import TIMM_PREFIX, _create_timm, check_timm_name
 from ktray.models.weights import load_state_dict_into, read_state_dict, strip_wrapper_prefix
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,37 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names)
 
 
+def checkpoint_file(path: str) -> str:
+    """The state-dict file of ``path``: the file itself, or a ktray model folder's weights.
+
+    Raises:
+        KtrayError: Neither a file nor a folder holding ``model.safetensors``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inner = os.path.join(path, "model.safetensors")
+        if os.path.isfile(inner):
+            return inner
+        raise KtrayError(f"checkpoint folder {path} holds no model.safetensors")
+    if not os.path.isfile(path):
+        raise KtrayError(f"checkpoint not found: {path}")
+    return path
+
+
 def _load_student_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state dict; a classifier of another class count is dropped (head kept fresh)."""
     expected = model.state_dict()
     state = strip_wrapper_prefix(read_state_dict(path), set(expected))
     prefixes = _classifier_prefixes(model)
     mismatched = [
-        k for k, v in state.items()
+        k
+        for k, v in state.items()
         if k.startswith(prefixes) and (k not in expected or v.shape != expected[k].shape)
     ]
     if mismatched:
-        log.warning("checkpoint %s: classifier of another size dropped (%s)", path,
-                    ", ".join(mismatched))
+        log.warning(
+            "checkpoint %s: classifier of another size dropped (%s)", path, ", ".join(mismatched)
+        )
         state = {k: v for k, v in state.items() if k not in mismatched}
         for k in expected:
             if k.startswith(prefixes):
@@ -68,8 +87,8 @@ def create_student(
         arch: A timm model name (``resnet18``, ``hf-hub:timm/...``, optionally ``timm:``-prefixed).
         num_classes: C, the task's class count.
         pretrained: Start from timm's pretrained weights (they must be cached or downloadable).
-        checkpoint: Local state dict to start from instead; a classifier of another size in it
-            is dropped.
+        checkpoint: Local state dict to start from instead, or a ktray model folder (its
+            ``model.safetensors``); a classifier of another size in it is dropped.
         img_size: Input side. ViT-like students are built for it; others take any size.
 
     Returns:
@@ -84,12 +103,11 @@ def create_student(
     if int(num_classes) < 1:
         raise KtrayError(f"num_classes must be >= 1, got {num_classes}")
     if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise KtrayError(f"checkpoint not found: {checkpoint}")
+        checkpoint = checkpoint_file(checkpoint)
         pretrained = False
     name = arch.strip()
-    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
-    _check_timm_name(timm_name, pretrained)
+    timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+    check_timm_name(timm_name, pretrained)
     model = _create_timm(timm_name, pretrained, img_size, num_classes=int(num_classes))
     if checkpoint:
         _load_student_checkpoint(model, checkpoint)

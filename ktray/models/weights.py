@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import urllib.parse
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ def strip_wrapper_prefix(
     if set(state) & expected:
         return state
     for prefix in _WRAPPER_PREFIXES:
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if set(stripped) & expected:
             return stripped
     return state
@@ -80,6 +80,9 @@ def strip_wrapper_prefix(
 
 def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load ``state`` into ``module`` strictly, with a one-line error on a mismatch.
+
+    A module built on the meta device (shapes only) is checked and left as it is: that is how
+    :mod:`ktray.models.available` checks a checkpoint before any work starts.
 
     Args:
         module: Target module.
@@ -95,6 +98,7 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
+
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
@@ -103,6 +107,8 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what
             f"{len(unexpected)} unexpected ({few(unexpected)}), "
             f"{len(wrong)} with another shape ({few(wrong)})"
         )
+    if any(p.is_meta for p in module.parameters()):
+        return  # a shape-only model (built on the meta device): the check was the point
     module.load_state_dict(state, strict=True)
 
 

@@ -19,21 +19,36 @@ import os
 import pyarrow as pa
 
 from ktray import storage
-from ktray.pipeline.manifest import MANIFEST
+from ktray.pipeline.manifest import MANIFEST, path_name
 
 SKIP_DIRS = {"ray", "report", "model", "mlruns"}
 AGGREGATES = ("pipeline", "sweep")
-COLUMNS = ["run", "stage", "name", "params", "test_accuracy", "pretrain_flops", "flops",
-           "flops_per_image", "device_seconds", "seconds", "transfer_images", "shared", "path"]
+COLUMNS = [
+    "run",
+    "stage",
+    "name",
+    "params",
+    "test_accuracy",
+    "pretrain_flops",
+    "flops",
+    "flops_per_image",
+    "device_seconds",
+    "seconds",
+    "transfer_images",
+    "shared",
+    "path",
+]
 
 
 def _manifest_paths(out: str) -> list[str]:
     if storage.is_remote(out):
         fs, path = storage.fs_and_path(out)
         proto = out.split("://", 1)[0]
-        return sorted(f"{proto}://{p}" for p in fs.find(path)
-                      if p.endswith("/" + MANIFEST)
-                      and not set(p[len(path):].split("/")[:-1]) & SKIP_DIRS)
+        return sorted(
+            f"{proto}://{p}"
+            for p in fs.find(path)
+            if p.endswith("/" + MANIFEST) and not set(p[len(path) :].split("/")[:-1]) & SKIP_DIRS
+        )
     found = []
     for root, dirs, files in os.walk(out, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
@@ -44,17 +59,16 @@ def _manifest_paths(out: str) -> list[str]:
 
 def _run_of(rel_dir: str, stage: str, name: str) -> str:
     parts = [p for p in rel_dir.split("/") if p not in ("", ".")]
-    tail = [stage] + ([p for p in name.split("/") if p] if name else [])
-    if parts[-len(tail):] == tail:
-        parts = parts[:-len(tail)]
+    tail = [stage] + ([path_name(name)] if name else [])
+    if parts[-len(tail) :] == tail:
+        parts = parts[: -len(tail)]
     elif parts:
         parts = parts[:-1]
     return "/".join(parts) or "."
 
 
 def _number(value):
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _params(run_dir: str) -> str:
@@ -78,20 +92,28 @@ def gather(out: str) -> list[dict]:
             continue
         if not isinstance(m, dict) or "stage" not in m:
             continue
-        d = uri[:-len(MANIFEST) - 1]
-        rel = d[len(out):].strip("/") or "."
+        d = uri[: -len(MANIFEST) - 1]
+        rel = d[len(out) :].strip("/") or "."
         run = _run_of(rel, str(m["stage"]), str(m.get("name") or ""))
         shared = not storage.is_remote(d) and os.path.realpath(d) != os.path.abspath(d)
         manifests[(run, m["stage"], m.get("name") or "")] = m
-        rows.append({
-            "run": run, "stage": str(m["stage"]), "name": str(m.get("name") or ""),
-            "params": "", "test_accuracy": _number(m.get("test_accuracy")),
-            "pretrain_flops": None,
-            "flops": 0.0 if m.get("adopted") else _number(m.get("flops")),
-            "flops_per_image": _number(m.get("flops_per_image")),
-            "device_seconds": _number(m.get("device_seconds")),
-            "seconds": _number(m.get("seconds", m.get("train_seconds"))),
-            "transfer_images": None, "shared": shared, "path": d})
+        rows.append(
+            {
+                "run": run,
+                "stage": str(m["stage"]),
+                "name": str(m.get("name") or ""),
+                "params": "",
+                "test_accuracy": _number(m.get("test_accuracy")),
+                "pretrain_flops": None,
+                "flops": 0.0 if m.get("adopted") else _number(m.get("flops")),
+                "flops_per_image": _number(m.get("flops_per_image")),
+                "device_seconds": _number(m.get("device_seconds")),
+                "seconds": _number(m.get("seconds", m.get("train_seconds"))),
+                "transfer_images": None,
+                "shared": shared,
+                "path": d,
+            }
+        )
     params = {}
     for row in rows:
         run_dir = out if row["run"] == "." else storage.join(out, row["run"])
@@ -105,9 +127,14 @@ def gather(out: str) -> list[dict]:
         elif "@" in row["name"]:
             transfer = row["name"].split("@", 1)[1]
             pre = manifests.get((row["run"], "distill", row["name"]), {})
-            logits = manifests.get((row["run"], "logits", transfer), {})
-            row["pretrain_flops"] = (_number(pre.get("flops")) or 0.0) + \
-                (_number(logits.get("flops")) or 0.0)
+            logits = (
+                manifests.get((row["run"], "logits", transfer), {})
+                if pre.get("uses_logits", True)
+                else {}
+            )  # online: no logits pass
+            row["pretrain_flops"] = (_number(pre.get("flops")) or 0.0) + (
+                _number(logits.get("flops")) or 0.0
+            )
             row["transfer_images"] = _number(logits.get("images"))
     return rows
 
@@ -115,9 +142,11 @@ def gather(out: str) -> list[dict]:
 def totals(rows: list[dict]) -> dict:
     """FLOPs and device-seconds actually spent (shared outputs and aggregates counted once)."""
     own = [r for r in rows if not r["shared"] and r["stage"] not in AGGREGATES]
-    return {"flops": sum(r["flops"] or 0.0 for r in own),
-            "device_seconds": sum(r["device_seconds"] or 0.0 for r in own),
-            "stages": len(own)}
+    return {
+        "flops": sum(r["flops"] or 0.0 for r in own),
+        "device_seconds": sum(r["device_seconds"] or 0.0 for r in own),
+        "stages": len(own),
+    }
 
 
 def fmt(value, column: str = "") -> str:
@@ -137,20 +166,29 @@ def fmt(value, column: str = "") -> str:
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c), c).replace("|", "/") for c in columns)
-                     + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c), c).replace("|", "/") for c in columns) + " |")
     return "\n".join(lines)
 
 
 def to_arrow(rows: list[dict], columns: list[str]) -> pa.Table:
     """Rows as an Arrow table; list/dict values become strings."""
+
     def plain(v):
         return str(v) if isinstance(v, (list, tuple, dict)) else v
+
     return pa.table({c: [plain(r.get(c)) for r in rows] for c in columns})
 
 
-def plot_accuracy(points: list[dict], x: str, *, group: str = "", label: str = "",
-                  title: str = "", xlabel: str = "", hlines: dict | None = None) -> bytes:
+def plot_accuracy(
+    points: list[dict],
+    x: str,
+    *,
+    group: str = "",
+    label: str = "",
+    title: str = "",
+    xlabel: str = "",
+    hlines: dict | None = None,
+) -> bytes:
     """PNG of ``test_accuracy`` against ``x``: one line per ``group`` value, points annotated
     with ``label``; ``hlines`` = {name: accuracy} reference lines. Log x-axis when ``x`` spans
     more than a factor of 20."""
@@ -169,14 +207,20 @@ def plot_accuracy(points: list[dict], x: str, *, group: str = "", label: str = "
         ax.plot([p[x] for p in gp], [p["test_accuracy"] for p in gp], "o-", label=name or None)
         for p in gp:
             if label and p.get(label):
-                ax.annotate(str(p[label]), (p[x], p["test_accuracy"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    str(p[label]),
+                    (p[x], p["test_accuracy"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
     xs = [p[x] for p in pts]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     for i, (name, value) in enumerate((hlines or {}).items()):
-        ax.axhline(value, ls=("--", ":", "-.")[i % 3], color="gray", lw=1,
-                   label=f"{name} ({value:.3f})")
+        ax.axhline(
+            value, ls=("--", ":", "-.")[i % 3], color="gray", lw=1, label=f"{name} ({value:.3f})"
+        )
     if not pts:
         ax.text(0.5, 0.5, "no finished points", ha="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel or x)
@@ -208,29 +252,48 @@ def write_report(out: str) -> dict:
     if not rows:
         raise KtrayError(f"no stage manifests under {out}: run a ktray stage, run or sweep first")
     t = totals(rows)
-    pretrained = [dict(r, method=r["name"]) for r in rows
-                  if r["stage"] == "finetune" and (r["pretrain_flops"] or 0) > 0]
+    pretrained = [
+        dict(r, method=r["name"])
+        for r in rows
+        if r["stage"] == "finetune" and (r["pretrain_flops"] or 0) > 0
+    ]
     hlines = {}
     for name, stage, method in (("scratch", "finetune", "scratch"), ("teacher", "teacher", "")):
-        acc = _mean([r["test_accuracy"] for r in rows if r["stage"] == stage
-                     and r["name"] == method])
+        acc = _mean(
+            [r["test_accuracy"] for r in rows if r["stage"] == stage and r["name"] == method]
+        )
         if acc is not None:
             hlines[name] = acc
-    png = plot_accuracy(pretrained, "pretrain_flops", group="method", label="params",
-                        title="accuracy against pretraining compute",
-                        xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
-                        hlines=hlines)
+    png = plot_accuracy(
+        pretrained,
+        "pretrain_flops",
+        group="method",
+        label="params",
+        title="accuracy against pretraining compute",
+        xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
+        hlines=hlines,
+    )
     report = storage.join(out, "report")
-    paths = {"md": storage.join(report, "compute.md"), "parquet": storage.join(report, "compute.parquet"),
-             "png": storage.join(report, "accuracy_vs_compute.png")}
+    paths = {
+        "md": storage.join(report, "compute.md"),
+        "parquet": storage.join(report, "compute.parquet"),
+        "png": storage.join(report, "accuracy_vs_compute.png"),
+    }
     storage.write_bytes(paths["png"], png)
     storage.write_parquet(paths["parquet"], to_arrow(rows, COLUMNS))
-    md = [f"# Compute report: {out}", "",
-          f"{t['stages']} stage runs; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
-          "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0).", "",
-          "pretrain_flops (finetuned students): distillation + the teacher's pass over the "
-          "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.", "",
-          markdown_table(rows, [c for c in COLUMNS if c != "path"]), "",
-          "![accuracy against pretraining compute](accuracy_vs_compute.png)", ""]
+    md = [
+        f"# Compute report: {out}",
+        "",
+        f"{t['stages']} stage runs; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
+        "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0).",
+        "",
+        "pretrain_flops (finetuned students): distillation + the teacher's pass over the "
+        "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.",
+        "",
+        markdown_table(rows, [c for c in COLUMNS if c != "path"]),
+        "",
+        "![accuracy against pretraining compute](accuracy_vs_compute.png)",
+        "",
+    ]
     storage.write_text(paths["md"], "\n".join(md))
     return {"rows": rows, "totals": t, "outputs": paths}

@@ -7,48 +7,68 @@ can fail on bad input run before any Ray work.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ktray import storage
+from ktray.config import config_hash
 from ktray.data import columns as C
 from ktray.data.readers import read_gallery
 from ktray.errors import KtrayError
-from ktray.retrieval import crop_boxes
-from ktray.retrieval.embed import GALLERY_INDEX
 from ktray.pipeline.tasks import prepare_task, transfer_uri
-from ktray.pipeline.validate import check_backbone_name, check_timm_name
+from ktray.retrieval import (
+    balanced_select,
+    choose_index,
+    crop_boxes,
+    load_index,
+    remove_near_duplicates,
+    save_index,
+    search,
+)
+from ktray.retrieval.dedup import first_vectors, gallery_duplicates
+from ktray.retrieval.embed import GALLERY_INDEX
+from ktray.retrieval.store import PartStore
+from ktray.retrieval.tune import build_measured, dedup_nprobe
 
+log = logging.getLogger("ktray")
 ORIGIN = "origin"
 IN_DOMAIN, GENERIC, GALLERY = "in_domain", "generic", "gallery"
-TRANSFER_SCHEMA = pa.schema([(C.IMAGE_ID, pa.string()), (C.SOURCE, pa.string()),
-                             (C.LABEL, pa.int64()), (C.QUERY_ID, pa.string()),
-                             (C.RANK, pa.int32()), (C.SCORE, pa.float32())])
+TRANSFER_SCHEMA = pa.schema(
+    [
+        (C.IMAGE_ID, pa.string()),
+        (C.SOURCE, pa.string()),
+        (C.LABEL, pa.int64()),
+        (C.QUERY_ID, pa.string()),
+        (C.RANK, pa.int32()),
+        (C.SCORE, pa.float32()),
+    ]
+)
 
 
 def check_config(cfg) -> None:
-    """Raise a one-line KtrayError on the first bad ``curate.*`` value."""
+    """Curation's checks beyond each value's own (those run when ``CurateConfig`` is built):
+    the crop settings as a whole, and the encoder with its weights. One-line KtrayError."""
+    from ktray.models.available import check_encoder
+
     cur = cfg.curate
-    positive = {"images_per_query": cur.images_per_query, "img_size": cur.img_size,
-                "max_k": cur.max_k, "batch_size": cur.batch_size, "shard_rows": cur.shard_rows}
-    for key, value in positive.items():
-        if value < 1:
-            raise KtrayError(f"curate.{key} must be at least 1, got {value}")
-    if cur.k0 < 0 or cur.report_queries < 0:
-        raise KtrayError("curate.k0 and curate.report_queries must be >= 0")
-    if not 0.0 < cur.dedup_threshold <= 1.0:
-        raise KtrayError(f"curate.dedup_threshold must be in (0, 1], got {cur.dedup_threshold}")
-    if cur.memory_budget_gb <= 0:
-        raise KtrayError(f"curate.memory_budget_gb must be positive, got {cur.memory_budget_gb}")
+    crop_boxes(cur.random_crops, cur.grid, tuple(float(s) for s in cur.scales), 0, "")
     try:
-        scales = tuple(float(s) for s in cur.scales)
-    except (TypeError, ValueError):
-        raise KtrayError(f"curate.scales must be numbers, got {cur.scales!r}")
-    crop_boxes(cur.random_crops, cur.grid, scales, 0, "")  # raises on bad crop settings
-    if cur.encoder and not cur.encoder.startswith(("open_clip:", "efficientnet_lite")):
-        check_timm_name(cur.encoder, "curate.encoder")
-    else:
-        check_backbone_name(cur.encoder or cfg.teacher.backbone)
+        if cur.encoder:
+            check_encoder(cur.encoder, cur.pretrained)
+        else:
+            check_encoder(
+                cfg.teacher.backbone, cfg.teacher.pretrained and not cfg.teacher.checkpoint
+            )
+    except KtrayError as e:
+        raise KtrayError(
+            f"{'curate.encoder' if cur.encoder else 'teacher.backbone'}: {e}"
+        ) from None
 
 
 def split(info: dict, name: str) -> pa.Table | None:
@@ -61,8 +81,13 @@ def indexed(*tables: pa.Table | None) -> pa.Table:
     """``gallery_index, image_id, source`` rows of the tables, concatenated (index 0..N-1)."""
     parts = [t.select([C.IMAGE_ID, C.SOURCE]) for t in tables if t is not None and len(t)]
     if not parts:
-        return pa.table({GALLERY_INDEX: pa.array([], pa.int64()), C.IMAGE_ID: pa.array(
-            [], pa.string()), C.SOURCE: pa.array([], pa.string())})
+        return pa.table(
+            {
+                GALLERY_INDEX: pa.array([], pa.int64()),
+                C.IMAGE_ID: pa.array([], pa.string()),
+                C.SOURCE: pa.array([], pa.string()),
+            }
+        )
     t = pa.concat_tables(parts)
     return t.add_column(0, GALLERY_INDEX, pa.array(np.arange(len(t), dtype=np.int64)))
 
@@ -86,13 +111,23 @@ def gallery_table(cfg) -> pa.Table:
             t = storage.read_parquet(transfer_uri(cfg, origin), columns=[C.IMAGE_ID, C.SOURCE])
             tables.append(t.append_column(ORIGIN, pa.array([origin] * len(t), pa.string())))
     if not tables:
-        raise KtrayError("curate.gallery is empty and the task has neither unlabeled images "
-                         "nor a generic pool (data.generic_images) to use as the gallery")
+        raise KtrayError(
+            "curate.gallery is empty and the task has neither unlabeled images "
+            "nor a generic pool (data.generic_images) to use as the gallery"
+        )
     ids = [i for t in tables for i in t[C.IMAGE_ID].to_pylist()]
     if len(set(ids)) != len(ids):
-        tables = [t.set_column(0, C.IMAGE_ID, pa.array(
-            [f"{o}/{i}" for o, i in zip(t[ORIGIN].to_pylist(), t[C.IMAGE_ID].to_pylist())],
-            pa.string())) for t in tables]
+        tables = [
+            t.set_column(
+                0,
+                C.IMAGE_ID,
+                pa.array(
+                    [f"{o}/{i}" for o, i in zip(t[ORIGIN].to_pylist(), t[C.IMAGE_ID].to_pylist())],
+                    pa.string(),
+                ),
+            )
+            for t in tables
+        ]
     return pa.concat_tables(tables)
 
 
@@ -101,17 +136,36 @@ def transfer_table(gallery: pa.Table, selected: dict) -> pa.Table:
     ``image_id`` are gallery row numbers) as an image table + ``query_id, rank, score``."""
     rows = pa.array(np.asarray(selected[C.IMAGE_ID], dtype=np.int64))
     picked = gallery.take(rows)
-    return pa.Table.from_arrays([
-        picked[C.IMAGE_ID], picked[C.SOURCE], pa.array([C.UNLABELED] * len(rows), pa.int64()),
-        pa.array([str(q) for q in selected[C.QUERY_ID]], pa.string()),
-        pa.array(np.asarray(selected[C.RANK], dtype=np.int32)),
-        pa.array(np.asarray(selected[C.SCORE], dtype=np.float32)),
-    ], schema=TRANSFER_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            picked[C.IMAGE_ID],
+            picked[C.SOURCE],
+            pa.array([C.UNLABELED] * len(rows), pa.int64()),
+            pa.array([str(q) for q in selected[C.QUERY_ID]], pa.string()),
+            pa.array(np.asarray(selected[C.RANK], dtype=np.int32)),
+            pa.array(np.asarray(selected[C.SCORE], dtype=np.float32)),
+        ],
+        schema=TRANSFER_SCHEMA,
+    )
 
 
-def summary(gallery: pa.Table, queries: pa.Table, transfer: pa.Table, shortfall: dict,
-            excluded: set[int], images_per_query: int, examples: int = 20) -> dict:
-    """The manifest's account of a selection: counts per query, shortfall, exclusions."""
+def summary(
+    gallery: pa.Table,
+    queries: pa.Table,
+    transfer: pa.Table,
+    shortfall: dict,
+    excluded: set[int],
+    images_per_query: int,
+    examples: int = 20,
+    duplicates: set[int] | None = None,
+    reasons: dict | None = None,
+    capped: list | None = None,
+) -> dict:
+    """The manifest's account of a selection: counts per query, shortfall, exclusions.
+
+    Work is per query and per excluded image; the gallery is only counted (Arrow), never
+    turned into Python objects.
+    """
     per_query = {q: 0 for q in queries[C.IMAGE_ID].to_pylist()}
     for q in transfer[C.QUERY_ID].to_pylist():
         per_query[q] = per_query.get(q, 0) + 1
@@ -121,34 +175,198 @@ def summary(gallery: pa.Table, queries: pa.Table, transfer: pa.Table, shortfall:
     # queries whose every crop was unreadable never reached the selection: they are short too
     short = {q: images_per_query - n for q, n in per_query.items() if n < images_per_query}
     short.update({str(q): int(v) for q, v in shortfall.items()})
-    origins = gallery[ORIGIN].to_pylist()
-    ex_ids = gallery[C.IMAGE_ID].to_pylist()
+    why = {str(q): r for q, r in (reasons or {}).items()}
+    by_reason: dict[str, int] = {}
+    for q in short:
+        r = why.get(q, "unreadable query")
+        by_reason[r] = by_reason.get(r, 0) + 1
     chosen = origins_of(gallery, transfer)
     known = [o for o in chosen if o != GALLERY]
+    vc = pc.value_counts(gallery[ORIGIN]).to_pylist() if len(gallery) else []
+    duplicates = duplicates or set()
     return {
-        "queries": len(per_query), "images_per_query": images_per_query,
+        "queries": len(per_query),
+        "images_per_query": images_per_query,
         "unique_images": len(set(transfer[C.IMAGE_ID].to_pylist())),
         "per_query_counts": {str(k): v for k, v in sorted(counts.items())},
-        "shortfall": {"queries": len(short), "images": int(sum(short.values())),
-                      "examples": dict(sorted(short.items())[:examples])},
-        "excluded": {"images": len(excluded),
-                     "examples": sorted(ex_ids[i] for i in sorted(excluded)[:examples])},
-        "gallery_origins": {o: origins.count(o) for o in sorted(set(origins))},
+        "shortfall": {
+            "queries": len(short),
+            "images": int(sum(short.values())),
+            "by_reason": dict(sorted(by_reason.items())),
+            "examples": dict(sorted(short.items())[:examples]),
+        },
+        "capped_queries": len(capped or []),
+        "excluded": {"images": len(excluded), "examples": _ids(gallery, excluded, examples)},
+        "gallery_duplicates": {
+            "images": len(duplicates),
+            "examples": _ids(gallery, duplicates, examples),
+        },
+        "gallery_origins": {
+            d["values"]: d["counts"] for d in sorted(vc, key=lambda d: d["values"])
+        },
         "in_domain_fraction": (sum(o == IN_DOMAIN for o in known) / len(known))
-        if known and len(known) == len(chosen) else None,
+        if known and len(known) == len(chosen)
+        else None,
         "score": _score_stats(transfer[C.SCORE].to_numpy()),
     }
 
 
+def _ids(gallery: pa.Table, rows: set[int], n: int) -> list[str]:
+    """The image ids of the first ``n`` gallery rows of ``rows``, sorted."""
+    take = pa.array(sorted(rows)[:n], pa.int64())
+    return sorted(gallery[C.IMAGE_ID].take(take).to_pylist())
+
+
 def origins_of(gallery: pa.Table, transfer: pa.Table) -> list[str]:
-    """The gallery origin of every transfer-set row."""
-    origin = dict(zip(gallery[C.IMAGE_ID].to_pylist(), gallery[ORIGIN].to_pylist()))
-    return [origin[i] for i in transfer[C.IMAGE_ID].to_pylist()]
+    """The gallery origin of every transfer-set row (a hash join in Arrow, not Python)."""
+    rows = pc.index_in(transfer[C.IMAGE_ID], value_set=gallery[C.IMAGE_ID].combine_chunks())
+    return gallery[ORIGIN].take(rows).to_pylist()
 
 
 def _score_stats(scores: np.ndarray) -> dict | None:
     if not len(scores):
         return None
     q = np.quantile(scores, [0.0, 0.5, 1.0])
-    return {"min": float(q[0]), "median": float(q[1]), "max": float(q[2]),
-            "mean": float(scores.mean())}
+    return {
+        "min": float(q[0]),
+        "median": float(q[1]),
+        "max": float(q[2]),
+        "mean": float(scores.mean()),
+    }
+
+
+def index_and_select(
+    cfg,
+    out: str,
+    query_vecs: np.ndarray,
+    query_ids: list,
+    protected_vecs: np.ndarray,
+    parts: list[str],
+    image_of_vector: np.ndarray,
+) -> dict:
+    """Gallery index, leak protection, self-dedup and balanced selection (no ray here).
+
+    Args:
+        cfg: the run's Config (``curate.*``, ``data.seed``).
+        out: the curate folder (``index.faiss`` + ``index.json`` are written there).
+        query_vecs: ``[Nq, D]`` query crop embeddings; ``query_ids`` their query image ids.
+        protected_vecs: ``[P, D]`` embeddings that must not leak (labeled, val, test).
+        parts: the gallery's embedding part files, in vector-id order.
+        image_of_vector: ``[V]`` gallery row of every gallery vector.
+
+    Returns:
+        ``selected`` and ``shortfall`` (as :func:`balanced_select`), ``excluded`` (leak
+        protection), ``duplicates`` (gallery self-duplicates dropped), ``index`` (the
+        :class:`IndexReport` dict), ``select`` (capped queries, reasons, depth) and
+        ``timings``.
+    """
+    cur = cfg.curate
+    timings = {}
+    t0 = time.perf_counter()
+    store = PartStore(parts)
+    dim = query_vecs.shape[1]
+    factory = (
+        cur.index
+        if cur.index != "auto"
+        else choose_index(len(store), dim, int(cur.memory_budget_gb * 2**30))
+    )
+    index, report = _gallery_index(
+        out, store, factory, query_vecs, cfg.data.seed, cur.target_recall
+    )
+    if not report["reached"] and "Refine" not in factory and "PQ" in factory:
+        # PQ alone plateaus below the target whatever nprobe; SQ8 re-ranking needs ~dim
+        # more bytes per vector (README: recall@10 0.54 -> 0.96 at 1M x 256).
+        need = 1.05 * len(store) * (dim + dim // 4 + 8) / 2**30  # SQ8 + PQ(dim/4) + ids
+        log.warning(
+            "curate: %s reaches recall@10 %.3f < curate.target_recall %.2f; "
+            "curate.memory_budget_gb=%.0f would allow SQ8 re-ranking",
+            factory,
+            report["recall"],
+            cur.target_recall,
+            math.ceil(need),
+        )
+    timings["index"] = time.perf_counter() - t0
+
+    # Leak protection: approximate hits within the margin (the index's measured score error
+    # plus curate.dedup_margin) are confirmed or rejected with exact cosine on the stored
+    # vectors, so a lossy index costs deeper checks, never a leak of a near copy.
+    t0 = time.perf_counter()
+    margin = cur.dedup_margin + float(report.get("score_error") or 0.0)
+    excluded = remove_near_duplicates(
+        index,
+        protected_vecs,
+        image_of_vector,
+        cur.dedup_threshold,
+        margin=margin,
+        vectors_of=store.take,
+        nprobe=dedup_nprobe(index),
+    )
+    duplicates, groups = set(), 0
+    if cur.dedup_gallery:
+        first = np.zeros(len(image_of_vector), dtype=bool)
+        first[first_vectors(image_of_vector)] = True
+
+        def full_images():
+            for p, vec in enumerate(store):
+                ids = np.arange(store.offsets[p], store.offsets[p + 1])
+                yield ids[first[ids]], vec[first[ids]]
+
+        duplicates, groups = gallery_duplicates(
+            index, full_images(), store.take, image_of_vector, cur.dedup_threshold, margin
+        )
+        # (gallery self-dedup uses the selection's nprobe: it is optional and gallery-wide)
+        duplicates -= excluded
+    timings["dedup"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    crops = len(query_vecs) // max(1, len(set(query_ids)))
+    k0 = cur.k0 or max(64, 2 * cur.images_per_query * crops)
+    sel_report: dict = {}
+    selected, shortfall = balanced_select(
+        lambda v, k: search(index, v, k),
+        query_vecs,
+        query_ids,
+        image_of_vector,
+        cur.images_per_query,
+        k0=min(k0, cur.max_k),
+        max_k=cur.max_k,
+        seed=cfg.data.seed,
+        exclude_images=np.fromiter(excluded | duplicates, np.int64),
+        report=sel_report,
+    )
+    timings["select"] = time.perf_counter() - t0
+    return {
+        "selected": selected,
+        "shortfall": shortfall,
+        "excluded": excluded,
+        "duplicates": duplicates,
+        "duplicate_groups": groups,
+        "index": report,
+        "dedup_margin": margin,
+        "select": sel_report,
+        "timings": timings,
+    }
+
+
+def _gallery_index(
+    out: str, store: PartStore, factory: str, probes: np.ndarray, seed: int, target_recall: float
+):
+    """Build (or reuse) ``out/index.faiss``; ``index.json`` holds its key and report."""
+    uri, meta_uri = storage.join(out, "index.faiss"), storage.join(out, "index.json")
+    fs = storage.fs_and_path(store.parts[0])[0] if store.parts else None
+    sizes = [fs.info(storage.fs_and_path(f)[1]).get("size") for f in store.parts]
+    key = config_hash(
+        [os.path.basename(f) for f in store.parts], sizes, factory, target_recall, seed
+    )
+    if storage.exists(uri) and storage.exists(meta_uri):
+        meta = storage.read_json(meta_uri)
+        if meta.get("key") == key:
+            log.info("curate: reusing %s", uri)
+            return load_index(uri), meta["report"]
+    index, report = build_measured(factory, store, probes, seed, target_recall)
+    save_index(index, uri)
+    storage.write_json(
+        meta_uri,
+        {"key": key, "factory": factory, "vectors": int(index.ntotal), "report": report.as_dict()},
+    )
+    return index, report.as_dict()

@@ -39,8 +39,9 @@ def _thumb(img) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((THUMB, THUMB)))
 
 
-def grid_png(queries: pa.Table, transfer: pa.Table, n_queries: int = 6,
-             per_query: int = 8) -> bytes:
+def grid_png(
+    queries: pa.Table, transfer: pa.Table, n_queries: int = 6, per_query: int = 8
+) -> bytes:
     """The first ``n_queries`` queries (in query-table order) that retrieved anything, each in
     a row beside its ``per_query`` best-ranked images, captioned with rank and score.
 
@@ -50,11 +51,15 @@ def grid_png(queries: pa.Table, transfer: pa.Table, n_queries: int = 6,
     """
     plt = _pyplot()
     by_query: dict[str, list[tuple[int, str, float]]] = {}
-    for q, r, s, src in zip(transfer[C.QUERY_ID].to_pylist(), transfer[C.RANK].to_pylist(),
-                            transfer[C.SCORE].to_pylist(), transfer[C.SOURCE].to_pylist()):
+    for q, r, s, src in zip(
+        transfer[C.QUERY_ID].to_pylist(),
+        transfer[C.RANK].to_pylist(),
+        transfer[C.SCORE].to_pylist(),
+        transfer[C.SOURCE].to_pylist(),
+    ):
         by_query.setdefault(q, []).append((r, src, s))
     source_of = dict(zip(queries[C.IMAGE_ID].to_pylist(), queries[C.SOURCE].to_pylist()))
-    shown = [q for q in queries[C.IMAGE_ID].to_pylist() if q in by_query][:max(1, n_queries)]
+    shown = [q for q in queries[C.IMAGE_ID].to_pylist() if q in by_query][: max(1, n_queries)]
     cols = 1 + max(1, min(per_query, max((len(by_query[q]) for q in shown), default=1)))
     rows = max(1, len(shown))
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 0.6, 1.45 * rows), squeeze=False)
@@ -70,8 +75,9 @@ def grid_png(queries: pa.Table, transfer: pa.Table, n_queries: int = 6,
             axes[row, j + 1].set_title(f"#{rank} {score:.3f}", fontsize=7)
     if not shown:
         axes[0, 0].text(0, 0.5, "nothing retrieved", fontsize=10)
-    fig.suptitle("queries (left) and their retrieved gallery images (rank, cosine score)",
-                 fontsize=9)
+    fig.suptitle(
+        "queries (left) and their retrieved gallery images (rank, cosine score)", fontsize=9
+    )
     fig.tight_layout()
     return _png(fig)
 
@@ -98,23 +104,38 @@ def scores_png(scores: np.ndarray, origins: Sequence[str] | None = None) -> byte
 
 
 def markdown(summary: dict, extra: dict | None = None) -> str:
-    """The summary of a curation run (``summary`` as ``ktray.pipeline.curation.summary`` makes it)."""
+    """The summary of a curation run (as ``ktray.pipeline.curation.summary`` makes it)."""
     s = summary
-    lines = ["# ktray curation", "",
-             f"{s['queries']} queries x {s['images_per_query']} images requested: "
-             f"**{s['unique_images']}** distinct gallery images selected.", "",
-             "| | |", "|---|---|"]
-    rows = [("images per query (count: queries)",
-             ", ".join(f"{k}: {v}" for k, v in s["per_query_counts"].items())),
-            ("queries short of the quota", f"{s['shortfall']['queries']} "
-             f"({s['shortfall']['images']} images missing)"),
-            ("near-duplicates of labeled/test images excluded", s["excluded"]["images"]),
-            ("gallery origins", ", ".join(f"{k}: {v}" for k, v in s["gallery_origins"].items()))]
+    lines = [
+        "# ktray curation",
+        "",
+        f"{s['queries']} queries x {s['images_per_query']} images requested: "
+        f"**{s['unique_images']}** distinct gallery images selected.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    rows = [
+        (
+            "images per query (count: queries)",
+            ", ".join(f"{k}: {v}" for k, v in s["per_query_counts"].items()),
+        ),
+        (
+            "queries short of the quota",
+            f"{s['shortfall']['queries']} ({s['shortfall']['images']} images missing)",
+        ),
+        ("near-duplicates of labeled/test images excluded", s["excluded"]["images"]),
+        ("gallery origins", ", ".join(f"{k}: {v}" for k, v in s["gallery_origins"].items())),
+    ]
     if s.get("in_domain_fraction") is not None:
         rows.append(("in-domain fraction of the selection", f"{s['in_domain_fraction']:.3f}"))
     if s.get("score"):
-        rows.append(("score min / median / max", " / ".join(
-            f"{s['score'][k]:.3f}" for k in ("min", "median", "max"))))
+        rows.append(
+            (
+                "score min / median / max",
+                " / ".join(f"{s['score'][k]:.3f}" for k in ("min", "median", "max")),
+            )
+        )
     for k, v in (extra or {}).items():
         rows.append((k, v))
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -122,12 +143,21 @@ def markdown(summary: dict, extra: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: str, queries: pa.Table, transfer: pa.Table, summary: dict,
-                 n_queries: int = 6, origins: Sequence[str] | None = None,
-                 extra: dict | None = None) -> dict:
+def write_report(
+    out: str,
+    queries: pa.Table,
+    transfer: pa.Table,
+    summary: dict,
+    n_queries: int = 6,
+    origins: Sequence[str] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Write ``report.png``, ``scores.png`` and ``report.md`` under ``out``; return their URIs."""
-    paths = {"report_png": storage.join(out, "report.png"), "scores_png": storage.join(out, "scores.png"),
-             "report_md": storage.join(out, "report.md")}
+    paths = {
+        "report_png": storage.join(out, "report.png"),
+        "scores_png": storage.join(out, "scores.png"),
+        "report_md": storage.join(out, "report.md"),
+    }
     storage.write_bytes(paths["report_png"], grid_png(queries, transfer, n_queries))
     storage.write_bytes(paths["scores_png"], scores_png(transfer[C.SCORE].to_numpy(), origins))
     storage.write_text(paths["report_md"], markdown(summary, extra))

@@ -6,6 +6,8 @@ A stage writes its outputs first and ``manifest.json`` last, so a manifest whose
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from typing import Any
 
@@ -15,8 +17,23 @@ from ktray.config import to_yaml
 MANIFEST = "manifest.json"
 
 
+def path_name(name: str) -> str:
+    """The folder name of a stage output called ``name``: the name itself, or, when it holds a
+    path or URI (a transfer set given as ``/data/unl-{000..009}.tar``, or ``task@`` that), a
+    short stable name: the last two path parts, cleaned, plus 8 hex digits of the whole name's
+    hash (``task@data-unl-_000..009_.tar-1a2b3c4d``)."""
+    if re.fullmatch(r"[\w@.+=-]+", name):
+        return name
+    head, sep, rest = name.partition("@") if "@" in name.split("/")[0] else ("", "", name)
+    parts = [p for p in rest.split("/") if p and not p.endswith(":")][-2:]
+    stem = re.sub(r"[^\w.+=-]+", "_", "-".join(parts)).strip("_")[-40:]
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{head}{sep}{stem or 'uri'}-{digest}"
+
+
 def stage_dir(out: str, stage: str, name: str = "") -> str:
-    return storage.join(out, stage, name) if name else storage.join(out, stage)
+    """``OUT/<stage>[/<path_name(name)>]``."""
+    return storage.join(out, stage, path_name(name)) if name else storage.join(out, stage)
 
 
 def load_finished(directory: str, config_hash: str) -> dict | None:
@@ -38,16 +55,3 @@ def write(directory: str, manifest: dict[str, Any], cfg=None) -> dict:
     manifest.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
     storage.write_json(storage.join(directory, MANIFEST), manifest)
     return manifest
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        return False

@@ -25,33 +25,106 @@ def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, m in results["methods"].items():
         pre = m.get("distill_test_accuracy")
-        rows.append([name, f"{m['test_accuracy']:.4f}",
-                     f"{pre:.4f}" if pre is not None else "-",
-                     f"{m.get('train_seconds', 0):.1f}",
-                     f"{m['pretrain_flops'] / 1e12:.2f}" if m.get("pretrain_flops") else "-",
-                     describe(name)])
+        rows.append(
+            [
+                name,
+                f"{m['test_accuracy']:.4f}",
+                f"{pre:.4f}" if pre is not None else "-",
+                f"{m.get('train_seconds', 0):.1f}",
+                f"{m['pretrain_flops'] / 1e12:.2f}" if m.get("pretrain_flops") else "-",
+                describe(name),
+            ]
+        )
     return rows
 
 
-HEADER = ["method", "test acc", "acc before finetune", "train s", "pretrain TFLOPs",
-          "what it is"]
+HEADER = ["method", "test acc", "acc before finetune", "train s", "pretrain TFLOPs", "what it is"]
 
 
-def format_table(results: dict) -> str:
-    rows = [HEADER] + table_rows(results)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+SPEED_HEADER = [
+    "method",
+    "model",
+    "params M",
+    "GFLOPs",
+    "MB",
+    "PyTorch ms",
+    "ORT ms",
+    "ORT int8 ms",
+    "PyTorch img/s",
+    "ORT img/s",
+    "ORT int8 img/s",
+    "speed-up (ORT img/s)",
+]
+BACKENDS = ("pytorch", "onnx", "int8")
+
+
+def speed_rows(results: dict) -> list[list[str]]:
+    """The speed table (``results["speed"]``, from ``ktray run``): one row per method;
+    latency at batch 1, throughput at batch 32; speed-up over the teacher, same backend."""
+    rows = []
+    for name, r in (results.get("speed") or {}).items():
+        sp = r.get("speed") or {}
+
+        def cell(backend, key, fmt, sp=sp):
+            return fmt.format(sp[backend][key]) if backend in sp else "-"
+
+        up = (r.get("speedup") or {}).get("onnx")
+        rows.append(
+            [
+                name,
+                f"{r['arch']} @{r['img_size']}",
+                f"{r['params'] / 1e6:.2f}",
+                f"{r['gflops']:.3f}",
+                f"{r['mb']:.1f}",
+                *[cell(b, "latency_ms", "{:.2f}") for b in BACKENDS],
+                *[cell(b, "throughput", "{:.0f}") for b in BACKENDS],
+                f"{up['throughput']:.1f}x" if up else "-",
+            ]
+        )
+    return rows
+
+
+def _text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def format_table(results: dict) -> str:
+    text = _text_table([HEADER] + table_rows(results))
+    speed = speed_rows(results)
+    if speed:
+        text += "\n\nCPU speed (batch 1 latency, batch 32 throughput; same process):\n"
+        text += _text_table([SPEED_HEADER] + speed)
+    return text
+
+
 def markdown(results: dict) -> str:
     rows = [HEADER, ["---"] * len(HEADER)] + table_rows(results)
-    md = [f"# ktray results: {results['task']}", "",
-          f"{results['labels_per_class']} labeled images per class; test set of "
-          f"{results.get('test_images', '?')} images.", ""]
+    md = [
+        f"# ktray results: {results['task']}",
+        "",
+        f"{results['labels_per_class']} labeled images per class; test set of "
+        f"{results.get('test_images', '?')} images.",
+        "",
+    ]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "![accuracy](results.png)", ""]
+    speed = speed_rows(results)
+    if speed:
+        md += [
+            "## Speed on this machine's CPU",
+            "",
+            "Latency at batch 1, throughput at batch 32, PyTorch (eager) and onnxruntime "
+            "(fp32, static int8) measured in the same process; the speed-up is the "
+            "student's onnxruntime throughput over the teacher's.",
+            "",
+        ]
+        md += [
+            "| " + " | ".join(r) + " |" for r in [SPEED_HEADER, ["---"] * len(SPEED_HEADER)] + speed
+        ]
+        md.append("")
     for key, value in results.get("notes", {}).items():
         md.append(f"- **{key}**: {value}")
     return "\n".join(md) + "\n"
@@ -66,8 +139,12 @@ def plot(results: dict) -> bytes:
     names = list(results["methods"])
     acc = [results["methods"][n]["test_accuracy"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
-    colors = ["#888" if n in ("teacher", "scratch") else
-              ("#1f77b4" if n.startswith("task") else "#ff7f0e") for n in names]
+    colors = [
+        "#888"
+        if n in ("teacher", "scratch")
+        else ("#1f77b4" if n.startswith("task") else "#ff7f0e")
+        for n in names
+    ]
     ax.barh(names, acc, color=colors)
     for i, a in enumerate(acc):
         ax.text(a + 0.005, i, f"{a:.3f}", va="center")

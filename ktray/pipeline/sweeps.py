@@ -14,18 +14,40 @@ from dataclasses import dataclass
 from ktray.config import Config, apply_overrides, config_hash
 from ktray.errors import KtrayError
 from ktray.pipeline.validate import check_config, parse_method
+from ktray.train.specs import TeacherSpec, config_keys
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
+SCHEDULERS = ("fifo", "asha")
+MODES = ("max", "min")
 FORBIDDEN = ("out", "name", "methods", "sweep", "tracking", "ray")
-METRICS = ("test_accuracy", "distill_test_accuracy", "train_seconds", "finetune_seconds",
-           "distill_seconds", "wall_seconds", "pretrain_flops", "finetune_flops")
+METRICS = (
+    "test_accuracy",
+    "distill_test_accuracy",
+    "train_seconds",
+    "finetune_seconds",
+    "distill_seconds",
+    "wall_seconds",
+    "pretrain_flops",
+    "finetune_flops",
+)
 
 # Config keys each shared stage output depends on (a key ending in '.' is a section prefix).
 DATA_KEYS = ("task", "data.")
-TEACHER_KEYS = ("task", "teacher.", "data.kind", "data.root", "data.label_column",
-                "data.labels_per_class", "data.val_per_class", "data.seed")
+TRAIN_SPLIT_KEYS = (
+    "task",
+    "data.kind",
+    "data.root",
+    "data.label_column",
+    "data.labels_per_class",
+    "data.val_per_class",
+    "data.seed",
+)
+"""What decides the labeled train / validation images (not ``data.test_limit`` or the transfer
+sets): the content the teacher stage fingerprints as its input."""
+TEACHER_KEYS = TRAIN_SPLIT_KEYS + tuple(sorted(config_keys(TeacherSpec)))
+"""The teacher's reuse key: its spec's settings (derived from ``TeacherSpec``) + its input."""
 CURATE_KEYS = DATA_KEYS + ("teacher.", "curate.")
-LOGITS_KEYS = DATA_KEYS + ("teacher.", "logits.")
+LOGITS_KEYS = DATA_KEYS + TEACHER_KEYS + ("logits.",)
 
 
 @dataclass
@@ -73,13 +95,17 @@ def _check_value(cfg: Config, key: str, value) -> Config:
 
 def _param(cfg: Config, key: str, spec) -> Param:
     if key.split(".")[0] in FORBIDDEN:
-        raise KtrayError(f"sweep.params: '{key}' cannot be swept (the sweep sets out, name, "
-                         "methods, ray and tracking itself)")
+        raise KtrayError(
+            f"sweep.params: '{key}' cannot be swept (the sweep sets out, name, "
+            "methods, ray and tracking itself)"
+        )
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not _is_spec(spec) or len(spec) != 1:
-        raise KtrayError(f"sweep.params.{key}: give a list of values (grid) or one of "
-                         f"{{{', '.join(k + ': ...' for k in KINDS)}}}, not {spec!r}")
+        raise KtrayError(
+            f"sweep.params.{key}: give a list of values (grid) or one of "
+            f"{{{', '.join(k + ': ...' for k in KINDS)}}}, not {spec!r}"
+        )
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise KtrayError(f"sweep.params.{key}.{kind}: expects a non-empty list, got {values!r}")
@@ -90,12 +116,17 @@ def _param(cfg: Config, key: str, spec) -> Param:
             _check_value(cfg, key, v)
         return Param(key, kind, list(values))
     if typ not in (int, float):
-        raise KtrayError(f"sweep.params.{key}: {kind} needs a numeric field, and {key} is "
-                         f"{typ.__name__}")
-    if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) \
-            or not values[0] < values[1]:
-        raise KtrayError(f"sweep.params.{key}.{kind}: expects [lo, hi] with lo < hi, "
-                         f"got {values!r}")
+        raise KtrayError(
+            f"sweep.params.{key}: {kind} needs a numeric field, and {key} is {typ.__name__}"
+        )
+    if (
+        len(values) != 2
+        or not all(isinstance(v, (int, float)) for v in values)
+        or not values[0] < values[1]
+    ):
+        raise KtrayError(
+            f"sweep.params.{key}.{kind}: expects [lo, hi] with lo < hi, got {values!r}"
+        )
     if kind == "loguniform" and values[0] <= 0:
         raise KtrayError(f"sweep.params.{key}.loguniform: lo must be positive, got {values[0]}")
     for v in values:
@@ -108,24 +139,15 @@ def parse(cfg: Config) -> list[Param]:
     s = cfg.sweep
     flat = flatten(s.params)
     if not flat:
-        raise KtrayError("sweep.params is empty: name at least one config key to sweep, e.g. "
-                         "sweep.params.distill.temperature=[1,2,4]")
+        raise KtrayError(
+            "sweep.params is empty: name at least one config key to sweep, e.g. "
+            "sweep.params.distill.temperature=[1,2,4]"
+        )
     params = [_param(cfg, key, spec) for key, spec in flat.items()]
-    parse_method(s.method)
-    if s.mode not in ("max", "min") or s.asha_mode not in ("max", "min"):
-        raise KtrayError("sweep.mode and sweep.asha_mode must be max or min")
-    if s.metric not in METRICS:
-        raise KtrayError(f"unknown sweep.metric '{s.metric}'; valid: {', '.join(METRICS)}")
-    if s.scheduler not in ("fifo", "asha"):
-        raise KtrayError(f"sweep.scheduler must be fifo or asha, not '{s.scheduler}'")
-    for name in ("num_samples", "max_concurrent", "trial_memory_mb", "reduction_factor"):
-        if getattr(s, name) < 1:
-            raise KtrayError(f"sweep.{name} must be at least 1")
-    if s.scheduler == "asha" and s.reduction_factor < 2:
-        raise KtrayError("sweep.reduction_factor must be at least 2 with the asha scheduler")
+    # sweep.method / metric / mode / scheduler / counts: checked by SweepConfig itself
     check_config(cfg)
     for p in params:  # e.g. a student arch that does not exist: fail before Ray starts
-        for v in (p.values if p.kind in ("grid", "choice") else []):
+        for v in p.values if p.kind in ("grid", "choice") else []:
             check_config(apply_overrides(cfg, {p.key: v}))
     return params
 

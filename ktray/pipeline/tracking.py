@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 from ktray import storage
 from ktray.config import Config, to_dict
@@ -45,21 +46,36 @@ def _mlflow(cfg: Config):
     logging.getLogger("alembic").setLevel(logging.ERROR)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if (
+        uri.startswith("sqlite:///")
+        and mlflow.get_experiment_by_name(cfg.tracking.experiment) is None
+    ):
+        # Artifacts beside the database (OUT/mlartifacts), not in ./mlruns of whatever folder
+        # the command ran from; a tracking server keeps its own artifact store.
+        root = os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
+        mlflow.create_experiment(
+            cfg.tracking.experiment, artifact_location=Path(os.path.abspath(root)).as_uri()
+        )
     mlflow.set_experiment(cfg.tracking.experiment)
     return mlflow
 
 
 def _numeric(d: dict) -> dict:
-    return {k: float(v) for k, v in d.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+    return {
+        k: float(v)
+        for k, v in d.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    }
 
 
 HISTORY = ("loss", "kd", "agree", "feat", "train_acc", "val_accuracy", "lr")
 
 
-def log_sweep(cfg: Config, rows: list[dict], keys: list[str], artifacts: dict,
-              histories: dict | None = None) -> str | None:
+def log_sweep(
+    cfg: Config, rows: list[dict], keys: list[str], artifacts: dict, histories: dict | None = None
+) -> str | None:
     """One parent run for the sweep (its config, table, plots), one child run per trial (its
     swept values, results and the training curves of ``histories[trial]``: a list of report
     dicts with ``pipeline_step``). Returns the parent run id (None when tracking is off)."""
@@ -72,9 +88,14 @@ def log_sweep(cfg: Config, rows: list[dict], keys: list[str], artifacts: dict,
         for row in rows:
             with mlflow.start_run(run_name=row["trial"], nested=True):
                 mlflow.set_tag("ktray.kind", "sweep-trial")
-                mlflow.log_params({**{k: str(row.get(k)) for k in keys},
-                                   "status": row.get("status"), "method": cfg.sweep.method,
-                                   "trial_dir": row.get("trial_dir")})
+                mlflow.log_params(
+                    {
+                        **{k: str(row.get(k)) for k in keys},
+                        "status": row.get("status"),
+                        "method": cfg.sweep.method,
+                        "trial_dir": row.get("trial_dir"),
+                    }
+                )
                 mlflow.log_metrics(_numeric(row))
                 for report in (histories or {}).get(row["trial"], []):
                     values = _numeric({k: report.get(k) for k in HISTORY})
@@ -100,8 +121,10 @@ def _stage_runs(cfg: Config, method: str) -> list[tuple[str, str]]:
         return [("teacher", stage_dir(cfg.out, "teacher"))]
     if method == "scratch":
         return [("finetune", stage_dir(cfg.out, "finetune", "scratch"))]
-    return [("distill", stage_dir(cfg.out, "distill", method)),
-            ("finetune", stage_dir(cfg.out, "finetune", method))]
+    return [
+        ("distill", stage_dir(cfg.out, "distill", method)),
+        ("finetune", stage_dir(cfg.out, "finetune", method)),
+    ]
 
 
 def _histories(cfg: Config, method: str) -> dict[str, list[dict]]:
@@ -123,12 +146,16 @@ def _log_history(client, run_id: str, histories: dict[str, list[dict]]) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(f"{stage}/{k}", v, now, int(report["step"]))
-             for stage, reports in histories.items() for report in reports
-             if "step" in report
-             for k, v in _numeric(report).items() if k not in ("step", "epoch")]
+    batch = [
+        Metric(f"{stage}/{k}", v, now, int(report["step"]))
+        for stage, reports in histories.items()
+        for report in reports
+        if "step" in report
+        for k, v in _numeric(report).items()
+        if k not in ("step", "epoch")
+    ]
     for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i:i + 1000])
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
 
 
 def _local_copy(uri: str, tmp: str) -> str:
@@ -144,6 +171,44 @@ def _local_copy(uri: str, tmp: str) -> str:
     return local
 
 
+def log_student_model(mlflow, cfg: Config, model_dir: str, tmp: str, export_dir: str = "") -> str:
+    """Log a checkpoint as the run's ``student/`` artifacts: an MLflow pyfunc model
+    (:mod:`ktray.serving`) over its ONNX export (``export_dir/model.onnx`` when that exists,
+    else exported now; the PyTorch checkpoint when export fails), with the checkpoint files
+    beside it. Returns the backend, ``onnx`` or ``pytorch``."""
+    import io
+
+    from PIL import Image
+
+    from ktray import export
+    from ktray.errors import KtrayError
+    from ktray.serving import log_pyfunc_model
+
+    spec_path = os.path.join(model_dir, "model.json")
+    onnx_path = storage.join(export_dir, export.ONNX_FILE) if export_dir else ""
+    if not (onnx_path and not storage.is_remote(onnx_path) and os.path.exists(onnx_path)):
+        try:
+            ec = cfg.export
+            onnx_path = export.export_model(
+                model_dir,
+                os.path.join(tmp, "onnx"),
+                exporter=ec.exporter,
+                atol=ec.atol,
+                check_images=ec.check_images,
+            )["files"]["onnx"]
+        except KtrayError as e:
+            log.warning("MLflow: the student is logged as PyTorch (%s)", e)
+            onnx_path = ""
+    artifacts = {"spec": spec_path}
+    artifacts.update({"onnx": onnx_path} if onnx_path else {"checkpoint": model_dir})
+    size = int(storage.read_json(spec_path)["img_size"])
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+    files = {name: os.path.join(model_dir, name) for name in ("model.safetensors", "model.json")}
+    log_pyfunc_model(mlflow, "student", artifacts, buf.getvalue(), extra_files=files)
+    return "onnx" if onnx_path else "pytorch"
+
+
 def _register(client, name: str, run, method: str, accuracy: float) -> str | None:
     """A new version of registered model ``name`` from the run's ``student/`` artifacts; None
     (and a log line) when the tracking store has no model registry."""
@@ -156,12 +221,17 @@ def _register(client, name: str, run, method: str, accuracy: float) -> str | Non
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/student", run_id=run.info.run_id,
+            name,
+            source=f"{run.info.artifact_uri}/student",
+            run_id=run.info.run_id,
             tags={"method": method, "test_accuracy": f"{accuracy:.4f}"},
-            description=f"best student of pipeline run {run.info.run_id}: {method}")
+            description=f"best student of pipeline run {run.info.run_id}: {method}",
+        )
     except Exception as e:  # e.g. a store without a model registry
-        log.info("MLflow: the best student is not registered (%s)",
-                 str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        log.info(
+            "MLflow: the best student is not registered (%s)",
+            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+        )
         return None
     log.info("MLflow: registered model %s version %s (%s)", name, version.version, method)
     return str(version.version)
@@ -188,17 +258,27 @@ def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> s
                 _log_history(client, child.info.run_id, _histories(cfg, name))
         for path in artifacts.values():
             mlflow.log_artifact(_local_copy(path, tmp))
-        students = {k: v for k, v in results["methods"].items()
-                    if k != "teacher" and v.get("test_accuracy") is not None}
+        students = {
+            k: v
+            for k, v in results["methods"].items()
+            if k != "teacher" and v.get("test_accuracy") is not None
+        }
         if students:
             best, m = max(students.items(), key=lambda kv: kv[1]["test_accuracy"])
             mlflow.log_metric("best_student_test_accuracy", m["test_accuracy"])
             mlflow.set_tag("best_student", best)
             if models.get(best):
-                mlflow.log_artifacts(_local_copy(models[best], tmp), artifact_path="student")
+                log_student_model(
+                    mlflow,
+                    cfg,
+                    _local_copy(models[best], tmp),
+                    tmp,
+                    storage.join(cfg.out, "export", best),
+                )
                 name = cfg.tracking.registered_model
-                version = _register(client, name, parent, best, m["test_accuracy"]) \
-                    if name else None
+                version = (
+                    _register(client, name, parent, best, m["test_accuracy"]) if name else None
+                )
                 if version is not None:
                     mlflow.set_tags({"registered_model": name, "registered_version": version})
         return parent.info.run_id

@@ -1,74 +1,143 @@
-"""Cheap checks of a config before any Ray work starts (each failure is one line)."""
+"""Checks of a whole config before any stage work: each failure is one line.
+
+The value of every single setting is checked where it is defined (the ``__post_init__`` of its
+section in :mod:`ktray.config`). What needs several sections, the file system, an object
+store or the model registries is checked here, by :func:`check_config`, which every command
+runs before it starts Ray or writes anything expensive:
+
+- ``out=``, ``data.root``, ``ray.storage_path``, ``curate.gallery`` and checkpoints on an
+  object store: credentials, bucket, endpoint (one bounded request each);
+- the task data: ``data.root`` exists and has the layout ``data.kind`` reads;
+- transfer sets: the methods' (or ``--transfer``'s) sets are available (``in_domain`` needs
+  unlabeled images, ``generic`` a pool, ``curated`` a curation run, a URI some files);
+- models: teacher, student and curation encoder names, their pretrained weights in the local
+  caches (no download), and local checkpoints whose keys and shapes fit the model.
+"""
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Iterable
 
 from ktray import storage
-from ktray.config import Config
+from ktray.config import Config, config_hash, parse_method, to_dict
+from ktray.data import readers
 from ktray.errors import KtrayError
+from ktray.pipeline import tasks
 
-OBJECTIVES = ("task", "features")
-TRANSFERS = ("in_domain", "generic", "curated")
+__all__ = ["check_config", "method_transfers", "parse_method"]
 
-
-def check_timm_name(name: str, what: str) -> None:
-    import timm
-
-    if name.startswith("hf-hub:") or name.startswith("hf_hub:") or timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    hint = f" (close: {', '.join(close)})" if close else ""
-    raise KtrayError(f"unknown {what} model '{name}'{hint}")
+_passed: set = set()  # configs (and transfer sets) already checked in this process
 
 
-def check_backbone_name(name: str) -> None:
-    if name.startswith("open_clip:"):
-        import open_clip
-
-        arch = name.split(":")[1]
-        if arch not in open_clip.list_models():
-            close = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
-            raise KtrayError(f"unknown open_clip model '{arch}'"
-                             + (f" (close: {', '.join(close)})" if close else ""))
-        return
-    if name.startswith("efficientnet_lite"):
-        return
-    check_timm_name(name, "teacher backbone")
-
-
-def parse_method(method: str) -> tuple[str, str]:
-    """``"task@generic"`` -> ("task", "generic"); ``"scratch"``/``"teacher"`` -> (name, "")."""
-    if method in ("scratch", "teacher"):
-        return method, ""
-    if "@" not in method:
-        raise KtrayError(f"unknown method '{method}': use teacher, scratch or "
-                         "OBJECTIVE@TRANSFER (e.g. task@in_domain)")
-    objective, transfer = method.split("@", 1)
-    if objective not in OBJECTIVES:
-        raise KtrayError(f"unknown objective '{objective}' in method '{method}'; valid: "
-                         f"{', '.join(OBJECTIVES)}")
-    return objective, transfer
-
-
-def check_config(cfg: Config) -> None:
-    """Raise KtrayError on the first problem found in ``cfg``."""
-    if cfg.data.kind in ("imagefolder", "parquet", "fashion_mnist") and not storage.exists(cfg.data.root):
-        raise KtrayError(f"data.root not found: {cfg.data.root}")
-    check_backbone_name(cfg.teacher.backbone)
-    check_timm_name(cfg.student.arch, "student")
-    if cfg.teacher.mode not in ("linear", "partial", "full"):
-        raise KtrayError(f"teacher.mode must be linear, partial or full, not '{cfg.teacher.mode}'")
-    if cfg.distill.teacher_mode not in ("precomputed", "online"):
-        raise KtrayError("distill.teacher_mode must be precomputed or online")
-    if cfg.distill.feature_loss not in ("cosine", "mse", "contrastive"):
-        raise KtrayError(f"distill.feature_loss must be cosine, mse or contrastive, "
-                         f"not '{cfg.distill.feature_loss}'")
-    for path, what in ((cfg.teacher.checkpoint, "teacher.checkpoint"),
-                       (cfg.student.checkpoint, "student.checkpoint")):
-        if path and not storage.exists(path):
-            raise KtrayError(f"{what} not found: {path}")
+def method_transfers(cfg: Config) -> list[str]:
+    """The transfer sets that ``cfg.methods`` distill on, in order, without repeats."""
+    out: list[str] = []
     for m in cfg.methods:
-        parse_method(m)
-    if cfg.logits.views < 1:
-        raise KtrayError("logits.views must be at least 1")
+        t = parse_method(m)[1]
+        if t and t not in out:
+            out.append(t)
+    return out
+
+
+def _keyed(key: str, check, *args) -> None:
+    """Run ``check(*args)``, prefixing a KtrayError with the config key it concerns."""
+    try:
+        check(*args)
+    except KtrayError as e:
+        msg = str(e)
+        raise KtrayError(msg if msg.startswith(key) else f"{key}: {msg}") from None
+
+
+def _check_storage(cfg: Config) -> None:
+    storage.probe(cfg.out, "out")
+    storage.probe(cfg.data.root, "data.root", must_exist=True)
+    for key, uri in (
+        ("ray.storage_path", cfg.ray.storage_path),
+        ("curate.gallery", cfg.curate.gallery),
+        ("teacher.checkpoint", cfg.teacher.checkpoint),
+        ("student.checkpoint", cfg.student.checkpoint),
+    ):
+        if storage.is_remote(uri):
+            storage.probe(uri, key)
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if not d.root:
+        raise KtrayError(f"data.root is empty: give data.root=DIR (the {d.kind} data)")
+    if not storage.exists(d.root):
+        raise KtrayError(f"data.root not found: {d.root}")
+    tasks.check_layout(cfg)
+
+
+def _check_models(cfg: Config, curate: bool) -> None:
+    from ktray.models import available
+
+    t, s = cfg.teacher, cfg.student
+    key = "teacher.checkpoint" if t.checkpoint else "teacher.backbone"
+    _keyed(key, available.check_teacher, t.backbone, t.pretrained, t.checkpoint, t.img_size)
+    key = "student.checkpoint" if s.checkpoint else "student.arch"
+    _keyed(key, available.check_student, s.arch, s.pretrained, s.checkpoint, s.img_size)
+    if curate and cfg.curate.encoder:
+        _keyed("curate.encoder", available.check_encoder, cfg.curate.encoder, cfg.curate.pretrained)
+    if curate and cfg.curate.gallery:
+        _keyed(
+            "curate.gallery",
+            readers.expand_files,
+            cfg.curate.gallery,
+            tasks.TRANSFER_SUFFIXES,
+            "gallery files",
+        )
+
+
+def _check_transfer(cfg: Config, name: str, will_curate: bool) -> None:
+    d = cfg.data
+    if name == "in_domain":
+        if not tasks.has_unlabeled(cfg):
+            where = {
+                "imagefolder": f"{d.root} has no unlabeled/ folder",
+                "parquet": f"{d.root} has no unlabeled*.parquet files",
+            }.get(d.kind, f"data.kind={d.kind} has no unlabeled split")
+            raise KtrayError(
+                f"transfer set 'in_domain' needs unlabeled images: {where} and "
+                "data.labels_per_class=0 keeps no train images back; add them, "
+                "or leave in_domain out (e.g. methods=[teacher,scratch,task@generic])"
+            )
+    elif name == "generic":
+        if d.generic_images < 1:
+            raise KtrayError(
+                f"transfer set 'generic' needs data.generic_images > 0, got {d.generic_images}"
+            )
+    elif name == "curated":
+        if not will_curate and not storage.exists(tasks.curated_uri(cfg)):
+            raise KtrayError(
+                "transfer set 'curated' needs a finished 'ktray curate' run with "
+                f"this out= ({tasks.curated_uri(cfg)} is missing)"
+            )
+    else:
+        tasks.check_transfer_uri(name)
+
+
+def check_config(cfg: Config, transfers: Iterable[str] = (), will_curate: bool = False) -> None:
+    """Raise a one-line KtrayError on the first problem of ``cfg``.
+
+    Args:
+        cfg: The config (every single value already checked when it was built).
+        transfers: Transfer sets the command will use (``method_transfers(cfg)`` for ``run``,
+            ``--transfer`` for ``logits`` / ``distill``).
+        will_curate: The command curates the ``curated`` set itself (``run``, ``curate``,
+            ``sweep``), so it need not exist yet.
+    """
+    transfers = list(transfers)
+    base = config_hash(to_dict(cfg))
+    curate = will_curate or "curated" in transfers
+    if (base, curate) not in _passed:
+        _check_storage(cfg)
+        _check_data(cfg)
+        _check_models(cfg, curate)
+        _passed.add((base, curate))
+    for name in transfers:
+        key = (base, name, will_curate)
+        if key not in _passed:
+            _check_transfer(cfg, name, will_curate)
+            _passed.add(key)

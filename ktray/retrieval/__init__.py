@@ -3,7 +3,10 @@
 Library code: never imports ray. The curate stage (``ktray.stages``) embeds query and gallery
 crops, builds an index with :func:`choose_index` / :func:`build_index`, drops gallery images
 that nearly duplicate labeled or test images (:func:`remove_near_duplicates`) and selects
-the same number of distinct images per query (:func:`balanced_select`).
+the same number of distinct images per query (:func:`balanced_select`). At gallery scale:
+:mod:`~ktray.retrieval.store` reads stored embedding parts one at a time (float16 or float32),
+:mod:`~ktray.retrieval.tune` builds an index in one pass with its recall measured against exact
+search and nprobe tuned, :mod:`~ktray.retrieval.dedup` removes gallery self-duplicates.
 """
 
 from ktray.retrieval.crops import FULL_IMAGE, crop_boxes, crop_id

@@ -4,14 +4,14 @@
 configured ``curate.encoder``, or the teacher's pretrained backbone) and maps image rows
 ``(gallery_index, image_id, source)`` to L2-normalised embeddings of each image's crops
 (:class:`CropScheme`: the full image first, then the crops of :func:`crop_boxes`). Each image
-is decoded once for all its crops; unreadable images are skipped and counted. The curate stage
-runs an Embedder inside Ray Data actors; the benchmark runs it in a plain loop.
+is decoded once for all its crops (:func:`decode_crops`, to ``uint8`` arrays); unreadable images
+are skipped and counted. The curate stage decodes in a CPU stage and runs an Embedder inside
+Ray Data actors (normalising on the device); the benchmark runs it in a plain loop.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from ktray.data import columns as C
 from ktray.data.sources import load_images
-from ktray.data.views import ViewParams, apply_view
+from ktray.data.views import ViewParams, crop_view
 from ktray.retrieval.crops import FULL_IMAGE, Box, crop_boxes, crop_id
 from ktray.retrieval.index import l2_normalize
 
@@ -84,11 +84,15 @@ def encoder_from_config(cfg) -> EncoderSpec:
 
 
 def embedding_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        (GALLERY_INDEX, pa.int64()), (C.IMAGE_ID, pa.string()), (C.CROP_ID, pa.string()),
-        *[(k, pa.float32()) for k in C.BOX],
-        (C.EMBEDDING, pa.list_(pa.float32(), dim)),
-    ])
+    return pa.schema(
+        [
+            (GALLERY_INDEX, pa.int64()),
+            (C.IMAGE_ID, pa.string()),
+            (C.CROP_ID, pa.string()),
+            *[(k, pa.float32()) for k in C.BOX],
+            (C.EMBEDDING, pa.list_(pa.float32(), dim)),
+        ]
+    )
 
 
 def flops_per_crop(spec: EncoderSpec) -> float:
@@ -106,11 +110,12 @@ class Embedder:
         spec: the encoder (name, weights, input size).
         batch_size: crops per forward pass.
         device: ``cuda``/``cpu``; default: cuda when available.
-        amp: bf16 autocast on GPU.
+        amp: on GPU, the model in bf16 (a no-op on CPU).
     """
 
-    def __init__(self, spec: EncoderSpec, batch_size: int = 128, device: str | None = None,
-                 amp: bool = True):
+    def __init__(
+        self, spec: EncoderSpec, batch_size: int = 128, device: str | None = None, amp: bool = True
+    ):
         from ktray.models import create_backbone
 
         self.spec = spec
@@ -119,26 +124,55 @@ class Embedder:
         # run must embed with the same encoder.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            backbone = create_backbone(spec.name, pretrained=spec.pretrained,
-                                       checkpoint=spec.checkpoint or None,
-                                       img_size=spec.img_size)
+            backbone = create_backbone(
+                spec.name,
+                pretrained=spec.pretrained,
+                checkpoint=spec.checkpoint or None,
+                img_size=spec.img_size,
+            )
         self.mean, self.std = backbone.mean, backbone.std
         self.dim = int(backbone.feature_dim)
-        # channels_last: faster convolutions on CPU (oneDNN) and tensor cores on GPU
-        self.model = backbone.eval().to(self.device, memory_format=torch.channels_last)
+        # bf16 weights on GPU (a no-op on CPU); channels_last: faster convolutions on CPU
+        # (oneDNN) and tensor cores on GPU
+        self.dtype = torch.bfloat16 if amp and self.device.type == "cuda" else torch.float32
+        self.model = backbone.eval().to(
+            self.device, dtype=self.dtype, memory_format=torch.channels_last
+        )
         self.batch_size = max(1, int(batch_size))
-        self.amp = amp and self.device.type == "cuda"
 
     @torch.inference_mode()
     def embed_tensors(self, x: torch.Tensor) -> np.ndarray:
         """``x [B, 3, H, W]`` normalised crops -> ``[B, D]`` unit float32 embeddings."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            feats = self.model(x)
-        return l2_normalize(feats.float().cpu().numpy())
+        x = x.to(self.device, self.dtype, non_blocking=True).contiguous(
+            memory_format=torch.channels_last
+        )
+        return l2_normalize(self.model(x).float().cpu().numpy())
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """``uint8 [N, S, S, 3]`` crops -> ``[N, D]`` unit float32 embeddings (normalised on
+        the device, in batches of ``batch_size``)."""
+        from ktray.predict import normalize_on_device
+
+        out = [
+            self.embed_tensors(
+                normalize_on_device(
+                    pixels[i : i + self.batch_size], self.mean, self.std, self.device, self.dtype
+                )
+            )
+            for i in range(0, len(pixels), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def table(self, cols: dict, pixels: np.ndarray, ok: np.ndarray) -> tuple[pa.Table, int]:
+        """Decoded crops (:func:`decode_crops`) -> (embeddings table of the readable images'
+        crops, unreadable images)."""
+        keep = np.flatnonzero(ok)
+        emb = self.embed_pixels(pixels[keep])
+        kept = {k: [cols[k][i] for i in keep] for k in OUTPUT_COLUMNS}
+        return _table(kept, emb, self.dim), len(ok) - len(keep)
 
     def embed_rows(self, rows: pa.Table, scheme: CropScheme) -> tuple[pa.Table, int]:
-        """Embed every crop of every readable image.
+        """Embed every crop of every readable image, decoding in this process (plain loop).
 
         Args:
             rows: ``gallery_index, image_id, source`` (other columns ignored).
@@ -148,38 +182,61 @@ class Embedder:
             ``(table, skipped)``: one row per crop (:func:`embedding_schema`), images in input
             order and crops in box order; ``skipped`` counts unreadable images.
         """
-        pylist = rows.select(INPUT_COLUMNS).to_pylist()
-        n_crops = scheme.crops_per_image()
-        per_load = max(1, self.batch_size // n_crops)
-        cols: dict[str, list] = {k: [] for k in (GALLERY_INDEX, C.IMAGE_ID, C.CROP_ID, *C.BOX)}
-        feats, pending, skipped = [], [], 0
-        for start in range(0, len(pylist), per_load):
-            chunk = pylist[start:start + per_load]
-            for r, img in zip(chunk, load_images([r[C.SOURCE] for r in chunk])):
-                if img is None:
-                    skipped += 1
-                    continue
-                for j, box in enumerate(scheme.boxes(r[C.IMAGE_ID])):
-                    pending.append(apply_view(img, ViewParams(*box), self.spec.img_size,
-                                              self.mean, self.std))
-                    for k, v in zip(cols, (r[GALLERY_INDEX], r[C.IMAGE_ID],
-                                           crop_id(r[C.IMAGE_ID], j), *box)):
-                        cols[k].append(v)
-                while len(pending) >= self.batch_size:
-                    feats.append(self.embed_tensors(torch.stack(pending[:self.batch_size])))
-                    pending = pending[self.batch_size:]
-        if pending:
-            feats.append(self.embed_tensors(torch.stack(pending)))
-        emb = np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)
-        return _table(cols, emb, self.dim), skipped
+        tables, skipped = [], 0
+        step = max(1, 1024 // scheme.crops_per_image())
+        for start in range(0, len(rows), step):
+            cols, pixels, ok = decode_crops(rows.slice(start, step), scheme, self.spec.img_size)
+            table, n = self.table(cols, pixels, ok)
+            tables.append(table)
+            skipped += n
+        if not tables:
+            return embedding_schema(self.dim).empty_table(), 0
+        return pa.concat_tables(tables), skipped
+
+
+OUTPUT_COLUMNS = (GALLERY_INDEX, C.IMAGE_ID, C.CROP_ID, *C.BOX)
+
+
+def decode_crops(
+    rows: pa.Table, scheme: CropScheme, size: int
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Decode image rows and cut every crop of ``scheme`` to ``uint8 [size, size, 3]``.
+
+    Returns:
+        ``(columns, pixels [N, size, size, 3], ok [N])``: one entry per crop of a readable
+        image (images in input order, crops in box order) and one ``ok=False`` entry (zeros)
+        per unreadable image.
+    """
+    pylist = rows.select(INPUT_COLUMNS).to_pylist()
+    cols: dict[str, list] = {k: [] for k in OUTPUT_COLUMNS}
+    pixels, ok = [], []
+    blank = np.zeros((size, size, 3), np.uint8)
+    for r, img in zip(pylist, load_images([r[C.SOURCE] for r in pylist])):
+        boxes = scheme.boxes(r[C.IMAGE_ID]) if img is not None else [FULL_IMAGE]
+        for j, box in enumerate(boxes):
+            pixels.append(
+                blank
+                if img is None
+                else np.asarray(crop_view(img, ViewParams(*box), size), np.uint8)
+            )
+            ok.append(img is not None)
+            for k, v in zip(
+                OUTPUT_COLUMNS, (r[GALLERY_INDEX], r[C.IMAGE_ID], crop_id(r[C.IMAGE_ID], j), *box)
+            ):
+                cols[k].append(v)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return cols, stacked, np.asarray(ok, bool)
 
 
 def _table(cols: dict[str, list], emb: np.ndarray, dim: int) -> pa.Table:
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    arrays = [pa.array(cols[GALLERY_INDEX], pa.int64()), pa.array(cols[C.IMAGE_ID], pa.string()),
-              pa.array(cols[C.CROP_ID], pa.string()),
-              *[pa.array(cols[k], pa.float32()) for k in C.BOX],
-              pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)]
+    arrays = [
+        pa.array(cols[GALLERY_INDEX], pa.int64()),
+        pa.array(cols[C.IMAGE_ID], pa.string()),
+        pa.array(cols[C.CROP_ID], pa.string()),
+        *[pa.array(cols[k], pa.float32()) for k in C.BOX],
+        pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+    ]
     return pa.Table.from_arrays(arrays, schema=embedding_schema(dim))
 
 
@@ -192,9 +249,3 @@ def vectors(table: pa.Table) -> np.ndarray:
         dim = len(col[0]) if len(col) else 0
     flat = pa.compute.list_flatten(col).to_numpy(zero_copy_only=False)
     return np.asarray(flat, np.float32).reshape(len(col), dim)
-
-
-def timed_embed(embedder: Embedder, rows: pa.Table, scheme: CropScheme) -> dict:
-    start = time.perf_counter()
-    table, skipped = embedder.embed_rows(rows, scheme)
-    return {"table": table, "skipped": skipped, "seconds": time.perf_counter() - start}

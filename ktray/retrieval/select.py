@@ -15,8 +15,8 @@ do not count). Every gallery image whose best score is above tau is guaranteed t
 merged list with its true score, so the list is exact down to tau. A query that needs an
 image below tau is searched again at twice the depth, and the round-robin is rerun. The
 result is therefore the same as with an unlimited search, whatever ``k0`` is, unless a query
-reaches ``max_k``; then its whole (inexact) list is used and any remaining gap is reported
-as shortfall.
+reaches ``max_k``; then its whole (inexact) list is used, the query is reported as capped
+and any remaining gap is reported as shortfall with the reason ``max_k`` (never silently).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 
 from ktray.data.columns import IMAGE_ID, QUERY_ID, RANK, SCORE
 from ktray.errors import KtrayError
-from ktray.retrieval.index import as_embeddings, search
+from ktray.retrieval.index import as_embeddings, search, set_nprobe
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def balanced_select(
     max_k: int = 4096,
     seed: int = 0,
     exclude_images: set[int] | np.ndarray | None = None,
+    report: dict | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[Hashable, int]]:
     """Query-balanced crop retrieval: the same number of distinct gallery images per query.
 
@@ -151,6 +152,10 @@ def balanced_select(
         max_k: largest search depth (also capped at V).
         seed: shuffles the query order of the round-robin.
         exclude_images: gallery image ids never to select (e.g. :func:`remove_near_duplicates`).
+        report: when given, filled with ``capped`` (queries whose search stopped at
+            ``max_k`` below the gallery size: their lists are inexact), ``reasons`` (query ->
+            why it is short: ``"max_k"`` or ``"gallery exhausted"``), ``max_depth`` and
+            ``searches`` (crop searches run, all depths).
 
     Returns:
         ``(table, shortfall)``: ``table`` has columns ``query_id`` (the query image id),
@@ -167,8 +172,7 @@ def balanced_select(
         )
     if images_per_query < 0 or k0 <= 0 or max_k <= 0:
         raise KtrayError(
-            f"need images_per_query >= 0 and k0, max_k > 0 (got {images_per_query}, {k0}, "
-            f"{max_k})"
+            f"need images_per_query >= 0 and k0, max_k > 0 (got {images_per_query}, {k0}, {max_k})"
         )
     if n_vectors and gallery_image_of_vector.min() < 0:
         raise KtrayError("gallery image ids must be >= 0")
@@ -180,8 +184,12 @@ def balanced_select(
     if n_available < images_per_query * len(set(query_image_ids)):
         # Shortfall is certain; starved queries will be searched down to max_k (exactly as
         # an unlimited search would assign the images), which costs the deepest searches.
-        log.warning("%d selectable gallery images for %d queries x %d: expect a shortfall",
-                    n_available, len(set(query_image_ids)), images_per_query)
+        log.warning(
+            "%d selectable gallery images for %d queries x %d: expect a shortfall",
+            n_available,
+            len(set(query_image_ids)),
+            images_per_query,
+        )
 
     queries = list(dict.fromkeys(query_image_ids))  # first-appearance order
     qpos = {q: i for i, q in enumerate(queries)}
@@ -195,10 +203,21 @@ def balanced_select(
     depth = [0] * len(queries)
     todo = list(range(len(queries))) if k_cap > 0 and images_per_query > 0 else []
     k = min(k0, k_cap)
+    searches = 0
     while True:
         for batch in _batches(todo, crops_of, k):
-            _search_into(candidates, batch, k, k_cap, crops_of, search_fn, query_vectors,
-                         gallery_image_of_vector, exclude)
+            searches += sum(len(crops_of[q]) for q in batch)
+            _search_into(
+                candidates,
+                batch,
+                k,
+                k_cap,
+                crops_of,
+                search_fn,
+                query_vectors,
+                gallery_image_of_vector,
+                exclude,
+            )
             for q in batch:
                 depth[q] = k
         picks, starved = round_robin(candidates, images_per_query, n_images, seed)
@@ -218,6 +237,24 @@ def balanced_select(
         rank.append(np.arange(len(got), dtype=np.int32))
         if len(got) < images_per_query:
             shortfall[query] = images_per_query - len(got)
+    capped = [
+        queries[q] for q in range(len(queries)) if depth[q] >= k_cap > 0 and k_cap < n_vectors
+    ]
+    if capped:
+        log.warning(
+            "%d queries reached curate.max_k=%d (gallery %d vectors): their lists are inexact",
+            len(capped),
+            max_k,
+            n_vectors,
+        )
+    if report is not None:
+        capped_set = set(capped)
+        report.update(
+            capped=capped,
+            max_depth=int(max(depth, default=0)),
+            searches=searches,
+            reasons={q: "max_k" if q in capped_set else "gallery exhausted" for q in shortfall},
+        )
     table = {
         QUERY_ID: np.array(qid, dtype=object),
         IMAGE_ID: np.concatenate(img) if img else np.zeros(0, np.int64),
@@ -241,29 +278,38 @@ def _batches(todo: list[int], crops_of: list[np.ndarray], k: int, max_hits: int 
         yield batch
 
 
-def _search_into(candidates, todo, k, k_cap, crops_of, search_fn, query_vectors,
-                 gallery_image_of_vector, exclude) -> None:
+def _search_into(
+    candidates, todo, k, k_cap, crops_of, search_fn, query_vectors, gallery_image_of_vector, exclude
+) -> None:
     """Search the crops of queries ``todo`` at depth ``k`` and rebuild their candidates."""
     rows = np.concatenate([crops_of[q] for q in todo])
     scores, ids = search_fn(np.ascontiguousarray(query_vectors[rows]), k)
     scores, ids = np.asarray(scores), np.asarray(ids)
     if scores.shape != (len(rows), k) or ids.shape != (len(rows), k):
-        raise KtrayError(f"search_fn returned shapes {scores.shape}, {ids.shape}; expected "
-                         f"({len(rows)}, {k})")
+        raise KtrayError(
+            f"search_fn returned shapes {scores.shape}, {ids.shape}; expected ({len(rows)}, {k})"
+        )
     start = 0
     for q in todo:
         n = len(crops_of[q])
-        candidates[q] = merge_hits(scores[start : start + n], ids[start : start + n],
-                                   gallery_image_of_vector, exclude, exhausted=k >= k_cap)
+        candidates[q] = merge_hits(
+            scores[start : start + n],
+            ids[start : start + n],
+            gallery_image_of_vector,
+            exclude,
+            exhausted=k >= k_cap,
+        )
         start += n
 
 
 def _exclusion_mask(exclude_images, n_images: int) -> np.ndarray | None:
     if exclude_images is None:
         return None
-    ids = np.fromiter((int(i) for i in exclude_images), np.int64) \
-        if isinstance(exclude_images, (set, frozenset, list, tuple)) \
+    ids = (
+        np.fromiter((int(i) for i in exclude_images), np.int64)
+        if isinstance(exclude_images, (set, frozenset, list, tuple))
         else np.asarray(exclude_images, dtype=np.int64)
+    )
     mask = np.zeros(n_images, dtype=bool)
     ids = ids[(ids >= 0) & (ids < n_images)]
     mask[ids] = True
@@ -279,6 +325,7 @@ def remove_near_duplicates(
     batch_size: int = 65_536,
     margin: float = 0.0,
     vectors_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    nprobe: int | None = None,
 ) -> set[int]:
     """Gallery images with a crop too similar to a protected (labeled or test) embedding.
 
@@ -302,6 +349,9 @@ def remove_near_duplicates(
             (e.g. rows of the stored embeddings); candidates are kept only if their exact
             cosine is above ``threshold``. Without it every candidate is excluded, so a
             margin can only exclude more.
+        nprobe: index path, IVF indexes: lists scanned for this search only (a near copy in
+            a list the selection's nprobe skips would be missed; protected vectors are few,
+            so scanning more lists is cheap). Default: the index's own.
 
     Returns:
         The set of gallery image ids to exclude.
@@ -312,7 +362,15 @@ def remove_near_duplicates(
     dim = gallery.d if isinstance(gallery, faiss.Index) else np.shape(gallery)[1]
     protected = as_embeddings(protected_vectors, dim, "protected vectors")
     if isinstance(gallery, faiss.Index):
-        vec = _index_near_duplicates(gallery, protected, threshold - margin, k0)
+        ivf = faiss.try_extract_index_ivf(gallery)
+        before = ivf.nprobe if ivf is not None else None
+        if ivf is not None and nprobe is not None:
+            set_nprobe(gallery, nprobe)
+        try:
+            vec = _index_near_duplicates(gallery, protected, threshold - margin, k0)
+        finally:
+            if before is not None:
+                set_nprobe(gallery, before)
         if vectors_of is not None and len(vec):
             pairs = vec  # [N, 2] (protected row, gallery id)
             ids, inverse = np.unique(pairs[:, 1], return_inverse=True)

@@ -6,12 +6,13 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ktray import storage
 from ktray.config import Config, RayConfig
+from ktray.stages.nodes import check_shared_storage
 
 log = logging.getLogger("ktray")
 
@@ -41,6 +42,7 @@ def cluster_has_gpus() -> bool:
 
 
 def storage_path(cfg: Config) -> str:
+    check_shared_storage(cfg.ray, cfg.out)  # a local path on a multi-node cluster: stop here
     path = cfg.ray.storage_path or storage.join(cfg.out, "ray")
     if not storage.is_remote(path):
         path = os.path.abspath(path)
@@ -94,8 +96,9 @@ def _tune_callback(extra: dict):
             self.extra = extra
 
         def after_report(self, run_context, metrics, checkpoint):
-            super().after_report(run_context, [tune_metrics(m, self.extra) for m in metrics],
-                                 checkpoint)
+            super().after_report(
+                run_context, [tune_metrics(m, self.extra) for m in metrics], checkpoint
+            )
 
     return _Forward()
 
@@ -120,18 +123,18 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device() if torch.cuda.is_available() else \
-            torch.device("cpu")
+        self.device = (
+            ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        )
 
     def prepare_model(self, model):
         import ray.train.torch
 
         if self.world_size == 1:
             return model.to(self.device)
-        # Frozen teacher weights take no part in DDP's gradient all-reduce; the projector of the
-        # task objective is unused there, hence find_unused_parameters.
-        return ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        # Only what trains reaches here (a student, its projector, a task model with its frozen
+        # part marked requires_grad=False): every parameter DDP sees gets a gradient.
+        return ray.train.torch.prepare_model(model)
 
     def prepare_loader(self, loader):
         import ray.train.torch
@@ -139,6 +142,13 @@ class RaySession:
         if self.world_size == 1:
             return loader
         return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def dataset(self, name):
+        """This worker's shard of the Ray Data dataset ``name`` passed to the trainer (in
+        Train V2 local mode the dataset itself: same ``iter_torch_batches`` API)."""
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def report(self, metrics, state):
         if self.tune is not None:
@@ -167,17 +177,20 @@ class RaySession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu",
-                               weights_only=False)
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
         log.warning("resuming from a checkpoint at step %s", state.get("step"))
         return state
 
 
-def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> dict:
+def fit(
+    cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict, datasets: dict | None = None
+) -> dict:
     """Run ``worker(spec)`` under a Ray Train ``TorchTrainer``; return its last metrics.
 
-    In a Tune trial (``ktray sweep``) every epoch report also goes to Tune: through a
-    TuneReportCallback with Ray Train workers, from the session itself in local mode.
+    ``datasets`` (Ray Data datasets) go to ``TorchTrainer(datasets=...)``: each worker reads
+    its shard with ``session.dataset(name)``. In a Tune trial (``ktray sweep``) every report
+    also goes to Tune: through a TuneReportCallback with Ray Train workers, from the session
+    itself in local mode.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -185,13 +198,28 @@ def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> d
     workers = cfg.ray.num_workers
     callbacks, tune_extra = [], None
     if in_tune_trial():
-        tune_extra = {"stage": name, "offset": _TRIAL_STEPS[0],
-                      "count": not name.startswith("teacher")}
+        tune_extra = {
+            "stage": name,
+            "offset": _TRIAL_STEPS[0],
+            "count": not name.startswith("teacher"),
+        }
         if workers > 0:
             callbacks.append(_tune_callback(tune_extra))
         else:
             spec = dict(spec, tune=tune_extra)
-    scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu)
+    per_worker = None
+    if datasets and workers > 0:
+        # Ray Data's read/decode tasks need CPUs the workers do not hold, or they never run
+        # (2 workers on a 2-CPU machine): the workers give up what decoding needs.
+        total = ray.cluster_resources().get("CPU", 0)
+        spare = total - workers * 1.0
+        if spare < cfg.train.decode_cpus:
+            per_worker = {"CPU": max(0.1, (total - cfg.train.decode_cpus) / workers)}
+            if cfg.ray.use_gpu:
+                per_worker["GPU"] = 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=per_worker
+    )
     run_config = ray.train.RunConfig(
         name=name.replace("/", "-").replace("@", "-"),
         storage_path=storage_path(cfg),
@@ -199,8 +227,13 @@ def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> d
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         callbacks=callbacks,
     )
-    trainer = TorchTrainer(worker, train_loop_config=spec, scaling_config=scaling,
-                           run_config=run_config)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=spec,
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets or None,
+    )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -213,29 +246,3 @@ def fit(cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict) -> d
     if tune_extra is not None:
         add_trial_steps(name, metrics.get("step"))
     return metrics
-
-
-def map_shards(cfg: Config, writer, kwargs: dict, blocks: list, describe) -> list[dict]:
-    """Run ``writer`` (a Ray Data actor class that writes one shard per block and returns a
-    summary row per shard) over ``blocks`` on an autoscaling actor pool; ``describe(row)`` is
-    logged as each shard finishes. ``min_size=1``: a fixed pool of 1-CPU actors starves the
-    reads on a 2-CPU machine (Ray Data hangs)."""
-    import ray
-
-    ensure_ray(cfg.ray)
-    lc = cfg.logits
-    gpus = lc.gpus_per_actor if lc.gpus_per_actor >= 0 else (1.0 if cluster_has_gpus() else 0.0)
-    ds = ray.data.from_arrow(blocks).map_batches(
-        writer,
-        fn_constructor_kwargs=dict(kwargs, threads=max(1, int(lc.cpus_per_actor))),
-        batch_size=None,  # one block = one shard = one part file
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, lc.actors)),
-        num_cpus=lc.cpus_per_actor,
-        num_gpus=gpus,
-    )
-    stats = []
-    for row in ds.iter_rows():
-        stats.append(dict(row))
-        log.info(describe(row))
-    return stats

@@ -2,33 +2,89 @@
 
 ``objective=task`` matches the adapted teacher's predictions (KL, temperature);
 ``objective=features`` is the task-agnostic baseline (teacher features through a projection).
-Teacher targets come precomputed from the ``logits`` stage (same stored views) or from the
-teacher run online on the same view.
+Teacher targets come precomputed from the ``logits`` stage (same stored views), from any
+table following the logits contract (``distill.targets=URI``), or from the teacher run online
+on the same view (no logits pass then). The rows stream to the workers through Ray Data
+(:mod:`ktray.stages.train_data`).
 """
 
 from __future__ import annotations
 
-from ktray.config import Config
+from ktray.config import Config, config_hash
+from ktray.data import columns as C
+from ktray.models import read_spec
+from ktray.pipeline.tasks import prepare_task, read_transfer
+from ktray.predict import expand_views
 from ktray.stages import logits as logits_stage
 from ktray.stages import teacher as teacher_stage
-from ktray.stages.train_stage import common_spec, run_train_stage
+from ktray.stages.train_data import describe_targets, view_dataset
+from ktray.stages.train_stage import run_train_stage
+from ktray.train.specs import DistillSpec
 
 
 def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) -> dict:
     """Distill into a fresh student; manifest outputs: ``model``."""
-    d = cfg.distill
-    objective = objective or d.objective
-    teacher = teacher_stage.run(cfg)
-    targets = logits_stage.run(cfg, transfer)
-    spec = dict(common_spec(cfg, 0, ""), kind="distill", objective=objective,
-                teacher_mode=d.teacher_mode, temperature=d.temperature,
-                loss="kl" if objective == "task" else d.feature_loss,
-                targets_uri=targets["outputs"]["parts"],
-                teacher_dir=teacher["outputs"]["model"], steps=d.steps, lr=d.lr,
-                weight_decay=d.weight_decay, warmup_steps=d.warmup_steps,
-                batch_size=d.batch_size, report_every=1)
-    name = f"{objective}@{transfer}"
+    spec = DistillSpec.from_config(cfg, objective)
+    teacher = teacher_stage.run(cfg) if spec.online or not cfg.distill.targets else None
+    sizes = {"x": spec.student_img_size}
+    inputs: dict = {}
+    if spec.online:
+        # the teacher runs on every view during training: no logits pass
+        teacher_dir = teacher["outputs"]["model"]
+        sizes["xt"] = int(read_spec(teacher_dir)["img_size"])
+        rows = expand_views(
+            read_transfer(cfg, transfer), cfg.logits.views, cfg.data.seed, cfg.logits.scale_min
+        )
+        columns = [C.SOURCE, *C.BOX, C.FLIP]
+        source, n = rows, rows.num_rows
+        inputs["teacher_dir"] = teacher_dir
+        hash_inputs = {
+            "teacher": teacher["config_hash"],
+            "transfer": transfer,
+            "views": config_hash(
+                cfg.logits.views,
+                cfg.logits.scale_min,
+                cfg.data.seed,
+                rows.column(C.IMAGE_ID).to_pylist(),
+                rows.column(C.SOURCE).to_pylist(),
+            ),
+        }
+    else:
+        if cfg.distill.targets:
+            uri = cfg.distill.targets
+            hash_inputs = {"targets": uri}
+        else:
+            logits = logits_stage.run(
+                cfg, transfer, features=True if spec.objective == "features" else None
+            )
+            uri = logits["outputs"]["parts"]
+            hash_inputs = {"logits": logits["config_hash"]}
+        info = describe_targets(uri, spec.target_column)
+        source, columns, n = uri, info["columns"], info["rows"]
+        inputs["feature_dim"] = info["feature_dim"]
+    inputs["rows"] = n
+    # what one decoded row carries besides pixels (sizes the cache-or-stream choice)
+    target_dim = (
+        0 if spec.online else (inputs.get("feature_dim") or prepare_task(cfg)["num_classes"])
+    )
+    # pretraining compute = this stage's FLOPs (+ the logits pass's only when it read one)
+    extra = {
+        "uses_logits": not spec.online and not cfg.distill.targets,
+        "transfer_rows": n,
+        "teacher_mode": spec.teacher_mode,
+    }
+    name = f"{spec.objective}@{transfer}"
     # A features-distilled student has an untrained head: its test accuracy means nothing.
-    return run_train_stage(cfg, "distill", name, spec,
-                           (d, cfg.student, objective, transfer, targets["config_hash"]),
-                           evaluate=objective == "task")
+    return run_train_stage(
+        cfg,
+        "distill",
+        name,
+        spec,
+        inputs,
+        hash_inputs,
+        evaluate=spec.objective == "task",
+        extra=extra,
+        datasets=lambda: {
+            "train": view_dataset(source, columns, sizes, spec, rows=n, target_dim=target_dim)
+        },
+    )

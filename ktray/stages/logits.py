@@ -1,119 +1,233 @@
 """``ktray logits``: teacher predictions over a transfer set with Ray Data.
 
-The transfer set is expanded to one row per (image, view) and cut into shards of
-``shard_rows`` rows. Each shard is one Ray Data block; an actor pool of :class:`ShardWriter`
-(``num_gpus`` per actor when the cluster has GPUs) predicts a whole shard in mini-batches and
-writes ``part-NNNNN.parquet`` atomically. A rerun (or a resumed killed job) skips the shards
-whose part file exists, so no row is ever written twice.
+The transfer set is ordered by file and row (every read sequential), expanded to one row per
+(image, view) and cut into shards of ``shard_rows`` rows. Each shard is one Ray Data block: a
+CPU stage decodes it and cuts its views to ``uint8`` arrays, then an actor pool of
+:class:`LogitsWriter` (``infer.*``: one actor per GPU of the cluster by default) normalises them
+on the device, runs the teacher (bf16 on GPU) and writes ``part-NNNNN.parquet`` atomically:
+logits as float16, features (float16) only when a method needs them. A ``spec.json`` names what
+the parts were made for: a rerun (or a resumed killed job) computes only the missing shards of
+the same spec, and drops parts made under another one (:mod:`ktray.stages.shards`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from ktray import storage
-from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
-from ktray.predict import Predictor, expand_views
-from ktray.stages.common import map_shards
+from ktray.data import columns as C
+from ktray.pipeline import manifest
 from ktray.pipeline.tasks import read_transfer
+from ktray.predict import VIEW_COLUMNS, Predictor, decode_views, expand_views, order_for_reading
+from ktray.stages import shards
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 2048
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+class LogitsWriter(shards.ShardWriter):
+    """Ray Data actor: the teacher over one decoded shard -> its logits part file."""
+
+    def __init__(
+        self, model_dir: str, out_dir: str, batch_size: int, features: bool, threads: int = 0
+    ):
+        super().__init__({"": out_dir}, threads)
+        self.predictor = Predictor(model_dir, batch_size=batch_size, features=features)
+
+    def process(self, part: dict) -> tuple[pa.Table, int]:
+        rows = pa.table({k: part[k] for k in VIEW_COLUMNS})
+        return self.predictor.table(rows, part[shards.PIXELS], part[shards.OK])
 
 
-class ShardWriter:
-    """Ray Data actor: predicts one shard (block) and writes its part file atomically."""
-
-    def __init__(self, model_dir: str, out_dir: str, batch_size: int, threads: int):
-        import torch
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.predictor = Predictor(model_dir, batch_size=batch_size)
-        self.out_dir = out_dir
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        shards = sorted(set(batch["shard"].to_pylist()))
-        rows, skipped, secs = [], [], []
-        for shard in shards:
-            start = time.perf_counter()
-            part = batch.filter(pa.compute.equal(batch["shard"], shard))
-            expected = part["shard_size"][0].as_py()
-            if len(part) != expected:  # a shard split across batches would be written partially
-                raise RuntimeError(f"shard {shard}: got {len(part)} of {expected} rows")
-            table, n_skipped = self.predictor.predict(part)
-            storage.write_parquet(storage.join(self.out_dir, part_name(shard)), table)
-            rows.append(len(table))
-            skipped.append(n_skipped)
-            secs.append(time.perf_counter() - start)
-        return pa.table({"shard": shards, "rows": rows, "skipped": skipped, "seconds": secs})
+def decode_shard(block: pa.Table, size: int) -> dict:
+    """Decode stage (CPU task): one shard's views as ``uint8 [N, size, size, 3]``."""
+    pixels, ok = decode_views(block, size)
+    cols = {
+        k: block[k].to_numpy(zero_copy_only=False)
+        for k in (*VIEW_COLUMNS, shards.SET, shards.SHARD)
+    }
+    return shards.decoded(cols, pixels, ok)
 
 
-def add_shards(rows: pa.Table, shard_rows: int) -> tuple[pa.Table, int]:
-    """Number consecutive rows into shards: adds ``shard`` and ``shard_size`` columns (the
-    writer checks that it got the whole shard before writing its part file)."""
-    n_shards = max(1, math.ceil(len(rows) / shard_rows))
-    shard_ids = [i // shard_rows for i in range(len(rows))]
-    sizes = [min(shard_rows, len(rows) - s * shard_rows) for s in range(n_shards)]
-    rows = rows.append_column("shard", pa.array(shard_ids, pa.int32()))
-    rows = rows.append_column("shard_size", pa.array([sizes[s] for s in shard_ids], pa.int32()))
-    return rows, n_shards
+def needs_features(cfg: Config, transfer: str) -> bool:
+    """Whether the logits of ``transfer`` store features: ``logits.features``, a
+    ``features@transfer`` method, or ``distill.objective=features``."""
+    return bool(
+        cfg.logits.features
+        or f"features@{transfer}" in cfg.methods
+        or cfg.distill.objective == "features"
+    )
 
 
 def logits_dir(cfg: Config, transfer: str) -> str:
     return manifest.stage_dir(cfg.out, "logits", transfer)
 
 
-def run(cfg: Config, transfer: str = "in_domain", shard_rows: int = SHARD_ROWS) -> dict:
-    """Precompute teacher logits + features over transfer set ``transfer``."""
+def run(
+    cfg: Config,
+    transfer: str = "in_domain",
+    shard_rows: int = SHARD_ROWS,
+    features: bool | None = None,
+) -> dict:
+    """Precompute the teacher's logits (+ features when needed) over transfer set ``transfer``.
+
+    Args:
+        features: store features too; None = :func:`needs_features`. A finished run with
+            features serves a request without them.
+    """
     from ktray.stages import teacher as teacher_stage
 
     out = logits_dir(cfg, transfer)
+    features = needs_features(cfg, transfer) if features is None else features
     teacher = teacher_stage.run(cfg)
-    # a curated set changes with the curate settings: its hash is part of this one
-    extra = (_curated_hash(cfg),) if transfer == "curated" else ()
-    h = config_hash(cfg.logits, cfg.data, teacher["config_hash"], transfer, *extra)
-    done = manifest.load_finished(out, h)
+    done = _finished(cfg, transfer, teacher, features)
     if done is not None:
         log.info("logits[%s]: reusing the finished run in %s", transfer, out)
         return done
-    if storage.exists(storage.join(out, manifest.MANIFEST)):
-        _drop_parts(out)  # a run finished under other settings: its part files are stale
+    h = _hash(cfg, transfer, teacher, features)
     started = time.perf_counter()
-    table = read_transfer(cfg, transfer)
+    table = order_for_reading(read_transfer(cfg, transfer))
     rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
-    rows, n_shards = add_shards(rows, shard_rows)
-    storage.makedirs(out)
-    fs, path = storage.fs_and_path(out)
-    existing = {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.exists(path) else set()
-    pending = [s for s in range(n_shards) if part_name(s) not in existing]
-    log.info("logits[%s]: %d rows (%d images x %d views), %d/%d shards to compute",
-                transfer, len(rows), len(table), cfg.logits.views, len(pending), n_shards)
+    n_shards = shards.n_shards(len(rows), shard_rows)
+    spec = {
+        "config_hash": h,
+        "shard_rows": shard_rows,
+        "features": features,
+        "rows": shards.fingerprint(rows, (C.IMAGE_ID, C.SOURCE)),
+    }
+    done_uri = storage.join(out, manifest.MANIFEST)
+    if storage.exists(done_uri):  # finished under other settings: not finished any more
+        fs, path = storage.fs_and_path(done_uri)
+        fs.rm(path)
+    pending = shards.prepare(out, spec, n_shards)
+    log.info(
+        "logits[%s]: %d rows (%d images x %d views), %d/%d shards to compute",
+        transfer,
+        len(rows),
+        len(table),
+        cfg.logits.views,
+        len(pending),
+        n_shards,
+    )
     stats = []
     if pending:
-        stats = _compute(cfg, teacher["outputs"]["model"], out, rows, pending, shard_rows)
-    written = storage.read_parquet(out, columns=["image_id", "view"])
+        stats = _compute(cfg, teacher["outputs"]["model"], out, rows, pending, shard_rows, features)
+    written = storage.read_parquet(out, columns=[C.IMAGE_ID])
     elapsed = time.perf_counter() - started
     teacher_flops = teacher.get("flops_per_image") or 0.0
-    return manifest.write(out, {
-        "stage": "logits", "name": transfer, "config_hash": h,
-        "outputs": {"parts": out}, "images": len(table), "views": cfg.logits.views,
-        "rows": len(written), "skipped": sum(s["skipped"] for s in stats),
-        "shards": n_shards, "computed_shards": len(pending), "seconds": elapsed,
-        "rows_per_second": sum(s["rows"] for s in stats) / elapsed if stats else None,
-        "flops": teacher_flops * sum(s["rows"] + s["skipped"] for s in stats),
-        "device_seconds": sum(s["seconds"] for s in stats),
-    }, cfg)
+    return manifest.write(
+        out,
+        {
+            "stage": "logits",
+            "name": transfer,
+            "config_hash": h,
+            "outputs": {"parts": out},
+            "images": len(table),
+            "views": cfg.logits.views,
+            "features": features,
+            "rows": len(written),
+            "skipped": sum(s["skipped"] for s in stats),
+            "shards": n_shards,
+            "computed_shards": len(pending),
+            "seconds": elapsed,
+            "rows_per_second": sum(s["rows"] for s in stats) / elapsed if stats else None,
+            "flops": teacher_flops * sum(s["rows"] + s["skipped"] for s in stats),
+            "device_seconds": sum(s["seconds"] for s in stats),
+        },
+        cfg,
+    )
+
+
+def _hash(cfg: Config, transfer: str, teacher: dict, features: bool) -> str:
+    # a curated set changes with the curate settings: its hash is part of this one
+    extra = (_curated_hash(cfg),) if transfer == "curated" else ()
+    # the actor pool (infer.*) and batch size change how, not what, is computed
+    what = {"views": cfg.logits.views, "scale_min": cfg.logits.scale_min}
+    return config_hash(
+        config_hash(what, cfg.data, teacher["config_hash"], transfer, *extra), features
+    )
+
+
+def _finished(cfg: Config, transfer: str, teacher: dict, features: bool) -> dict | None:
+    """A finished run for these settings (one with features serves a request without)."""
+    for feats in (True,) if features else (True, False):
+        done = manifest.load_finished(
+            logits_dir(cfg, transfer), _hash(cfg, transfer, teacher, feats)
+        )
+        if done is not None:
+            return done
+    return None
+
+
+def slice_from(
+    cfg: Config,
+    transfer: str,
+    source: str,
+    shard_rows: int = SHARD_ROWS,
+    features: bool | None = None,
+) -> dict | None:
+    """The logits of ``transfer`` taken from the finished logits set ``source`` (a larger
+    transfer set under the same teacher, views and seed, e.g. the largest size of a transfer-
+    size sweep) instead of recomputed: views depend only on (seed, image id, view), so the
+    rows of the images of ``transfer`` are exactly what a pass would compute. Returns the
+    manifest, or None when ``source`` does not hold every image (then compute with
+    :func:`run`)."""
+    from ktray.stages import teacher as teacher_stage
+
+    out = logits_dir(cfg, transfer)
+    features = needs_features(cfg, transfer) if features is None else features
+    teacher = teacher_stage.run(cfg)
+    done = _finished(cfg, transfer, teacher, features)
+    if done is not None:
+        return done
+    src = storage.read_json(storage.join(source, manifest.MANIFEST))
+    if src.get("views") != cfg.logits.views or (features and not src.get("features")):
+        return None
+    started = time.perf_counter()
+    table = order_for_reading(read_transfer(cfg, transfer))
+    ids = pa.array(sorted(set(table[C.IMAGE_ID].to_pylist())), pa.string())
+    rows = storage.read_parquet(source)
+    rows = rows.filter(pa.compute.is_in(rows[C.IMAGE_ID], value_set=ids))
+    missing = len(ids) - len(set(rows[C.IMAGE_ID].to_pylist()))
+    if missing * cfg.logits.views > src.get("skipped", 0):  # not a subset of the source
+        return None
+    if not features and C.FEATURES in rows.column_names:
+        rows = rows.drop_columns([C.FEATURES])
+    h = _hash(cfg, transfer, teacher, features)
+    n_shards = shards.n_shards(len(rows), shard_rows)
+    spec = {"config_hash": h, "shard_rows": shard_rows, "features": features, "sliced_from": source}
+    for s in shards.prepare(out, spec, n_shards):
+        storage.write_parquet(
+            storage.join(out, shards.part_name(s)), rows.slice(s * shard_rows, shard_rows)
+        )
+    log.info("logits[%s]: %d rows taken from %s", transfer, len(rows), source)
+    return manifest.write(
+        out,
+        {
+            "stage": "logits",
+            "name": transfer,
+            "config_hash": h,
+            "outputs": {"parts": out},
+            "images": len(table),
+            "views": cfg.logits.views,
+            "features": features,
+            "rows": len(rows),
+            "skipped": missing * cfg.logits.views,
+            "shards": n_shards,
+            "computed_shards": 0,
+            "sliced_from": source,
+            "seconds": time.perf_counter() - started,
+            "rows_per_second": None,
+            "flops": 0.0,
+            "device_seconds": 0.0,  # counted once, by the source's manifest
+        },
+        cfg,
+    )
 
 
 def _curated_hash(cfg: Config) -> str:
@@ -121,19 +235,32 @@ def _curated_hash(cfg: Config) -> str:
     return storage.read_json(uri).get("config_hash", "") if storage.exists(uri) else ""
 
 
-def _drop_parts(out: str) -> None:
-    fs, path = storage.fs_and_path(out)
-    for p in fs.ls(path, detail=False):
-        if os.path.basename(p).startswith("part-"):
-            fs.rm(p)
-    fs.rm(storage.fs_and_path(storage.join(out, manifest.MANIFEST))[1])
-
-
-def _compute(cfg: Config, model_dir: str, out: str, rows: pa.Table, pending: list[int],
-             shard_rows: int) -> list[dict]:
-    blocks = [rows.slice(s * shard_rows, shard_rows) for s in pending]
-    return map_shards(
-        cfg, ShardWriter, {"model_dir": model_dir, "out_dir": out,
-                           "batch_size": cfg.logits.batch_size}, blocks,
-        lambda r: f"logits: shard {r['shard']} done ({r['rows']} rows, {r['skipped']} "
-                  f"skipped, {r['seconds']:.1f}s)")
+def _compute(
+    cfg: Config,
+    model_dir: str,
+    out: str,
+    rows: pa.Table,
+    pending: list[int],
+    shard_rows: int,
+    features: bool,
+) -> list[dict]:
+    size = int(storage.read_json(storage.join(model_dir, "model.json"))["img_size"])
+    blocks = [shards.shard_block(rows, "", s, shard_rows) for s in pending]
+    return shards.map_shards(
+        cfg,
+        blocks,
+        decode_shard,
+        {"size": size},
+        LogitsWriter,
+        {
+            "model_dir": model_dir,
+            "out_dir": out,
+            "batch_size": cfg.logits.batch_size,
+            "features": features,
+        },
+        block_bytes=shard_rows * size * size * 3,
+        describe=lambda r: (
+            f"logits: shard {r['shard']} done ({r['rows']} rows, "
+            f"{r['skipped']} skipped, {r['seconds']:.1f}s)"
+        ),
+    )

@@ -12,28 +12,41 @@ import logging
 import time
 
 from ktray import storage
-from ktray.pipeline import accounting, manifest
 from ktray.config import Config
+from ktray.pipeline import accounting, manifest
 from ktray.pipeline.reporting import format_table, write_results
-from ktray.stages import finetune as finetune_stage
-from ktray.stages import teacher as teacher_stage
 from ktray.pipeline.tasks import prepare_task
 from ktray.pipeline.tracking import log_pipeline, tracking_uri
-from ktray.pipeline.validate import check_config, parse_method
+from ktray.pipeline.validate import check_config, method_transfers, parse_method
+from ktray.stages import finetune as finetune_stage
+from ktray.stages import teacher as teacher_stage
 
 log = logging.getLogger("ktray")
 
 
 def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
     ft = finetune_stage.run(cfg, "" if method == "scratch" else method)
-    entry = {"test_accuracy": ft["test_accuracy"], "finetune_seconds": ft["train_seconds"],
-             "train_seconds": ft["train_seconds"], "finetune_flops": ft.get("flops") or 0.0,
-             "pretrain_flops": 0.0, "student_flops_per_image": ft.get("flops_per_image")}
+    entry = {
+        "test_accuracy": ft["test_accuracy"],
+        "finetune_seconds": ft["train_seconds"],
+        "train_seconds": ft["train_seconds"],
+        "finetune_flops": ft.get("flops") or 0.0,
+        "pretrain_flops": 0.0,
+        "student_flops_per_image": ft.get("flops_per_image"),
+    }
     if method != "scratch":
         objective, transfer = parse_method(method)
-        pre = storage.read_json(storage.join(manifest.stage_dir(cfg.out, "distill", method),
-                                   manifest.MANIFEST))
-        logits = storage.read_json(storage.join(cfg.out, "logits", transfer, manifest.MANIFEST))
+        pre = storage.read_json(
+            storage.join(manifest.stage_dir(cfg.out, "distill", method), manifest.MANIFEST)
+        )
+        # online / distill.targets runs read no logits pass (uses_logits false): none counted
+        logits = (
+            storage.read_json(
+                storage.join(manifest.stage_dir(cfg.out, "logits", transfer), manifest.MANIFEST)
+            )
+            if pre.get("uses_logits", True)
+            else {}
+        )
         entry.update(
             distill_seconds=pre["train_seconds"],
             train_seconds=pre["train_seconds"] + ft["train_seconds"],
@@ -41,14 +54,75 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
             # Pretraining compute: student distillation + the teacher's passes over the
             # transfer set (precomputed once and shared by the methods on that set).
             pretrain_flops=(pre.get("flops") or 0.0) + (logits.get("flops") or 0.0),
-            transfer_images=logits["images"], transfer_rows=logits["rows"],
-            logits_seconds=logits["seconds"])
+            transfer_images=logits.get("images"),
+            transfer_rows=logits.get("rows", pre.get("transfer_rows")),
+            logits_seconds=logits.get("seconds", 0.0),
+        )
     return entry, ft["outputs"]["model"]
+
+
+def speed_table(cfg: Config, models: dict) -> dict:
+    """Per method: params, GFLOPs, MB and CPU latency / throughput of PyTorch, onnxruntime
+    fp32 and int8, measured in this process (``export.speed_iters`` timed calls each), and a
+    student's speed-up over the teacher. One measurement per distinct architecture (students
+    of one arch share it); the exports stay in ``OUT/export/<method>/`` when OUT is local."""
+    import tempfile
+
+    from ktray import export
+    from ktray.errors import KtrayError
+    from ktray.models import load_model, read_spec
+
+    ec, measured, rows = cfg.export, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, model_dir in models.items():
+            spec = read_spec(model_dir)
+            key = (spec["kind"], spec["arch"], spec["img_size"], spec["num_classes"])
+            if key not in measured:
+                out = (
+                    storage.join(cfg.out, "export", method)
+                    if not storage.is_remote(cfg.out)
+                    else storage.join(tmp, method)
+                )
+                try:
+                    r = export.export_model(
+                        model_dir,
+                        out,
+                        int8=True,
+                        int8_mode=ec.int8_mode,
+                        exporter=ec.exporter,
+                        atol=ec.atol,
+                        check_images=ec.check_images,
+                        speed_iters=ec.speed_iters,
+                    )
+                except KtrayError as e:  # e.g. an architecture the exporter cannot handle
+                    log.warning("speed table: %s: no ONNX numbers (%s)", method, e)
+                    model = load_model(model_dir)[0]
+                    speed = export.measure_speed(model, spec["img_size"], {}, ec.speed_iters)
+                    r = dict(export.model_stats(model, spec["img_size"]), speed=speed)
+                measured[key] = {
+                    k: r.get(k) for k in ("params", "gflops", "mb", "file_mb", "speed")
+                } | {"measured_with": method}
+                if r.get("parity"):
+                    measured[key]["int8_top1_agreement"] = r["parity"]["int8"]["top1_agreement"]
+            rows[method] = dict(measured[key], arch=spec["arch"], img_size=spec["img_size"])
+    teacher = rows.get("teacher")
+    for method, row in rows.items():
+        if teacher and method != "teacher":
+            # same backend, same process: latency ratio at batch 1, throughput at batch 32
+            row["speedup"] = {
+                b: {
+                    "latency": teacher["speed"][b]["latency_ms"] / s["latency_ms"],
+                    "throughput": s["throughput"] / teacher["speed"][b]["throughput"],
+                }
+                for b, s in row["speed"].items()
+                if isinstance(s, dict) and b in teacher["speed"]
+            }
+    return rows
 
 
 def run(cfg: Config) -> dict:
     """Run every method of ``cfg.methods``; write results.{json,md,png} under ``cfg.out``."""
-    check_config(cfg)
+    check_config(cfg, method_transfers(cfg), will_curate=True)
     started = time.perf_counter()
     info = prepare_task(cfg)
     if any(parse_method(m)[1] == "curated" for m in cfg.methods):
@@ -60,25 +134,43 @@ def run(cfg: Config) -> dict:
         t0 = time.perf_counter()
         if method == "teacher":
             r = teacher_stage.run(cfg)
-            methods[method] = {"test_accuracy": r["test_accuracy"],
-                               "train_seconds": r["train_seconds"],
-                               "flops_per_image": r.get("flops_per_image")}
+            methods[method] = {
+                "test_accuracy": r["test_accuracy"],
+                "train_seconds": r["train_seconds"],
+                "flops_per_image": r.get("flops_per_image"),
+            }
             models[method] = r["outputs"]["model"]
         else:
             methods[method], models[method] = _student_entry(cfg, method)
         methods[method]["wall_seconds"] = time.perf_counter() - t0
         log.info("%-22s test accuracy %.4f", method, methods[method]["test_accuracy"])
-    results = {"task": cfg.task, "labels_per_class": cfg.data.labels_per_class,
-               "num_classes": info["num_classes"], "test_images": info["rows"]["test"],
-               "teacher": cfg.teacher.backbone, "student": cfg.student.arch,
-               "methods": methods, "models": models,
-               "total_seconds": time.perf_counter() - started}
+    results = {
+        "task": cfg.task,
+        "labels_per_class": cfg.data.labels_per_class,
+        "num_classes": info["num_classes"],
+        "test_images": info["rows"]["test"],
+        "teacher": cfg.teacher.backbone,
+        "student": cfg.student.arch,
+        "methods": methods,
+        "models": models,
+        "total_seconds": time.perf_counter() - started,
+    }
+    if cfg.export.speed:
+        results["speed"] = speed_table(cfg, models)
     artifacts = write_results(cfg.out, results)
     spent = accounting.totals([r for r in accounting.gather(cfg.out) if r["run"] == "."])
-    manifest.write(manifest.stage_dir(cfg.out, "pipeline"), {
-        "stage": "pipeline", "config_hash": "", "outputs": artifacts,
-        "seconds": results["total_seconds"], "flops": spent["flops"],
-        "device_seconds": spent["device_seconds"]}, cfg)
+    manifest.write(
+        manifest.stage_dir(cfg.out, "pipeline"),
+        {
+            "stage": "pipeline",
+            "config_hash": "",
+            "outputs": artifacts,
+            "seconds": results["total_seconds"],
+            "flops": spent["flops"],
+            "device_seconds": spent["device_seconds"],
+        },
+        cfg,
+    )
     try:
         results["mlflow_run_id"] = log_pipeline(cfg, results, artifacts, models)
         results["mlflow_tracking_uri"] = tracking_uri(cfg) if cfg.tracking.mlflow else None

@@ -2,71 +2,131 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 
 from ktray import storage
-from ktray.pipeline import manifest
 from ktray.config import Config, config_hash
-from ktray.evaluation import evaluate_model_dir
-from ktray.stages.common import RaySession, add_trial_steps, ensure_ray, fit, in_tune_trial
+from ktray.data import columns as C
+from ktray.pipeline import manifest
 from ktray.pipeline.tasks import prepare_task
-from ktray.train.worker import run_training
 from ktray.pipeline.validate import check_config
+from ktray.stages import evaluate as evaluate_stage
+from ktray.stages.common import RaySession, add_trial_steps, ensure_ray, fit, in_tune_trial
+from ktray.train.worker import run_training
 
 log = logging.getLogger("ktray")
 
 
-def train_worker(spec: dict) -> dict:
+def train_worker(config: dict) -> dict:
     """Ray Train's per-worker function; returns the final metrics (``Result.return_value``)."""
-    session = RaySession(spec.get("tune"))
-    metrics = run_training(spec, session)
-    if session.tune is None:  # (Tune already has the last epoch's report)
+    session = RaySession(config.get("tune"))
+    metrics = run_training(config, session)
+    if session.tune is None:  # (Tune already has the last report)
         session.report({k: v for k, v in metrics.items() if k != "history"}, None)
     return metrics
 
 
-def common_spec(cfg: Config, num_classes: int, out_dir: str, seed_offset: int = 0) -> dict:
-    return {"num_classes": num_classes, "out_dir": out_dir, "seed": cfg.data.seed + seed_offset,
-            "student": {"arch": cfg.student.arch, "img_size": cfg.student.img_size,
-                        "pretrained": cfg.student.pretrained,
-                        "checkpoint": cfg.student.checkpoint}}
+def table_fingerprint(uri: str) -> str:
+    """A hash of an image table's content (ids, sources, labels): what a stage trained on,
+    whatever config produced it (``data.test_limit`` does not change the train split)."""
+    if not uri:
+        return ""
+    table = storage.read_parquet(uri)
+    h = hashlib.sha256()
+    for name in (C.IMAGE_ID, C.SOURCE, C.LABEL):
+        if name in table.column_names:
+            h.update("\x00".join(map(str, table.column(name).to_pylist())).encode())
+    return h.hexdigest()[:16]
 
 
-def run_train_stage(cfg: Config, stage: str, name: str, spec: dict, hash_parts: tuple,
-                    evaluate: bool = True) -> dict:
-    """Train ``spec`` with Ray Train unless a finished run with the same config exists, then
-    evaluate the saved model on the test split and write the manifest."""
+def run_train_stage(
+    cfg: Config,
+    stage: str,
+    name: str,
+    spec,
+    inputs: dict,
+    hash_inputs: dict,
+    evaluate: bool = True,
+    datasets: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Train ``spec`` with Ray Train unless a finished run with the same spec and inputs
+    exists, then evaluate the saved model on the test split and write the manifest.
+
+    Args:
+        spec: a :mod:`ktray.train.specs` spec (every setting the run uses).
+        inputs: what the worker reads besides the spec (upstream URIs, class count, ...).
+        hash_inputs: the upstream outputs' identities (hashes, content fingerprints): with
+            the spec they make the reuse key ``config_hash(spec, hash_inputs)``.
+        datasets: Ray Data datasets for ``TorchTrainer(datasets=...)``; a callable returning
+            them is called only when the stage really trains.
+        extra: more manifest fields (e.g. whether distillation read the logits stage).
+    """
     check_config(cfg)
     info = prepare_task(cfg)
     out = manifest.stage_dir(cfg.out, stage, name)
-    h = config_hash(*hash_parts, cfg.data, info["config_hash"])
+    label = f"{stage}[{name}]" if name else stage
+    test_uri = info["outputs"]["test"]
+    h = config_hash(spec, hash_inputs)
     done = manifest.load_finished(out, h)
     if done is not None:
-        log.info("%s: reusing the finished run in %s", f"{stage}[{name}]" if name else stage, out)
+        log.info("%s: reusing the finished run in %s", label, out)
         if in_tune_trial():
             add_trial_steps(stage, done.get("steps"))
+        test_fp = table_fingerprint(test_uri) if evaluate else ""
+        if evaluate and done.get("test_fingerprint") != test_fp:  # another test split
+            done = _evaluate(dict(done), test_uri, test_fp, cfg, info, label)
+            return manifest.write(out, done, cfg)
         return done
     model_dir = storage.join(out, "model")
-    spec = dict(spec, out_dir=model_dir, num_classes=info["num_classes"],
-                train_uri=info["outputs"]["train"], val_uri=info["outputs"].get("val", ""))
+    inputs = dict(inputs, out_dir=model_dir, num_classes=info["num_classes"])
     ensure_ray(cfg.ray)
-    log.info("%s: training %s steps", f"{stage}[{name}]" if name else stage, spec["steps"])
+    if callable(datasets):
+        datasets = datasets()
+    log.info("%s: training %s steps", label, spec.steps)
     start = time.perf_counter()
-    metrics = fit(cfg, f"{stage}-{name}" if name else stage, train_worker, spec)
+    metrics = fit(
+        cfg,
+        f"{stage}-{name}" if name else stage,
+        train_worker,
+        {"spec": dataclasses.asdict(spec), "inputs": inputs},
+        datasets=datasets,
+    )
     seconds = time.perf_counter() - start
     history = metrics.pop("history", None) or []
-    result = {"stage": stage, "name": name, "config_hash": h,
-              "outputs": {"model": model_dir}, "train_seconds": seconds,
-              "device_seconds": metrics.get("seconds", seconds) * max(1, cfg.ray.num_workers),
-              "flops": metrics.get("flops"), "flops_per_image": metrics.get("flops_per_image"),
-              "steps": metrics.get("step"),
-              "images_seen": metrics.get("images"), "final_loss": metrics.get("loss"),
-              "metrics": metrics, "history": history}
+    result = {
+        "stage": stage,
+        "name": name,
+        "config_hash": h,
+        "outputs": {"model": model_dir},
+        "train_seconds": seconds,
+        "device_seconds": metrics.get("seconds", seconds) * max(1, cfg.ray.num_workers),
+        "flops": metrics.get("flops"),
+        "flops_per_image": metrics.get("flops_per_image"),
+        "steps": metrics.get("step"),
+        "images_seen": metrics.get("images"),
+        "final_loss": metrics.get("loss"),
+        "metrics": metrics,
+        "history": history,
+        **(extra or {}),
+    }
     if evaluate:
-        ev = evaluate_model_dir(model_dir, info["outputs"]["test"], cfg.eval_batch_size,
-                                num_classes=info["num_classes"])
-        result.update(test_accuracy=ev["test_accuracy"],
-                      per_class_accuracy=ev.get("per_class_accuracy"))
-        log.info("%s: test accuracy %.4f", f"{stage}[{name}]" if name else stage, ev["test_accuracy"])
+        result = _evaluate(result, test_uri, table_fingerprint(test_uri), cfg, info, label)
     return manifest.write(out, result, cfg)
+
+
+def _evaluate(
+    result: dict, test_uri: str, test_fp: str, cfg: Config, info: dict, label: str
+) -> dict:
+    # a large test set: Ray Data batch inference on the cluster, else in this process
+    ev = evaluate_stage.evaluate(cfg, result["outputs"]["model"], test_uri, info["num_classes"])
+    result.update(
+        test_accuracy=ev["test_accuracy"],
+        test_fingerprint=test_fp,
+        per_class_accuracy=ev.get("per_class_accuracy"),
+    )
+    log.info("%s: test accuracy %.4f", label, ev["test_accuracy"])
+    return result

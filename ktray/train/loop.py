@@ -3,16 +3,21 @@
 A :class:`Session` abstracts where the loop runs: :class:`LocalSession` is a plain process;
 ``ktray.stages.common.RaySession`` wraps Ray Train (DDP model/loader preparation, reporting,
 checkpoints, restore after a worker failure). The loop counts optimizer steps, not epochs, so
-methods compare at equal compute; it reports and checkpoints at every epoch end, and a restored
-run continues its step count instead of restarting.
+methods compare at equal compute; it reports every ``report_every`` steps and checkpoints every
+``checkpoint_every`` steps (mid-epoch: one epoch of a web-scale transfer set is many thousand
+steps), and a restored run continues its step count instead of restarting. Per-step metrics
+are summed on the device and read back only at reports (no host sync per step); bf16
+autocast (``precision``) and ``torch.compile`` are opt-in per run.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,6 +32,7 @@ class Session(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
     def prepare_loader(self, loader): ...
+    def dataset(self, name: str): ...
     def report(self, metrics: dict, state: dict | None) -> None: ...
     def restore(self) -> dict | None: ...
 
@@ -34,11 +40,16 @@ class Session(Protocol):
 class LocalSession:
     """Run in this process, on CPU or the first GPU; keeps every reported metric dict."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(
+        self, device: str | None = None, datasets: dict | None = None, state: dict | None = None
+    ):
         self.rank, self.world_size = 0, 1
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.reports: list[dict] = []
         self.last_state: dict | None = None
+        self.states: list[dict] = []
+        self.datasets = dict(datasets or {})
+        self.initial_state = state
 
     def prepare_model(self, model):
         return model.to(self.device)
@@ -46,32 +57,45 @@ class LocalSession:
     def prepare_loader(self, loader):
         return loader
 
+    def dataset(self, name):
+        """An object with ``iter_torch_batches(...)`` (e.g. ``ktray.data.datasets.ViewStream``)."""
+        return self.datasets[name]
+
     def report(self, metrics, state):
         self.reports.append(dict(metrics))
-        if state is not None:
-            self.last_state = state
+        if state is not None:  # a snapshot, as a written checkpoint would be
+            self.last_state = copy.deepcopy(state)
+            self.states.append(self.last_state)
 
     def restore(self):
-        return None
+        return self.initial_state
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
 
 
 def make_scheduler(opt, steps: int, warmup_steps: int):
     """Linear warm-up then cosine decay to zero over ``steps`` optimizer steps."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
         progress = (step - warmup_steps) / max(1, steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` when ``precision == "bf16"``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_steps(
@@ -86,34 +110,43 @@ def train_steps(
     warmup_steps: int = 0,
     set_epoch: Callable[[int], None] | None = None,
     extra_metrics: Callable[[], dict] | None = None,
-    report_every: int = 1,
+    report_every: int = 50,
+    checkpoint_every: int = 50,
+    precision: str = "fp32",
+    state_module: nn.Module | None = None,
 ) -> dict:
     """Train ``module`` for ``steps`` optimizer steps.
 
     Args:
-        module: the (already session-prepared) module holding every trainable parameter.
-        step_fn: ``step_fn(module, batch) -> {"loss": Tensor, "n": int, ...}``; other tensor
-            entries are averaged into the epoch metrics.
+        module: the (already session-prepared) module holding every trainable parameter
+            (those with ``requires_grad``; a frozen teacher inside it is left alone).
+        step_fn: ``step_fn(module, batch) -> {"loss": Tensor, "n": int, ...}``; other scalar
+            tensor entries are averaged over the steps between reports (summed on the device).
         loader: an iterable of batches, re-iterated each epoch.
         session: where reports and checkpoints go.
         set_epoch: called with the epoch index before each pass (DistributedSampler).
         extra_metrics: called at each report for more metrics (e.g. validation accuracy).
-        report_every: report (and checkpoint) at the first epoch end at least this many steps
-            after the last report, and always at the end: tiny labeled sets have epochs of a
-            few steps, and a checkpoint per epoch would cost more than the training.
+        report_every: report every this many optimizer steps, and at the end.
+        checkpoint_every: attach a checkpoint to the first report at least this many steps
+            after the last one, and to the last report.
+        precision: ``bf16`` runs ``step_fn`` under bf16 autocast; ``fp32`` as is.
+        state_module: what a checkpoint holds and restores (default: ``module`` unwrapped);
+            distillation passes the student (+ projector) so no teacher is stored.
 
     Returns:
-        The last epoch's metrics: ``step``, ``epoch``, ``loss``, ``images``, ``seconds``, plus
-        ``history`` (every report's numeric metrics, carried through checkpoints, so a run
-        restored after a failure still has the reports made before it) and ``resumed_from``
-        (the step of the checkpoint this run was restored from; 0 for a fresh run).
+        The last report's metrics: ``step``, ``epoch``, ``loss``, ``images``, ``seconds``,
+        plus ``history`` (every report's numeric metrics, carried through checkpoints, so a
+        run restored after a failure still has the reports made before it) and
+        ``resumed_from`` (the step of the checkpoint this run was restored from; 0 for a
+        fresh run). A restored run continues mid-epoch at its step count.
     """
+    target = state_module if state_module is not None else unwrap(module)
     opt = make_optimizer(module.parameters(), lr, weight_decay)
     sched = make_scheduler(opt, steps, warmup_steps)
     step, epoch, images, seconds = 0, 0, 0, 0.0
     state = session.restore()
     if state is not None:
-        unwrap(module).load_state_dict(state["model"])
+        target.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch = state["step"], state["epoch"]
@@ -121,10 +154,52 @@ def train_steps(
     history = list(state.get("history", [])) if state is not None else []
     resumed_from = step
     metrics = {"step": step, "epoch": epoch, "images": images, "seconds": seconds}
-    last_report = step
-    sums: dict[str, float] = {}
+    last_ckpt = step
+    sums: dict[str, torch.Tensor] = {}
     batches = 0
     module.train()
+
+    def report() -> dict:
+        nonlocal sums, batches, last_ckpt
+        out = {k: float(v) / max(batches, 1) for k, v in sums.items()}  # the one host sync
+        sums, batches = {}, 0
+        out.update(
+            step=step, epoch=epoch, images=images, seconds=seconds, lr=sched.get_last_lr()[0]
+        )
+        if extra_metrics is not None:
+            out.update(extra_metrics())
+            module.train()
+        history.append(
+            {
+                k: v if isinstance(v, int) else round(float(v), 6)
+                for k, v in out.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
+        ckpt = None
+        if step >= steps or step - last_ckpt >= checkpoint_every:
+            last_ckpt = step
+            ckpt = {
+                "model": target.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "images": images,
+                "seconds": seconds,
+                "history": list(history),
+            }
+        if session.rank == 0:
+            log.info(
+                "  step %d/%d  loss %.4f  %.0f img/s",
+                step,
+                steps,
+                out.get("loss", float("nan")),
+                images / max(seconds, 1e-9),
+            )
+        session.report(out, ckpt)
+        return out
+
     while step < steps:
         if set_epoch is not None:
             set_epoch(epoch)
@@ -132,7 +207,8 @@ def train_steps(
         for batch in loader:
             if batch is None:
                 continue
-            out = step_fn(module, batch)
+            with autocast(session.device, precision):
+                out = step_fn(module, batch)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -143,31 +219,16 @@ def train_steps(
             images += int(out.get("n", 0)) * session.world_size
             for k, v in out.items():
                 if torch.is_tensor(v) and v.numel() == 1:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+            if step % report_every == 0 or step >= steps:
+                seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                metrics = report()
             if step >= steps:
                 break
         if epoch_batches == 0:
             raise RuntimeError("the training loader yielded no batch (every image unreadable?)")
         seconds += time.perf_counter() - start
         epoch += 1
-        if step < steps and step - last_report < report_every:
-            continue
-        last_report = step
-        metrics = {k: v / batches for k, v in sums.items()}
-        sums, batches = {}, 0
-        metrics.update(step=step, epoch=epoch, images=images, seconds=seconds,
-                       lr=sched.get_last_lr()[0])
-        if extra_metrics is not None:
-            metrics.update(extra_metrics())
-            module.train()
-        history.append({k: v if isinstance(v, int) else round(float(v), 6)
-                        for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        state = {"model": unwrap(module).state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
-                 "images": images, "seconds": seconds, "history": history}
-        if session.rank == 0:
-            log.info("  step %d/%d  loss %.4f  %.0f img/s", step, steps,
-                     metrics.get("loss", float("nan")), images / max(seconds, 1e-9))
-        session.report(metrics, state)
     return dict(metrics, history=history, resumed_from=resumed_from)

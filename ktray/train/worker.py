@@ -1,8 +1,15 @@
 """What one training worker runs: teacher adaptation, distillation or finetuning (no ray here).
 
-``run_training(spec, session)`` builds the model and data described by a plain dict ``spec``
-(picklable, so Ray Train ships it to every worker), trains with
-:func:`ktray.train.loop.train_steps` and has rank 0 save the final model as safetensors.
+``run_training(config, session)`` rebuilds the typed spec from ``config["spec"]``
+(``dataclasses.asdict`` of a :mod:`ktray.train.specs` spec: picklable, so Ray Train ships it to
+every worker), builds the model and data it describes from it and ``config["inputs"]`` (where
+the upstream outputs are), trains with :func:`ktray.train.loop.train_steps` and has rank 0
+save the final model as safetensors.
+
+Distillation reads its rows from ``session.dataset("train")``: a Ray Data shard in Ray Train
+(``iter_torch_batches`` with a local shuffle buffer and prefetching), uint8 views decoded by
+a CPU stage upstream and normalised here on the device. Teacher adaptation and finetuning
+(a few labeled images) keep a map-style DataLoader.
 """
 
 from __future__ import annotations
@@ -15,16 +22,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ktray import storage
-from ktray.data import columns as C
-from ktray.data.datasets import LabeledImages, ViewImages, collate_skip_none
+from ktray.data.datasets import LabeledImages, collate_skip_none, normalize
 from ktray.distill import DistillModule
 from ktray.losses import FeatureProjector
 from ktray.metrics import evaluate_classifier
-from ktray.models import (TaskModel, create_backbone, create_student, load_model, save_model,
-                          student_feature_dim)
+from ktray.models import (
+    TaskModel,
+    create_backbone,
+    create_student,
+    load_model,
+    save_model,
+    student_feature_dim,
+)
 from ktray.models.flops import count_flops
 from ktray.train.loop import Session, train_steps, unwrap
-
+from ktray.train.specs import DistillSpec, FinetuneSpec, TeacherSpec, from_dict, resolve_precision
 
 # channels_last: oneDNN's convolutions on CPU (and tensor cores on GPU) run ~1.3-1.7x faster
 # in NHWC; models and images are both kept in it.
@@ -42,17 +54,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(dataset: Dataset, spec: dict, shuffle: bool, session: Session) -> DataLoader:
+def _loader(dataset: Dataset, spec, shuffle: bool, session: Session) -> DataLoader:
     sampler = None
     if session.world_size > 1:
         sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=session.world_size, rank=session.rank, shuffle=shuffle,
-            seed=spec["seed"])
-    workers = spec.get("loader_workers", 0)
-    return DataLoader(dataset, batch_size=spec["batch_size"], shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, collate_fn=collate_skip_none,
-                      drop_last=len(dataset) >= 2 * spec["batch_size"] * session.world_size,
-                      persistent_workers=workers > 0)
+            dataset,
+            num_replicas=session.world_size,
+            rank=session.rank,
+            shuffle=shuffle,
+            seed=spec.seed,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=spec.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        collate_fn=collate_skip_none,
+        drop_last=len(dataset) >= 2 * spec.batch_size * session.world_size,
+        pin_memory=session.device.type == "cuda",
+    )
 
 
 def _set_epoch(loader: DataLoader):
@@ -61,39 +81,58 @@ def _set_epoch(loader: DataLoader):
             loader.sampler.set_epoch(epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
+
     return set_epoch
 
 
-def build_teacher(spec: dict) -> tuple[nn.Module, dict]:
+def build_teacher(spec: TeacherSpec, num_classes: int) -> tuple[nn.Module, dict]:
     # img_size: ViTs (DINOv2 at 518 px natively) must be built for the size they will see
-    backbone = create_backbone(spec["backbone"], pretrained=spec["pretrained"],
-                               checkpoint=spec.get("checkpoint") or None,
-                               img_size=spec.get("img_size") or None)
-    model = TaskModel(backbone, spec["num_classes"])
-    model.set_trainable(spec["mode"], partial_blocks=spec.get("partial_blocks", 2))
-    size = spec.get("img_size") or backbone.default_img_size
-    model_spec = {"kind": "teacher", "arch": spec["backbone"], "backbone": spec["backbone"],
-                  "num_classes": spec["num_classes"], "img_size": size,
-                  "mean": list(backbone.mean), "std": list(backbone.std), "mode": spec["mode"]}
+    backbone = create_backbone(
+        spec.backbone,
+        pretrained=spec.pretrained,
+        checkpoint=spec.checkpoint or None,
+        img_size=spec.img_size or None,
+    )
+    model = TaskModel(backbone, num_classes)
+    model.set_trainable(spec.mode, partial_blocks=spec.partial_blocks)
+    size = spec.img_size or backbone.default_img_size
+    model_spec = {
+        "kind": "teacher",
+        "arch": spec.backbone,
+        "backbone": spec.backbone,
+        "num_classes": num_classes,
+        "img_size": size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "mode": spec.mode,
+    }
     return model, model_spec
 
 
-def build_student(spec: dict) -> tuple[nn.Module, dict]:
-    s = spec["student"]
-    init_dir = spec.get("init_dir") or ""
+def build_student(
+    spec: DistillSpec | FinetuneSpec, num_classes: int, init_dir: str = ""
+) -> tuple[nn.Module, dict]:
     if init_dir:
         model, model_spec = load_model(init_dir)
-        if model_spec["num_classes"] != spec["num_classes"]:
-            model.reset_classifier(spec["num_classes"])
-        model_spec = dict(model_spec, num_classes=spec["num_classes"])
-        return model, model_spec
-    model = create_student(s["arch"], spec["num_classes"], pretrained=s["pretrained"],
-                           checkpoint=s.get("checkpoint") or None, img_size=s["img_size"])
+        if model_spec["num_classes"] != num_classes:
+            model.reset_classifier(num_classes)
+        return model, dict(model_spec, num_classes=num_classes)
+    model = create_student(
+        spec.student_arch,
+        num_classes,
+        pretrained=spec.student_pretrained,
+        checkpoint=spec.student_checkpoint or None,
+        img_size=spec.student_img_size,
+    )
     cfg = model.pretrained_cfg if hasattr(model, "pretrained_cfg") else {}
-    model_spec = {"kind": "student", "arch": s["arch"], "num_classes": spec["num_classes"],
-                  "img_size": s["img_size"],
-                  "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-                  "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+    model_spec = {
+        "kind": "student",
+        "arch": spec.student_arch,
+        "num_classes": num_classes,
+        "img_size": spec.student_img_size,
+        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+    }
     return model, model_spec
 
 
@@ -112,7 +151,17 @@ def _cached_features(model, dataset: Dataset, views: int, device) -> TensorDatas
     return TensorDataset(torch.cat(feats), torch.cat(labels))
 
 
-def _classifier_run(model, model_spec, spec, session) -> dict:
+def _precision(spec, session: Session) -> str:
+    return resolve_precision(spec.precision, session.device.type)
+
+
+def _compiled(module: nn.Module, spec) -> nn.Module:
+    return torch.compile(module) if spec.compile else module
+
+
+def _classifier_run(
+    model, model_spec, spec: TeacherSpec | FinetuneSpec, inputs: dict, session
+) -> dict:
     """Supervised training on labeled images (teacher adaptation and finetuning).
 
     A linear probe (frozen backbone) runs the backbone once per cached augmented view and
@@ -120,41 +169,55 @@ def _classifier_run(model, model_spec, spec, session) -> dict:
     backbone passes of running it at every step.
     """
     size, mean, std = model_spec["img_size"], model_spec["mean"], model_spec["std"]
-    train = storage.read_parquet(spec["train_uri"])
-    dataset = LabeledImages(train, size, mean, std, train=True, seed=spec["seed"])
+    train = storage.read_parquet(inputs["train_uri"])
+    dataset = LabeledImages(train, size, mean, std, train=True, seed=spec.seed)
     full = model
-    probe_views = spec.get("probe_views", 0)
-    if spec["kind"] == "teacher" and spec["mode"] == "linear" and probe_views > 0:
-        dataset = _cached_features(model, dataset, probe_views, session.device)
+    if isinstance(spec, TeacherSpec) and spec.mode == "linear" and spec.probe_views > 0:
+        dataset = _cached_features(model, dataset, spec.probe_views, session.device)
         model = _HeadOnly(model.head)  # shares the head; the backbone stays out of DDP
     loader = session.prepare_loader(_loader(dataset, spec, True, session))
-    module = session.prepare_model(model.to(memory_format=CL))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.get("label_smoothing", 0.0))
+    state_module = model
+    module = session.prepare_model(_compiled(model.to(memory_format=CL), spec))
+    loss_fn = nn.CrossEntropyLoss()
     device = session.device
 
     def step(m, batch):
         x, y = batch
-        x, y = _dev(x, device), y.to(device)
+        x, y = _dev(x, device), y.to(device, non_blocking=True)
         logits = m(x)
-        loss = loss_fn(logits, y)
+        loss = loss_fn(logits.float(), y)
         return {"loss": loss, "n": len(y), "train_acc": (logits.argmax(-1) == y).float().mean()}
 
     extra = None
-    if spec.get("val_uri"):
-        val = storage.read_parquet(spec["val_uri"])
-        val_loader = DataLoader(LabeledImages(val, size, mean, std, train=False),
-                                batch_size=256, collate_fn=collate_skip_none)
+    if inputs.get("val_uri"):
+        val = storage.read_parquet(inputs["val_uri"])
+        val_loader = DataLoader(
+            LabeledImages(val, size, mean, std, train=False),
+            batch_size=256,
+            collate_fn=collate_skip_none,
+        )
 
         def extra():
             r = evaluate_classifier(full.to(device), val_loader, device)
             return {"val_accuracy": r["test_accuracy"]}
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    metrics = train_steps(module, step, loader, session, steps=spec["steps"], lr=spec["lr"],
-                          weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_steps"],
-                          set_epoch=_set_epoch(loader), extra_metrics=extra,
-                          report_every=spec.get("report_every", 50))
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    metrics = train_steps(
+        module,
+        step,
+        loader,
+        session,
+        steps=spec.steps,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_steps,
+        set_epoch=_set_epoch(loader),
+        extra_metrics=extra,
+        report_every=spec.report_every,
+        checkpoint_every=spec.checkpoint_every,
+        precision=_precision(spec, session),
+        state_module=state_module,
+    )
     metrics["trainable_params"] = trainable
     return metrics
 
@@ -170,85 +233,117 @@ class _HeadOnly(nn.Module):
         return self.head(feats)
 
 
-class _TwoSizes(Dataset):
-    """The same stored view at the student's and at the teacher's input size (online)."""
+class _ShardBatches:
+    """Re-iterable batches of a Ray Data shard (or :class:`ktray.data.datasets.ViewStream`):
+    one ``iter_torch_batches`` pass per epoch, on the host (pinned when training on a GPU)."""
 
-    def __init__(self, student: ViewImages, teacher: ViewImages):
-        self.student, self.teacher = student, teacher
+    def __init__(self, shard, spec: DistillSpec, drop_last: bool, pin: bool):
+        self.shard, self.spec, self.drop_last, self.pin = shard, spec, drop_last, pin
 
-    def __len__(self):
-        return len(self.student)
+    def __iter__(self):
+        kw = dict(
+            batch_size=self.spec.batch_size,
+            drop_last=self.drop_last,
+            local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
+            prefetch_batches=self.spec.prefetch_batches,
+            device="cpu",
+        )
+        if self.pin:
+            kw["pin_memory"] = True
+        return iter(self.shard.iter_torch_batches(**kw))
 
-    def __getitem__(self, i):
-        a, b = self.student[i], self.teacher[i]
-        if a is None or b is None:
-            return None
-        return {"x": a["x"], "xt": b["x"], "index": a["index"]}
 
-
-def _distill_run(model, model_spec, spec, session) -> dict:
-    rows = storage.read_parquet(spec["targets_uri"])
-    objective, online = spec["objective"], spec["teacher_mode"] == "online"
-    teacher, teacher_spec = None, None
-    if online or objective == "features":
-        teacher, teacher_spec = load_model(spec["teacher_dir"])
+def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dict:
+    device, precision = session.device, _precision(spec, session)
+    teacher, teacher_spec, teacher_fpi = None, None, 0.0
+    if spec.online:
+        teacher, teacher_spec = load_model(inputs["teacher_dir"])
+        teacher_fpi = count_flops(teacher, teacher_spec["img_size"])
     projector = None
-    if objective == "features":
-        dim = len(rows[C.FEATURES][0]) if C.FEATURES in rows.column_names else \
-            teacher.backbone.feature_dim
+    if spec.objective == "features":
+        dim = inputs.get("feature_dim") or teacher.backbone.feature_dim
         projector = FeatureProjector(student_feature_dim(model), dim)
-    module = DistillModule(model, teacher if online else None, objective=objective,
-                           loss=spec["loss"], temperature=spec["temperature"],
-                           projector=projector)
-    size, mean, std = model_spec["img_size"], model_spec["mean"], model_spec["std"]
-    dataset = ViewImages(rows, size, mean, std)
-    if online:
-        dataset = _TwoSizes(dataset, ViewImages(rows, teacher_spec["img_size"],
-                                                teacher_spec["mean"], teacher_spec["std"]))
-        targets = None
-    else:
-        column = C.LOGITS if objective == "task" else C.FEATURES
-        targets = torch.tensor(np.asarray(rows[column].to_pylist(), dtype=np.float32))
-    loader = session.prepare_loader(_loader(dataset, spec, True, session))
-    module = session.prepare_model(module.to(memory_format=CL))
-    device = session.device
+    module = DistillModule(
+        model,
+        teacher,
+        objective=spec.objective,
+        loss=spec.loss,
+        temperature=spec.temperature,
+        projector=projector,
+    )
+    module.to(device, memory_format=CL)
+    if teacher is not None and precision == "bf16":
+        module.teacher_bf16()
+    net = module.net  # what checkpoints hold: student (+ projector), never the teacher
+    module.wrap_net(lambda m: session.prepare_model(_compiled(m, spec)))
+    rows = int(inputs.get("rows") or 0)
+    loader = _ShardBatches(
+        session.dataset("train"),
+        spec,
+        drop_last=rows >= 2 * spec.batch_size * session.world_size,
+        pin=device.type == "cuda",
+    )
+    mean, std = model_spec["mean"], model_spec["std"]
+    target = spec.target_column
 
     def step(m, batch):
-        x = _dev(batch["x"], device)
-        if online:
-            out = m(x, x_teacher=_dev(batch["xt"], device))
+        x = normalize(batch["x"], mean, std, device)
+        if spec.online:
+            xt = normalize(batch["xt"], teacher_spec["mean"], teacher_spec["std"], device)
+            out = m(x, x_teacher=xt)
         else:
-            t = targets[batch["index"]].to(device)
-            kw = {"teacher_logits": t} if objective == "task" else {"teacher_features": t}
+            t = batch[target].to(device, non_blocking=True).float()
+            kw = {"teacher_logits": t} if spec.objective == "task" else {"teacher_features": t}
             out = m(x, **kw)
         out["n"] = len(x)
         return out
 
-    metrics = train_steps(module, step, loader, session, steps=spec["steps"], lr=spec["lr"],
-                          weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_steps"],
-                          set_epoch=_set_epoch(loader), report_every=spec.get("report_every", 1))
-    if online:  # the online teacher's forward passes count towards the pretraining compute
-        metrics["teacher_flops_per_image"] = count_flops(teacher, teacher_spec["img_size"])
+    metrics = train_steps(
+        module,
+        step,
+        loader,
+        session,
+        steps=spec.steps,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_steps,
+        report_every=spec.report_every,
+        checkpoint_every=spec.checkpoint_every,
+        precision=precision,
+        state_module=net,
+    )
+    # the online teacher's forward passes count towards the pretraining compute
+    metrics["teacher_flops_per_image"] = teacher_fpi
     return metrics
 
 
-def run_training(spec: dict, session: Session) -> dict:
-    """Train what ``spec["kind"]`` names and save it under ``spec["out_dir"]`` (rank 0)."""
-    seed_everything(spec["seed"] + session.rank)
-    kind = spec["kind"]
-    model, model_spec = build_teacher(spec) if kind == "teacher" else build_student(spec)
-    if kind == "distill":
-        metrics = _distill_run(model, model_spec, spec, session)
+def run_training(config: dict, session: Session) -> dict:
+    """Train what ``config["spec"]`` describes with ``config["inputs"]`` (``out_dir``,
+    ``num_classes``, ``train_uri`` / ``val_uri`` / ``init_dir`` / ``teacher_dir`` /
+    ``feature_dim`` / ``rows`` as the kind needs) and save it under ``out_dir`` (rank 0)."""
+    spec, inputs = from_dict(config["spec"]), config["inputs"]
+    seed_everything(spec.seed + session.rank)
+    n = inputs["num_classes"]
+    if isinstance(spec, TeacherSpec):
+        model, model_spec = build_teacher(spec, n)
     else:
-        metrics = _classifier_run(model, model_spec, spec, session)
-    size = model_spec["img_size"]
-    fwd = count_flops(unwrap(model), size)
+        model, model_spec = build_student(spec, n, inputs.get("init_dir", ""))
+    if isinstance(spec, DistillSpec):
+        metrics = _distill_run(model, model_spec, spec, inputs, session)
+    else:
+        metrics = _classifier_run(model, model_spec, spec, inputs, session)
+    fwd = count_flops(unwrap(model), model_spec["img_size"])
     # Training costs ~3x the forward FLOPs (forward + backward); a frozen backbone ~1x.
-    factor = 3.0 if kind != "teacher" or spec["mode"] != "linear" else 1.0
+    linear = isinstance(spec, TeacherSpec) and spec.mode == "linear"
     metrics["flops_per_image"] = fwd
-    metrics["flops"] = fwd * factor * metrics.get("images", 0)
+    metrics["flops"] = fwd * (1.0 if linear else 3.0) * metrics.get("images", 0)
     metrics["flops"] += metrics.pop("teacher_flops_per_image", 0.0) * metrics.get("images", 0)
     if session.rank == 0:
-        model_spec["train"] = {k: spec[k] for k in ("kind", "steps", "lr", "seed")}
-        save_model(unwrap(model).cpu(), spec["out_dir"], model_spec)
+        model_spec["train"] = {
+            "kind": spec.kind,
+            "steps": spec.steps,
+            "lr": spec.lr,
+            "seed": spec.seed,
+        }
+        save_model(unwrap(model).cpu(), inputs["out_dir"], model_spec)
     return metrics

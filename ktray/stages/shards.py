@@ -1,0 +1,272 @@
+"""One shard writer for the Ray Data inference passes (teacher logits, crop embeddings).
+
+A pass cuts its rows into shards; each shard is one Ray Data block and ends as one part file
+``<dir>/part-NNNNN.parquet``. The pipeline has two stages:
+
+1. **decode** (Ray Data tasks on CPU, ``infer.decode_cpus`` each, ``infer.decode_concurrency``
+   at once): a whole shard's images are read in order (sources grouped by file) and decoded,
+   and every view or crop is cut and resized to a ``uint8 [S, S, 3]`` array (column
+   ``pixels``; unreadable images give one ``ok=False`` row);
+2. **model** (an autoscaling actor pool of :class:`ShardWriter` subclasses, ``infer.actors``,
+   one GPU per actor when the cluster has GPUs): the actor checks that it got the whole shard,
+   normalises the pixels on the device, runs the model (bf16 on GPU) and writes the part file
+   atomically (temporary name + rename).
+
+:func:`prepare` resumes: a ``spec.json`` beside the parts names what they were made for; parts
+made under another spec are dropped, parts of the same spec are kept untouched and only the
+missing shards are computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+from ktray import storage
+from ktray.config import Config
+from ktray.errors import KtrayError
+from ktray.stages.nodes import check_shared_storage
+
+log = logging.getLogger("ktray")
+
+SET, SHARD, SHARD_SIZE = "set", "shard", "shard_size"
+"""Block columns: the output folder's key, the shard number, the shard's row count."""
+OK, PIXELS = "ok", "pixels"
+"""Decode-stage columns: readable image, ``uint8 [S, S, 3]`` view (zeros when unreadable)."""
+SPEC = "spec.json"
+
+
+def part_name(shard: int) -> str:
+    """``part-NNNNN.parquet``: parts sort in shard order."""
+    return f"part-{shard:05d}.parquet"
+
+
+def list_parts(directory: str) -> list[str]:
+    """The part files of ``directory`` in shard order (empty when it does not exist)."""
+    fs, path = storage.fs_and_path(directory)
+    if not fs.exists(path):
+        return []
+    names = sorted(os.path.basename(p) for p in fs.ls(path, detail=False))
+    return [
+        storage.join(directory, n)
+        for n in names
+        if n.startswith("part-") and n.endswith(".parquet")
+    ]
+
+
+def fingerprint(table: pa.Table, columns: tuple[str, ...]) -> str:
+    """A hash of a table's string ``columns``: parts are valid for exactly these rows."""
+    digest = hashlib.sha256()
+    for col in columns:
+        for chunk in table[col].chunks:
+            digest.update(b"\0".join(str(s).encode() for s in chunk.to_pylist()))
+            digest.update(b"\1")
+    return digest.hexdigest()[:16]
+
+
+def prepare(directory: str, spec: dict, n_shards: int) -> list[int]:
+    """Make ``directory`` hold parts of ``spec`` only; return the shards still to compute.
+
+    Parts written under another spec (or with no ``spec.json``: an older layout) are deleted;
+    parts of this spec are left untouched (a resumed killed job keeps them).
+    """
+    spec = json.loads(json.dumps(spec))  # as read back from spec.json (tuples -> lists)
+    spec_uri = storage.join(directory, SPEC)
+    old = storage.read_json(spec_uri) if storage.exists(spec_uri) else None
+    existing = list_parts(directory)
+    if old != spec:
+        if existing:
+            log.info("%s holds parts made under other settings; recomputing them", directory)
+        fs = storage.fs_and_path(directory)[0]
+        for f in existing:
+            fs.rm(storage.fs_and_path(f)[1])
+        existing = []
+        storage.makedirs(directory)
+        storage.write_json(spec_uri, spec)
+    have = {os.path.basename(f) for f in existing}
+    return [s for s in range(n_shards) if part_name(s) not in have]
+
+
+def shard_block(rows: pa.Table, name: str, shard: int, shard_rows: int) -> pa.Table:
+    """Rows ``[shard * shard_rows, ...)`` of ``rows`` as one block, with the block columns."""
+    part = rows.slice(shard * shard_rows, shard_rows)
+    n = len(part)
+    return part.append_column(SET, pa.array([name] * n, pa.string())).append_column(
+        SHARD, pa.array([shard] * n, pa.int32())
+    )
+
+
+def n_shards(rows: int, shard_rows: int) -> int:
+    return max(1, math.ceil(rows / shard_rows))
+
+
+def decoded(columns: dict, pixels: np.ndarray, ok: np.ndarray) -> dict:
+    """A decode stage's output batch: ``columns`` + ``ok`` + ``pixels`` (``uint8 [N, S, S,
+    3]``) + ``shard_size`` (rows of the shard after decoding, which the writer checks)."""
+    out = {k: np.asarray(v) for k, v in columns.items()}
+    out[OK] = np.asarray(ok, dtype=bool)
+    out[PIXELS] = pixels
+    shards = out[SHARD]
+    counts = {s: int((shards == s).sum()) for s in set(shards.tolist())}
+    out[SHARD_SIZE] = np.asarray([counts[s] for s in shards.tolist()], np.int32)
+    return out
+
+
+class ShardWriter:
+    """Ray Data actor base: one part file per shard of each batch, written atomically.
+
+    Subclasses implement :meth:`process` (the model part). ``out_dirs`` maps a block's ``set``
+    value to its output folder.
+    """
+
+    def __init__(self, out_dirs: dict, threads: int = 0):
+        import torch
+
+        if threads > 0 and not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.out_dirs = out_dirs
+
+    def process(self, part: dict) -> tuple[pa.Table, int]:
+        """One whole shard (a dict of numpy columns) -> (its part table, skipped rows)."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        sets, shards = batch[SET].astype(str), batch[SHARD].astype(np.int64)
+        stats: dict[str, list] = {k: [] for k in (SET, SHARD, "rows", "skipped", "seconds")}
+        for name, shard in sorted(set(zip(sets.tolist(), shards.tolist()))):
+            start = time.perf_counter()
+            mask = (sets == name) & (shards == shard)
+            part = {k: v[mask] for k, v in batch.items()}
+            expected = int(part[SHARD_SIZE][0])
+            if int(mask.sum()) != expected:  # a split shard would be written partially
+                raise RuntimeError(
+                    f"{name} shard {shard}: got {int(mask.sum())} of {expected} rows"
+                )
+            table, skipped = self.process(part)
+            storage.write_parquet(storage.join(self.out_dirs[name], part_name(shard)), table)
+            for k, v in zip(stats, (name, shard, len(table), skipped, time.perf_counter() - start)):
+                stats[k].append(v)
+        return {k: np.asarray(v) for k, v in stats.items()}
+
+
+def pool_size(cfg: Config, gpus_per_actor: float, cluster_gpus: float) -> int:
+    """Model actors at most: ``infer.actors``, or one per GPU of the cluster (at least 1)."""
+    if cfg.infer.actors > 0:
+        return cfg.infer.actors
+    if gpus_per_actor > 0 and cluster_gpus > 0:
+        return max(1, int(cluster_gpus // gpus_per_actor))
+    return 1
+
+
+def inference(
+    cfg: Config,
+    ds,
+    decode,
+    decode_kwargs: dict,
+    actor,
+    actor_kwargs: dict,
+    decode_bytes: int,
+    batch_size: int | None = None,
+):
+    """``ds`` -> decode tasks on CPU -> an autoscaling pool of model actors (``infer.*``).
+
+    Args:
+        decode_bytes: the pixels of one decoded batch (or block) in bytes.
+        batch_size: rows per decode call and per actor call; None = one block each.
+    """
+    import ray
+
+    from ktray.stages.common import ensure_ray
+
+    ensure_ray(cfg.ray)
+    check_shared_storage(cfg.ray, cfg.out)  # actors on other nodes write under out
+    inf = cfg.infer
+    resources = ray.cluster_resources()
+    cpus, cluster_gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if inf.cpus_per_actor + inf.decode_cpus > cpus:
+        raise KtrayError(
+            f"infer.cpus_per_actor + infer.decode_cpus = "
+            f"{inf.cpus_per_actor + inf.decode_cpus:g} exceeds the cluster's "
+            f"{cpus:g} CPUs (the decode stage would never run)"
+        )
+    gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else (1.0 if cluster_gpus else 0.0)
+    return ds.map_batches(
+        decode,
+        fn_kwargs=decode_kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=inf.decode_cpus,
+        concurrency=inf.decode_concurrency or None,
+        # The memory a decode task holds (its batch of pixels, twice: PIL images + array).
+        # It also keeps the stage separate: Ray Data fuses a task stage into the next actor
+        # stage when their resource requests match, and decoding would then run serially
+        # inside the model actor.
+        memory=max(2**20, 2 * decode_bytes),
+    ).map_batches(
+        actor,
+        fn_constructor_kwargs=dict(actor_kwargs, threads=max(1, int(inf.cpus_per_actor))),
+        batch_size=batch_size,
+        batch_format="numpy",
+        # min_size=1: a fixed pool of 1-CPU actors starves the reads on 2 CPUs (hangs)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(cfg, gpus, cluster_gpus)),
+        num_cpus=inf.cpus_per_actor,
+        num_gpus=gpus,
+    )
+
+
+def map_shards(
+    cfg: Config,
+    blocks: list[pa.Table],
+    decode,
+    decode_kwargs: dict,
+    writer,
+    writer_kwargs: dict,
+    block_bytes: int,
+    describe,
+) -> list[dict]:
+    """Decode ``blocks`` in CPU tasks, then run ``writer`` (a :class:`ShardWriter`) over them
+    on an autoscaling actor pool (:func:`inference`); return one summary row per shard.
+
+    Args:
+        cfg: the config (its ``infer`` section sizes both stages).
+        blocks: one pyarrow table per shard (:func:`shard_block`).
+        decode: ``decode(table, **decode_kwargs) -> dict`` of numpy columns (:func:`decoded`).
+        writer: the actor class, built with ``writer_kwargs`` + ``threads``.
+        block_bytes: the largest decoded shard in bytes: Ray Data must not split it.
+        describe: ``describe(row) -> str`` logged as each shard finishes.
+    """
+    import ray
+
+    from ktray.stages.common import ensure_ray
+
+    ensure_ray(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    old_block = ctx.target_max_block_size
+    # one shard = one block = one part file: a larger block must not be split on its way
+    ctx.target_max_block_size = max(old_block or 0, int(block_bytes * 1.25) + 2**20)
+    try:
+        ds = inference(
+            cfg,
+            ray.data.from_arrow(blocks),
+            decode,
+            decode_kwargs,
+            writer,
+            writer_kwargs,
+            block_bytes,
+        )
+        stats = []
+        for row in ds.iter_rows():
+            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            stats.append(row)
+            log.info(describe(row))
+    finally:
+        ctx.target_max_block_size = old_block
+    return stats

@@ -1,0 +1,130 @@
+"""Distillation input through Ray Data: view rows -> decoded uint8 views + targets.
+
+``view_dataset`` reads a table of views (the logits stage's parts, a ``distill.targets`` table,
+or the views of an online run) in file order, randomises the block order every epoch, and
+decodes + crops the views in a CPU ``map_batches`` stage (``train.decode_cpus`` per task, at
+most ``train.decode_concurrency`` at once). Only the columns the run needs are read: source,
+box, flip and the one target column (logits for the task objective, features for the
+features objective, none online). ``TorchTrainer(datasets={"train": ds})`` splits it over the
+workers, which consume it with ``iter_torch_batches`` (local shuffle buffer, prefetching):
+a worker holds the blocks in flight, never the transfer set.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ktray import storage
+from ktray.data import columns as C
+from ktray.data.datasets import DecodeViews
+from ktray.errors import KtrayError
+from ktray.train.specs import DistillSpec
+
+BLOCK_ROWS = 4096
+"""Rows per block of an in-memory view table (online runs)."""
+BLOCK_BYTES = 8 * 2**20
+"""Target block size of this dataset (Ray's default is 128 MiB): small blocks reach the
+trainer as soon as they are decoded (a 128 MiB block of decoded views is ~10k images decoded
+before the first batch), shuffle at a finer grain, and bound what is in flight."""
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The ``.parquet`` files of a file or folder URI, in name order."""
+    fs, path = storage.fs_and_path(uri)
+    if fs.isfile(path):
+        return [uri]
+    found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return [prefix + p for p in found]
+
+
+def describe_targets(uri: str, target: str | None) -> dict:
+    """Check a view table against the logits contract and measure it: ``{"files", "rows",
+    "columns", "feature_dim"}``. Raises KtrayError naming a missing column."""
+    files = parquet_files(uri)
+    if not files:
+        raise KtrayError(f"no .parquet files at {uri}")
+    fs, _ = storage.fs_and_path(files[0])
+    rows, schema, dim = 0, None, 0
+    for f in files:
+        with fs.open(storage.fs_and_path(f)[1], "rb") as fh:
+            meta = pq.ParquetFile(fh)
+            rows += meta.metadata.num_rows
+            schema = schema or meta.schema_arrow
+            if target == C.FEATURES and not dim and meta.metadata.num_rows:
+                col = meta.read_row_group(0, columns=[C.FEATURES]).column(0)
+                dim = len(col[0].as_py())
+    needed = [C.IMAGE_ID, C.SOURCE] + ([target] if target else [])
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise KtrayError(
+            f"targets table {uri} lacks column(s) {', '.join(missing)} (needs "
+            "image_id, source, optional x0, y0, x1, y1, flip, and logits / "
+            "features)"
+        )
+    if (
+        target
+        and not pa.types.is_list(schema.field(target).type)
+        and not pa.types.is_fixed_size_list(schema.field(target).type)
+    ):
+        raise KtrayError(f"targets table {uri}: column {target} must be a list of floats")
+    columns = [C.SOURCE] + [c for c in (*C.BOX, C.FLIP) if c in schema.names]
+    return {
+        "files": files,
+        "rows": rows,
+        "columns": columns + ([target] if target else []),
+        "feature_dim": dim,
+    }
+
+
+def decoded_mib(rows: int, sizes: dict[str, int], target_dim: int = 0) -> float:
+    """MiB of a transfer set's decoded views: uint8 pixels at each size + float16 targets."""
+    return rows * (sum(3 * s * s for s in sizes.values()) + 2 * target_dim) / 2**20
+
+
+def view_dataset(
+    source: str | pa.Table,
+    columns: list[str],
+    sizes: dict[str, int],
+    spec: DistillSpec,
+    seed: int | None = None,
+    rows: int = 0,
+    target_dim: int = 0,
+):
+    """The Ray Data dataset of decoded views (``x`` [+ ``xt``] uint8 NHWC, + the target).
+
+    A set whose decoded views take less than ``spec.cache_decoded_mb`` (``rows`` and
+    ``target_dim`` give its size) is decoded once and materialised in the object store, so
+    its many epochs re-read memory instead of re-decoding; a larger one streams."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:  # a Dataset keeps a copy of the context it was made under
+        ds = _view_dataset(ray, source, columns, sizes, spec, seed)
+        if rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
+            ds = ds.materialize().randomize_block_order(seed=seed)
+        return ds
+    finally:
+        ctx.target_max_block_size = saved
+
+
+def _view_dataset(ray, source, columns, sizes, spec, seed):
+    remote = {"num_cpus": spec.decode_cpus}
+    if isinstance(source, pa.Table):
+        source = source.select(columns)
+        ds = ray.data.from_arrow(
+            [source.slice(i, BLOCK_ROWS) for i in range(0, max(1, source.num_rows), BLOCK_ROWS)]
+        )
+    else:
+        ds = ray.data.read_parquet(parquet_files(source), columns=columns, **remote)
+    ds = ds.randomize_block_order(seed=seed)
+    target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
+    return ds.map_batches(
+        DecodeViews(sizes, target),
+        batch_format="pyarrow",
+        batch_size=spec.decode_batch,
+        concurrency=spec.decode_concurrency or None,
+        **remote,
+    )

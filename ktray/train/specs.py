@@ -1,0 +1,234 @@
+"""Typed specs of the three training kinds: what a Ray Train worker needs to train one model.
+
+A spec holds every setting the run uses and nothing else, so it is both the worker's input and
+the stage's reuse key: ``config_hash(spec, inputs)`` (``inputs`` = upstream hashes / URIs)
+changes exactly when a finished run would train differently. Stages build a spec with
+``from_config(cfg, ...)`` (``cfg`` duck-typed: this module never imports ``ktray.config`` or
+ray), ship ``dataclasses.asdict(spec)`` to the workers, which rebuild it with
+:func:`from_dict`.
+
+Every field names the config keys it is read from in its metadata (``keys``), so sweep
+sharing (:func:`config_keys`) is derived from the specs instead of a hand-written list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "TeacherSpec",
+    "DistillSpec",
+    "FinetuneSpec",
+    "SPECS",
+    "config_keys",
+    "from_dict",
+    "resolve_precision",
+]
+
+
+def _k(*keys: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"keys": keys})
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """Settings every training kind shares (``train.*`` and the seed)."""
+
+    seed: int = _k("data.seed")
+    precision: str = _k("train.precision")
+    """``auto``, ``bf16`` or ``fp32`` (see :func:`resolve_precision`)."""
+    compile: bool = _k("train.compile")
+    report_every: int = _k("train.report_every")
+    checkpoint_every: int = _k("train.checkpoint_every")
+
+
+def _run_kwargs(cfg, seed_offset: int = 0) -> dict:
+    t = cfg.train
+    return {
+        "seed": cfg.data.seed + seed_offset,
+        "precision": t.precision,
+        "compile": bool(t.compile),
+        "report_every": t.report_every,
+        "checkpoint_every": t.checkpoint_every,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Student:
+    """The student architecture (distill and finetune)."""
+
+    student_arch: str = _k("student.arch")
+    student_img_size: int = _k("student.img_size")
+    student_pretrained: bool = _k("student.pretrained")
+    student_checkpoint: str = _k("student.checkpoint")
+
+
+def _student_kwargs(cfg) -> dict:
+    s = cfg.student
+    return {
+        "student_arch": s.arch,
+        "student_img_size": s.img_size,
+        "student_pretrained": bool(s.pretrained),
+        "student_checkpoint": s.checkpoint,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSpec(_Run):
+    """Adapting the VFM: backbone + task head trained on the labeled images."""
+
+    kind: str = "teacher"
+    backbone: str = _k("teacher.backbone")
+    checkpoint: str = _k("teacher.checkpoint")
+    pretrained: bool = _k("teacher.pretrained")
+    img_size: int = _k("teacher.img_size")
+    mode: str = _k("teacher.mode")
+    partial_blocks: int = _k("teacher.partial_blocks")
+    probe_views: int = _k("teacher.probe_views")
+    steps: int = _k("teacher.epochs", "teacher.batch_size")
+    """``teacher.epochs`` passes over the labeled images, in optimizer steps."""
+    warmup_steps: int = _k("teacher.epochs", "teacher.batch_size")
+    """5% of the steps (at least 1)."""
+    lr: float = _k("teacher.lr")
+    weight_decay: float = _k("teacher.weight_decay")
+    batch_size: int = _k("teacher.batch_size")
+
+    @classmethod
+    def from_config(cls, cfg, train_rows: int) -> TeacherSpec:
+        """The teacher run of ``cfg`` over a labeled train split of ``train_rows`` images."""
+        t = cfg.teacher
+        steps = max(1, t.epochs * -(-int(train_rows) // t.batch_size))
+        # partial_blocks / probe_views only matter in the mode that uses them
+        return cls(
+            **_run_kwargs(cfg),
+            backbone=t.backbone,
+            checkpoint=t.checkpoint,
+            pretrained=bool(t.pretrained),
+            img_size=t.img_size,
+            mode=t.mode,
+            partial_blocks=t.partial_blocks if t.mode == "partial" else 0,
+            probe_views=t.probe_views if t.mode == "linear" else 0,
+            steps=steps,
+            warmup_steps=max(1, steps // 20),
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            batch_size=t.batch_size,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillSpec(_Run, _Student):
+    """Pretraining the student on a transfer set against the teacher's targets."""
+
+    kind: str = "distill"
+    objective: str = _k("distill.objective")
+    """``task`` or ``features`` (the method's objective; ``distill.objective`` by default)."""
+    teacher_mode: str = _k("distill.teacher_mode")
+    loss: str = _k("distill.feature_loss")
+    """``kl`` for the task objective, else ``distill.feature_loss``."""
+    temperature: float | None = _k("distill.temperature", "distill.feature_temperature")
+    """The loss's temperature: ``distill.temperature`` (task), ``distill.feature_temperature``
+    (contrastive features), None (cosine / mse use none)."""
+    steps: int = _k("distill.steps")
+    lr: float = _k("distill.lr")
+    weight_decay: float = _k("distill.weight_decay")
+    warmup_steps: int = _k("distill.warmup_steps")
+    batch_size: int = _k("distill.batch_size")
+    shuffle_buffer: int = _k("train.shuffle_buffer")
+    prefetch_batches: int = _k("train.prefetch_batches")
+    decode_cpus: float = _k("train.decode_cpus")
+    decode_concurrency: int = _k("train.decode_concurrency")
+    decode_batch: int = _k("train.decode_batch")
+    cache_decoded_mb: int = _k("train.cache_decoded_mb")
+
+    @classmethod
+    def from_config(cls, cfg, objective: str | None = None) -> DistillSpec:
+        d, t = cfg.distill, cfg.train
+        objective = objective or d.objective
+        if objective == "task":
+            loss, temperature = "kl", float(d.temperature)
+        else:
+            loss = d.feature_loss
+            temperature = float(d.feature_temperature) if loss == "contrastive" else None
+        return cls(
+            **_run_kwargs(cfg),
+            **_student_kwargs(cfg),
+            objective=objective,
+            teacher_mode=d.teacher_mode,
+            loss=loss,
+            temperature=temperature,
+            steps=d.steps,
+            lr=d.lr,
+            weight_decay=d.weight_decay,
+            warmup_steps=d.warmup_steps,
+            batch_size=d.batch_size,
+            shuffle_buffer=t.shuffle_buffer,
+            prefetch_batches=t.prefetch_batches,
+            decode_cpus=t.decode_cpus,
+            decode_concurrency=t.decode_concurrency,
+            decode_batch=t.decode_batch,
+            cache_decoded_mb=t.cache_decoded_mb,
+        )
+
+    @property
+    def online(self) -> bool:
+        return self.teacher_mode == "online"
+
+    @property
+    def target_column(self) -> str | None:
+        """The stored target the worker reads (None online): logits or features."""
+        if self.online:
+            return None
+        return "logits" if self.objective == "task" else "features"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSpec(_Run, _Student):
+    """Training the student (distilled or from scratch) on the labeled images."""
+
+    kind: str = "finetune"
+    scratch: bool = False
+    """True for the from-scratch baseline (``finetune.scratch_*`` settings)."""
+    steps: int = _k("finetune.steps", "finetune.scratch_steps")
+    lr: float = _k("finetune.lr", "finetune.scratch_lr")
+    weight_decay: float = _k("finetune.weight_decay")
+    warmup_steps: int = _k("finetune.warmup_steps")
+    batch_size: int = _k("finetune.batch_size")
+
+    @classmethod
+    def from_config(cls, cfg, scratch: bool) -> FinetuneSpec:
+        f = cfg.finetune
+        return cls(
+            **_run_kwargs(cfg),
+            **_student_kwargs(cfg),
+            scratch=bool(scratch),
+            steps=f.scratch_steps if scratch else f.steps,
+            lr=f.scratch_lr if scratch else f.lr,
+            weight_decay=f.weight_decay,
+            warmup_steps=f.warmup_steps,
+            batch_size=f.batch_size,
+        )
+
+
+SPECS = {"teacher": TeacherSpec, "distill": DistillSpec, "finetune": FinetuneSpec}
+
+
+def from_dict(d: dict):
+    """Rebuild a spec from ``dataclasses.asdict(spec)`` (its ``kind`` names the class)."""
+    cls = SPECS[d["kind"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def config_keys(cls) -> set[str]:
+    """Every config key the spec class is built from (dotted, e.g. ``distill.lr``)."""
+    return {k for f in dataclasses.fields(cls) for k in f.metadata.get("keys", ())}
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp32`` as given."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision

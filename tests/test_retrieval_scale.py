@@ -1,0 +1,381 @@
+"""Curation at scale: img2dataset galleries listed without image bytes, one-pass index builds
+with measured recall, exact leak protection under a lossy index, gallery self-dedup, and no
+silent ``max_k`` cap. Vectors are synthetic (clustered unit vectors), so each test runs in
+about a second; the img2dataset gallery goes through ``ktray curate`` once (Ray)."""
+
+import io as _io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ktray.config import load_config
+from ktray.data import tarlist
+from ktray.data.readers import read_gallery
+from ktray.pipeline import curation
+from ktray.retrieval import balanced_select, build_index, l2_normalize, search
+from ktray.retrieval.dedup import gallery_duplicates
+from ktray.retrieval.select import remove_near_duplicates
+from ktray.retrieval.store import PartStore
+from ktray.retrieval.tune import ExactTopK, build_measured
+
+
+# ----------------------------------------------------------------------------- img2dataset
+def _img2dataset_shard(
+    root: str, shard: int, n: int, fail: set[int], payload: bytes, ext: str = "jpg"
+) -> None:
+    """One img2dataset webdataset shard: NNNNN.tar (+ .parquet metadata, _stats.json)."""
+    stem = os.path.join(root, f"{shard:05d}")
+    keys = [f"{shard:05d}{i:04d}" for i in range(n)]
+    ok = [k for i, k in enumerate(keys) if i not in fail]
+    with tarfile.open(stem + ".tar", "w") as tar:
+        for k in ok:
+            for name, blob in (
+                (f"{k}.{ext}", payload),
+                (f"{k}.txt", b"a caption"),
+                (f"{k}.json", b'{"status": "success"}'),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, _io.BytesIO(blob))
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"http://x/{k}" for k in keys],
+                "caption": ["c"] * n,
+                "key": keys,
+                "status": ["failed_to_download" if i in fail else "success" for i in range(n)],
+                "width": [32] * n,
+            }
+        ),
+        stem + ".parquet",
+    )
+    with open(stem + "_stats.json", "w") as f:
+        json.dump({"count": n, "successes": len(ok), "failed_to_download": len(fail)}, f)
+
+
+def test_img2dataset_webdataset_listed_from_sidecars(tmp_path, monkeypatch):
+    root = str(tmp_path / "wds")
+    os.makedirs(root)
+    big = b"\xff\xd8" + bytes(200_000)  # 200 kB "images": listing must not read them
+    _img2dataset_shard(root, 0, 6, {1, 4}, big)
+    _img2dataset_shard(root, 1, 5, {0}, big)
+    scans = []
+    real = tarlist.scan_tar_members
+    monkeypatch.setattr(
+        tarlist,
+        "scan_tar_members",
+        lambda uri, stop_at_image=False: scans.append(stop_at_image) or real(uri, stop_at_image),
+    )
+    t = read_gallery(root)  # parquet files present, but metadata-only: the tars are the gallery
+    assert t["image_id"].to_pylist() == [
+        "000000000",
+        "000000002",
+        "000000003",
+        "000000005",
+        "000010001",
+        "000010002",
+        "000010003",
+        "000010004",
+    ]
+    src = t["source"].to_pylist()
+    assert src[0] == os.path.join(root, "00000.tar") + "#000000000.jpg"
+    assert scans == [True]  # one header peek (the image extension), no full listing
+
+
+def test_img2dataset_stats_mismatch_and_no_sidecar_stream_headers(tmp_path):
+    root = str(tmp_path / "wds")
+    os.makedirs(root)
+    _img2dataset_shard(root, 0, 4, set(), b"x" * 300_000, ext="png")
+    # a stats file that disagrees: the sidecar is not trusted, the tar headers are streamed
+    json.dump({"successes": 3}, open(os.path.join(root, "00000_stats.json"), "w"))
+    assert tarlist.sidecar_keys(os.path.join(root, "00000.tar")) is None
+    os.remove(os.path.join(root, "00000.parquet"))
+    t = read_gallery(os.path.join(root, "00000.tar"))
+    assert len(t) == 4 and t["source"][0].as_py().endswith("#000000000.png")
+
+
+def test_tar_header_scan_skips_member_data(tmp_path, monkeypatch):
+    root = str(tmp_path / "t")
+    os.makedirs(root)
+    _img2dataset_shard(root, 0, 8, set(), bytes(1_000_000))
+    read = {"bytes": 0}
+    import fsspec.implementations.local as local
+
+    real_read = local.LocalFileOpener.read
+
+    def counting_read(self, *a, **k):
+        out = real_read(self, *a, **k)
+        read["bytes"] += len(out)
+        return out
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", counting_read)
+    names = tarlist.scan_tar_members(os.path.join(root, "00000.tar"))
+    assert len(names) == 24
+    assert read["bytes"] < 200_000 < os.path.getsize(os.path.join(root, "00000.tar")) // 40
+
+
+# ----------------------------------------------------------------------------- vectors
+def _clustered(n: int, dim: int, seed: int, clusters: int = 50, sigma: float = 0.08):
+    rng = np.random.default_rng(seed)
+    centres = l2_normalize(np.random.default_rng(99).standard_normal((clusters, dim)))
+    return l2_normalize(
+        centres[rng.integers(0, clusters, n)]
+        + sigma * rng.standard_normal((n, dim)).astype(np.float32)
+    )
+
+
+def _parts(tmp_path, vecs: np.ndarray, rows: int, dtype=pa.float16()) -> list[str]:
+    """Vectors as embedding part files (float16 lists, like the stored contract)."""
+    d = tmp_path / "parts"
+    d.mkdir(exist_ok=True)
+    out = []
+    for i, start in enumerate(range(0, len(vecs), rows)):
+        v = vecs[start : start + rows]
+        col = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), dtype), v.shape[1])
+        path = str(d / f"part-{i:05d}.parquet")
+        pq.write_table(pa.table({"embedding": col}), path)
+        out.append(path)
+    return out
+
+
+def test_part_store_take_and_sample_read_few_parts(tmp_path):
+    vecs = _clustered(5000, 32, seed=1)
+    store = PartStore(_parts(tmp_path, vecs, 500))
+    assert len(store) == 5000
+    ids = np.array([4999, 0, 1234, 0, 2500])
+    np.testing.assert_allclose(store.take(ids), vecs[ids], atol=2e-3)  # float16 storage
+    store.reads = 0
+    sample = store.sample(200, seed=3)
+    assert sample.shape == (200, 32) and store.reads == 2  # 4 x 200 rows: two parts of ten
+    assert len({tuple(r) for r in np.round(sample, 3)}) == 200
+
+
+def test_build_measured_one_pass_exact_truth_and_tuned_nprobe(tmp_path):
+    vecs = _clustered(40_000, 32, seed=2, sigma=0.25)
+    store = PartStore(_parts(tmp_path, vecs, 2000))
+    probes = _clustered(300, 32, seed=5, sigma=0.25)
+    index, rep = build_measured("IVF64,Flat", store, probes, seed=0, target_recall=0.95)
+    # one pass over the parts for the adds, plus the sample's parts (16k of 40k rows)
+    assert store.reads == 20 + rep.parts_read_for_sample and rep.parts_read_for_sample <= 9
+    assert index.ntotal == 40_000 and rep.vectors == 40_000
+    every = store.take(np.arange(40_000))
+    exact = ExactTopK(probes, 10)
+    exact.add(every)
+    np.testing.assert_allclose(
+        exact.scores, -np.sort(-(probes @ every.T), axis=1)[:, :10], atol=1e-5
+    )
+    # tuned: the smallest power-of-two nprobe reaching the target, measured recall reported
+    assert rep.reached and rep.recall >= 0.95 and rep.nprobe > 1
+    smaller = [r for p, r in rep.tried.items() if p < rep.nprobe]
+    assert smaller and all(r < 0.95 for r in smaller) and rep.tried[rep.nprobe] == rep.recall
+    _, ids = search(index, probes, 10)
+    hits = np.mean([len(np.intersect1d(a, b)) for a, b in zip(ids, exact.ids)]) / 10
+    assert abs(hits - rep.recall) < 1e-3
+
+
+# ----------------------------------------------------------------------------- leaks
+LOSSY = "IVF16,PQ16x4"
+
+
+def _leak_setup(tmp_path, n=5000, dim=64, copies=60):
+    """A gallery with near copies of test images planted in it (cosine 0.975-0.99)."""
+    rng = np.random.default_rng(0)
+    gallery = _clustered(n, dim, seed=11)
+    test = _clustered(copies, dim, seed=12)
+    noise = rng.standard_normal((copies, dim)).astype(np.float32)
+    noise -= (noise * test).sum(1, keepdims=True) * test
+    noise = l2_normalize(noise)
+    cos = rng.uniform(0.975, 0.99, copies).astype(np.float32)
+    planted_rows = np.sort(rng.choice(n, copies, replace=False))
+    gallery[planted_rows] = l2_normalize(
+        cos[:, None] * test + np.sqrt(1 - cos[:, None] ** 2) * noise
+    )
+    return gallery, test, planted_rows
+
+
+def test_leak_protection_exact_recheck_under_pq(tmp_path):
+    gallery, test, planted = _leak_setup(tmp_path)
+    parts = _parts(tmp_path, gallery, 1000)
+    store = PartStore(parts)
+    iov = np.arange(len(gallery))
+    # a coarse 4-bit PQ: scores ~0.3 below the true cosine (measured at build time)
+    index, rep = build_measured(LOSSY, store, test, seed=0, target_recall=0.5)
+    assert rep.score_error > 0.2
+    # PQ's quantised scores fall below the threshold: the approximate check alone leaks
+    approx = remove_near_duplicates(index, test, iov, 0.97)
+    assert len(set(planted) - approx) > 50
+    # a fixed margin below the index's error still leaks ...
+    fixed = remove_near_duplicates(index, test, iov, 0.97, margin=0.1, vectors_of=store.take)
+    assert set(planted) - fixed
+    # ... the measured error plus that margin (as the stage does), re-checked exactly,
+    # catches every copy and no other
+    exact = remove_near_duplicates(
+        index, test, iov, 0.97, margin=0.1 + rep.score_error, vectors_of=store.take
+    )
+    assert exact == set(planted.tolist())
+
+
+@pytest.mark.slow
+def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
+    gallery, test, planted = _leak_setup(tmp_path)
+    parts = _parts(tmp_path, gallery, 1000)
+    # queries: the test images' own cluster neighbours, so the planted copies rank high
+    queries = l2_normalize(
+        test + 0.02 * np.random.default_rng(3).standard_normal(test.shape).astype(np.float32)
+    )
+    cfg = load_config(
+        "tiny",
+        [
+            f"out={tmp_path}/out",
+            f"curate.index={LOSSY}",
+            "curate.images_per_query=20",
+            "curate.dedup_threshold=0.97",
+            "curate.target_recall=0.5",
+            "curate.dedup_gallery=true",
+        ],
+    )
+    out = str(tmp_path / "curate")
+    res = curation.index_and_select(
+        cfg,
+        out,
+        queries,
+        [f"q{i}" for i in range(len(queries))],
+        test,
+        parts,
+        np.arange(len(gallery)),
+    )
+    assert res["index"]["score_error"] > 0.2
+    chosen = set(np.asarray(res["selected"]["image_id"]).tolist())
+    assert len(chosen) == 20 * len(queries)
+    assert not chosen & set(planted.tolist())
+    assert res["excluded"] == set(planted.tolist())
+    assert res["index"]["factory"] == LOSSY
+    assert res["dedup_margin"] == pytest.approx(0.1 + res["index"]["score_error"])
+    assert os.path.exists(os.path.join(out, "index.faiss"))
+    # the same call again reuses the index (and its report)
+    again = curation.index_and_select(
+        cfg, out, queries, [f"q{i}" for i in range(60)], test, parts, np.arange(len(gallery))
+    )
+    assert again["index"] == json.loads(json.dumps(res["index"]))
+
+
+# ----------------------------------------------------------------------------- self-dedup
+def test_gallery_self_duplicates_keep_the_lowest_image(tmp_path):
+    vecs = _clustered(3000, 32, seed=4, sigma=0.3)
+    # image ids: 2 vectors per image (full image first), 1500 images
+    iov = np.repeat(np.arange(1500), 2)
+    full = np.arange(0, 3000, 2)
+    # group {10, 700, 1400} and pair {5, 6}: near-identical full images
+    for src, dst in ((10, 700), (10, 1400), (5, 6)):
+        vecs[full[dst]] = l2_normalize(
+            vecs[full[src]][None]
+            + 0.01 * np.random.default_rng(dst).standard_normal((1, 32)).astype(np.float32)
+        )[0]
+    store = PartStore(_parts(tmp_path, vecs, 500))
+    index = build_index("Flat", 32, None, iter(store))
+    batches = ((full[i : i + 400], store.take(full[i : i + 400])) for i in range(0, len(full), 400))
+    dropped, groups = gallery_duplicates(index, batches, store.take, iov, 0.97)
+    assert dropped == {700, 1400, 6} and groups == 2
+
+
+# ----------------------------------------------------------------------------- max_k
+def test_max_k_cap_is_reported_not_silent():
+    rng = np.random.default_rng(0)
+    gallery = l2_normalize(rng.standard_normal((400, 16)).astype(np.float32))
+    queries = l2_normalize(gallery[:2] + 0.01)  # both queries want the same neighbourhood
+    index = build_index("Flat", 16, None, [gallery])
+    report = {}
+    table, short = balanced_select(
+        lambda v, k: search(index, v, k),
+        queries,
+        ["a", "b"],
+        np.arange(400),
+        images_per_query=30,
+        k0=8,
+        max_k=32,
+        report=report,
+    )
+    assert report["capped"] == ["a", "b"] and report["max_depth"] == 32
+    assert all(report["reasons"][q] == "max_k" for q in short)
+    assert short and sum(short.values()) == 60 - len(table["image_id"]) == 4
+    # no cap: exhausting the gallery is not "max_k"
+    report2 = {}
+    _, short2 = balanced_select(
+        lambda v, k: search(index, v, k),
+        queries,
+        ["a", "b"],
+        np.arange(400),
+        images_per_query=250,
+        k0=8,
+        max_k=4096,
+        report=report2,
+    )
+    assert report2["capped"] == [] and set(report2["reasons"].values()) == {"gallery exhausted"}
+    assert sum(short2.values()) == 100
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_curate_on_img2dataset_webdataset_layout(tiny_task, tmp_path, ray_local):
+    from test_curate import BASE, _images, _png
+
+    from ktray import cli
+
+    root = str(tmp_path / "wds")
+    os.makedirs(root)
+    for shard, imgs in enumerate((_images(12, seed=21), _images(10, seed=22))):
+        stem = os.path.join(root, f"{shard:05d}")
+        keys = [f"{shard:05d}{i:04d}" for i in range(len(imgs) + 1)]
+        with tarfile.open(stem + ".tar", "w") as tar:
+            for k, img in zip(keys, imgs):
+                for name, blob in ((f"{k}.png", _png(img)), (f"{k}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, _io.BytesIO(blob))
+        pq.write_table(
+            pa.table({"key": keys, "status": ["success"] * len(imgs) + ["failed"]}),
+            stem + ".parquet",
+        )
+        json.dump({"count": len(keys), "successes": len(imgs)}, open(stem + "_stats.json", "w"))
+    out = str(tmp_path / "out")
+    assert (
+        cli.main(
+            [
+                "curate",
+                "tiny",
+                f"data.root={tiny_task}",
+                f"out={out}",
+                *BASE,
+                f"curate.gallery={root}",
+                "curate.images_per_query=1",
+                "curate.dedup_gallery=true",
+            ]
+        )
+        == 0
+    )
+    m = json.load(open(os.path.join(out, "curate", "manifest.json")))
+    assert m["images"]["gallery"] == 22 and m["skipped_by_set"]["gallery"] == 0
+    assert m["index"]["recall"] == 1.0 and m["index"]["factory"] == "Flat"
+    assert "gallery_duplicates" in m and "by_reason" in m["shortfall"]
+    transfer = pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))
+    assert all(".tar#" in s for s in transfer["source"].to_pylist())
+
+
+def test_leak_check_scans_more_lists_than_the_selection():
+    """A near copy in an IVF list the tuned nprobe skips is still found by the leak check."""
+    import faiss
+
+    from ktray.retrieval.tune import dedup_nprobe
+
+    gallery, test, planted = _leak_setup(None, n=5000, copies=200)
+    index = build_index("IVF256,Flat", 64, gallery, [gallery], nprobe=1)
+    iov = np.arange(len(gallery))
+    assert set(planted) - remove_near_duplicates(index, test, iov, 0.97)  # nprobe 1 misses
+    assert dedup_nprobe(index) == 32  # default_nprobe(256) > 8 x 1
+    found = remove_near_duplicates(index, test, iov, 0.97, nprobe=dedup_nprobe(index))
+    assert found == set(planted.tolist())
+    assert faiss.extract_index_ivf(index).nprobe == 1  # restored for the selection
