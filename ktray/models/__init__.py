@@ -9,7 +9,6 @@ from ktray.models.checkpoint import build_from_spec, load_model, model_spec, rea
 from ktray.models.flops import count_flops
 from ktray.models.heads import TRAINABLE_MODES, TaskModel
 from ktray.models.student import (
-    StudentWithFeatures,
     create_student,
     student_feature_dim,
     student_features,
@@ -19,7 +18,6 @@ from ktray.models.student import (
 __all__ = [
     "TRAINABLE_MODES",
     "Backbone",
-    "StudentWithFeatures",
     "TaskModel",
     "build_from_spec",
     "count_flops",

@@ -155,14 +155,3 @@ def student_forward_all(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     model = _unwrap(model)
     features = model.forward_head(model.forward_features(x), pre_logits=True)
     return model.get_classifier()(features), features
-
-
-class StudentWithFeatures(nn.Module):
-    """``forward(x) -> (logits [B, C], features [B, D])``, for wrapping in DDP as one module."""
-
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return student_forward_all(self.student, x)

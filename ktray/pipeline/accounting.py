@@ -133,7 +133,7 @@ def gather(out: str) -> list[dict]:
                 else {}
             )  # online: no logits pass
             row["pretrain_flops"] = (_number(pre.get("flops")) or 0.0) + (
-                _number(logits.get("flops")) or 0.0
+                _number(logits.get("flops")) or _number(logits.get("attributed_flops")) or 0.0
             )
             row["transfer_images"] = _number(logits.get("images"))
     return rows

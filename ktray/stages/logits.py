@@ -225,6 +225,9 @@ def slice_from(
             "rows_per_second": None,
             "flops": 0.0,
             "device_seconds": 0.0,  # counted once, by the source's manifest
+            # this set's share of the source pass: a trial's pretraining compute (the
+            # accuracy-vs-compute plot) includes it; compute totals count the source once
+            "attributed_flops": (teacher.get("flops_per_image") or 0.0) * len(rows),
         },
         cfg,
     )

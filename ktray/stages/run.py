@@ -53,7 +53,8 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
             distill_test_accuracy=pre.get("test_accuracy"),
             # Pretraining compute: student distillation + the teacher's passes over the
             # transfer set (precomputed once and shared by the methods on that set).
-            pretrain_flops=(pre.get("flops") or 0.0) + (logits.get("flops") or 0.0),
+            pretrain_flops=(pre.get("flops") or 0.0)
+            + (logits.get("flops") or logits.get("attributed_flops") or 0.0),
             transfer_images=logits.get("images"),
             transfer_rows=logits.get("rows", pre.get("transfer_rows")),
             logits_seconds=logits.get("seconds", 0.0),
