@@ -62,7 +62,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="student input side")
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import pyarrow.parquet as pq
 

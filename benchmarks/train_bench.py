@@ -54,7 +54,6 @@ def main() -> None:
     ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--skip-ddp", action="store_true")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import dataclasses
 

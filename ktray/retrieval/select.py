@@ -1,8 +1,9 @@
 """Query-balanced selection of gallery images, and near-duplicate exclusion.
 
-"Query-balanced image crop retrieval" (PAPER.md, Transfer sets): every query image gets the
-SAME number of distinct gallery images. Both sides are embedded as crops, so a gallery image
-scores against a query as the best inner product over all (query crop, gallery crop) pairs.
+"Query-balanced image crop retrieval" (the paper's transfer-set curation): every query image
+gets the SAME number of distinct gallery images. Both sides are embedded as crops, so a
+gallery image scores against a query as the best inner product over all (query crop, gallery
+crop) pairs.
 
 Selection, given each query's list of distinct gallery images ordered by that score:
 queries are visited in a seeded random order, rank by rank (round-robin); at each turn a
