@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 OUT = os.environ.get("GPU_CHECK_OUT", "/tmp/ktray-gpu-check")
-IMAGES = int(os.environ.get("GPU_CHECK_IMAGES", "40000"))
+IMAGES = int(os.environ.get("GPU_CHECK_IMAGES", "20000"))
+SECONDS = float(os.environ.get("GPU_CHECK_SECONDS", "8"))  # each bare baseline's timed loop
 UNIQUE = 4000
 SIZE = 224
 MODELS = {"vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224"}
@@ -122,7 +123,7 @@ def part_bare(key: str) -> None:
             model.forward_all(x)
         torch.cuda.synchronize()
         n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 15:
+        while time.perf_counter() - start < SECONDS:
             model.forward_all(x)
             n += len(x)
         torch.cuda.synchronize()
@@ -202,7 +203,7 @@ def part_bare_train() -> None:
         step()
     torch.cuda.synchronize()
     n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 20:
+    while time.perf_counter() - start < SECONDS:
         step()
         n += len(x)
     torch.cuda.synchronize()
@@ -219,7 +220,7 @@ def part_distill(mode: str) -> None:
     from ktray.config import load_config
     from ktray.stages import distill as distill_stage
 
-    steps = int(os.environ.get("GPU_CHECK_STEPS", "300"))
+    steps = int(os.environ.get("GPU_CHECK_STEPS", "200"))
     cfg = load_config(
         "imagefolder",
         cfg_args(

@@ -14,8 +14,9 @@
 # Needs torch (CUDA), timm, pyarrow, PIL. The parts that need Ray install it from wheels
 # carried in .whl/ (ray and its plain dependencies) when `import ray` fails; without them
 # they are skipped with a line saying so. Environment: GPU_CHECK_OUT (work folder, default
-# /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 40000), GPU_CHECK_STEPS
-# (distillation steps, default 300).
+# /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 20000), GPU_CHECK_SECONDS
+# (each bare baseline's timed loop, default 8), GPU_CHECK_STEPS (distillation steps, default
+# 200). Make .whl/ with benchmarks/gpu_wheels.sh where pip reaches PyPI.
 set -u
 cd "$(dirname "$0")/.."
 export GPU_CHECK_OUT="${GPU_CHECK_OUT:-/tmp/ktray-gpu-check}"
@@ -48,23 +49,29 @@ HAVE_RAY=0
 if "$PY" -c 'import ray, ray.data, ray.train' 2>/dev/null; then
     HAVE_RAY=1
 elif ls .whl/ray-*.whl >/dev/null 2>&1; then
-    note "installing ray from the carried wheels in .whl/"
-    "$PY" -m pip install --quiet --no-index --find-links .whl ray >&2 \
-        && "$PY" -c 'import ray, ray.data, ray.train' && HAVE_RAY=1
+    # The wheels go to their own folder on PYTHONPATH (Ray's workers inherit it), without
+    # touching the machine's packages: ray and what the machine lacks of its needs
+    # (jsonschema, referencing, rpds-py, pydantic for Ray Train V2, ...).
+    note "installing ray from the carried wheels in .whl/ into $GPU_CHECK_OUT/site"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$GPU_CHECK_OUT/site" .whl/*.whl >&2 \
+        && export PYTHONPATH="$PYTHONPATH:$GPU_CHECK_OUT/site" \
+        && "$PY" -c 'import ray, ray.data, ray.train, ray.train.torch' && HAVE_RAY=1
 fi
 [ "$HAVE_RAY" = 1 ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$GPU_CHECK_OUT/auth_token" \
     && { [ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"); }
 
-# time limits add up to 475 s; the parts usually take about 6 minutes in all
-part 60 data
-part 40 bare vit_b
+# Time limits add up to 480 s. On one H100 (first run): data 8 s, bare parts 23/31/38 s,
+# logits passes 50/67 s (mostly Ray start-up); the distillation parts ran past 85/80 s.
+part 30 data
+part 35 bare vit_b
 part 40 bare vit_l
 part 40 bare_train
 if [ "$HAVE_RAY" = 1 ]; then
-    part 75 logits vit_b
-    part 75 logits vit_l
-    part 90 distill precomputed
-    part 55 distill online
+    part 60 logits vit_b
+    part 65 logits vit_l
+    part 110 distill precomputed
+    part 100 distill online
 else
     note "SKIPPED the logits and distillation passes: no ray (and no .whl/ray-*.whl to install)"
 fi

@@ -1,14 +1,19 @@
-"""Gallery search: exact IndexFlatIP against the IVF-PQ index ``choose_index`` picks.
+"""Gallery index at scale: the curate stage's build path over float16 embedding parts.
 
-Synthetic clustered unit vectors (generated chunk by chunk, never all in memory at once),
-queries drawn from the same clusters. Each index is built and searched in its own
-subprocess, so the peak RSS reported (``ru_maxrss``) is that index's alone; the RSS of
-the bare worker (python + numpy + faiss imported) is shown beside it. Recall@10 is
-|IVF-PQ top-10 ∩ exact top-10| / 10, averaged over queries; the IVF-PQ index is also
-searched at a few other nprobe values to show the speed/recall trade-off. Usage:
+Synthetic clustered unit vectors are written as float16 embedding part files (the stored
+contract; generated chunk by chunk, never all in memory). A worker subprocess then runs the
+stage's own path: :class:`PartStore` (footers only), the index :func:`choose_index` picks
+within ``--budget-gb`` with the build's training sample and part buffers reserved (or
+``--index``), :func:`build_measured` (training sample from a random subset of parts, every
+part read once to add it and to search it exactly for ``--tune-queries``, nprobe raised
+until recall@10 reaches ``--target-recall``). In the same pass a second, held-out set of
+``--eval-queries`` is searched exactly: recall@10 is measured on queries the tuning never saw.
+Then ``--queries`` queries are searched at the chosen nprobe (wall and CPU seconds, all faiss
+threads). Peak RSS (``ru_maxrss``) is the worker's own; the bare worker's (python + numpy +
+faiss + pyarrow imported) is shown beside it. Usage:
 
-    python benchmarks/retrieval_bench.py [--n 1000000] [--queries 10000] [--dim 256]
-    python benchmarks/retrieval_bench.py --factory IVF4096,PQ64   # the no-re-ranking row
+    python benchmarks/retrieval_bench.py [--n 10000000] [--dim 256] [--queries 100000]
+    python benchmarks/retrieval_bench.py --n 1000000 --index IVF4096,PQ64   # no re-ranking
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,14 +31,23 @@ import time
 import numpy as np
 
 SIGMA = 0.06  # per-coordinate noise around a cluster centre; cos(x, centre) ~ 0.7 at 256-d
+TUNE, EVAL, SEARCH, GALLERY = 1, 2, 3, 0  # random streams
 
 
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _chunks(args, stream: int, total: int):
-    """Unit vectors ``[<=chunk, dim]`` of a stream (0: gallery, 1: queries), reproducibly."""
+_POOL: dict = {}
+
+
+def _vectors(args, stream: int, i: int, n: int) -> np.ndarray:
+    """``n`` unit vectors of chunk ``i`` of a stream, reproducibly.
+
+    Gallery chunks take their Gaussian noise from one pool of rows, permuted and with a
+    random sign per coordinate for every chunk (distinct vectors, the same distribution):
+    drawing 2.5 billion normals for 10M x 256 would dominate the benchmark's run time.
+    """
     from ktray.retrieval import l2_normalize
 
     centres = l2_normalize(
@@ -40,211 +55,217 @@ def _chunks(args, stream: int, total: int):
             (args.clusters, args.dim), dtype=np.float32
         )
     )
-    for i, start in enumerate(range(0, total, args.chunk)):
-        rng = np.random.default_rng([args.seed, stream, i])
-        n = min(args.chunk, total - start)
-        x = centres[rng.integers(0, args.clusters, n)]
+    rng = np.random.default_rng([args.seed, stream, i])
+    x = centres[rng.integers(0, args.clusters, n)]
+    if stream == GALLERY:
+        if "noise" not in _POOL:
+            pool_rng = np.random.default_rng([args.seed, 8])
+            _POOL["noise"] = SIGMA * pool_rng.standard_normal(
+                (args.part_rows, args.dim), dtype=np.float32
+            )
+        pool = _POOL["noise"]
+        signs = rng.choice(np.array([-1.0, 1.0], np.float32), args.dim)
+        x += pool[rng.permutation(len(pool))[:n]] * signs
+    else:
         x += SIGMA * rng.standard_normal((n, args.dim), dtype=np.float32)
-        yield l2_normalize(x)
+    return l2_normalize(x)
+
+
+def write_parts(args, out: str) -> list[str]:
+    """The gallery as float16 embedding parts (``gallery_index`` + ``embedding``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = []
+    for i, start in enumerate(range(0, args.n, args.part_rows)):
+        n = min(args.part_rows, args.n - start)
+        v = _vectors(args, GALLERY, i, n).astype(np.float16)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), args.dim)
+        gi = pa.array(np.arange(start, start + n, dtype=np.int64))
+        path = os.path.join(out, f"part-{i:05d}.parquet")
+        pq.write_table(pa.table({"gallery_index": gi, "embedding": col}), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        paths.append(path)
+    return paths
+
+
+def _say(msg: str) -> None:
+    print(f"[worker {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def worker(args) -> None:
     import faiss
 
-    from ktray.retrieval import (
-        FLAT_MAX_VECTORS,
-        build_index,
-        choose_index,
-        save_index,
-        search,
-        set_nprobe,
-    )
-    from ktray.retrieval.index import parse_nlist, training_size
+    from ktray.retrieval import build_reserve_bytes, choose_index, save_index, search
+    from ktray.retrieval.store import PartStore
+    from ktray.retrieval.tune import ExactTopK, build_measured, recall_at_k
 
-    bare_rss = _rss_gib()
+    bare = _rss_gib()
+    parts = sorted(
+        os.path.join(args.parts, f) for f in os.listdir(args.parts) if f.endswith(".parquet")
+    )
+    held_out = ExactTopK(_vectors(args, EVAL, 0, args.eval_queries), 10)
+
+    class Observed(PartStore):
+        """The stage's store, whose single pass also feeds the held-out exact search."""
+
+        def __iter__(self):
+            for vec in super().__iter__():
+                held_out.add(vec)
+                yield vec
+
+    store = Observed(parts)
     factory = (
-        "Flat"
-        if args.worker == "exact"
-        else args.factory
-        or choose_index(
-            args.n,
+        args.index
+        if args.index != "auto"
+        else choose_index(
+            len(store),
             args.dim,
             int(args.budget_gb * 2**30),
-            flat_max_vectors=0 if args.force_ivf else FLAT_MAX_VECTORS,
+            reserve_bytes=build_reserve_bytes(len(store), args.dim, int(store.counts.max())),
         )
     )
-    timer = {"add": 0.0, "add_cpu": 0.0}
-
-    def timed_shards(stream, total):
-        # build_index trains, then pulls shards: the first pull ends training. Only the
-        # index work is timed, not the synthetic data generation.
-        timer["first_pull"], timer["first_pull_cpu"] = time.perf_counter(), time.process_time()
-        for x in _chunks(args, stream, total):
-            t, c = time.perf_counter(), time.process_time()
-            yield x
-            timer["add"] += time.perf_counter() - t
-            timer["add_cpu"] += time.process_time() - c
-
-    sample = None
-    if factory != "Flat":
-        # The training sample: the first vectors of the gallery stream (chunks are i.i.d.).
-        n_train = training_size(factory, args.n)
-        sample = np.concatenate(list(_chunks(args, 0, n_train)))
+    tune = _vectors(args, TUNE, 0, args.tune_queries)
+    _say(f"building {factory} over {len(store):,} vectors in {len(parts)} parts")
     t0, c0 = time.perf_counter(), time.process_time()
-    index = build_index(factory, args.dim, sample, timed_shards(0, args.n))
-    train_s, train_cpu = timer["first_pull"] - t0, timer["first_pull_cpu"] - c0
-    del sample
-    queries = np.concatenate(list(_chunks(args, 1, args.queries)))
-
-    rows = []
-    nlist = parse_nlist(factory)
-    nprobe0 = faiss.extract_index_ivf(index).nprobe if nlist else 0
-    for nprobe in [nprobe0 // 4, nprobe0 // 2, nprobe0, nprobe0 * 2] if nlist else [0]:
-        if nlist:
-            set_nprobe(index, nprobe)
-        t, c = time.perf_counter(), time.process_time()
-        _, ids = search(index, queries, args.k)
-        sec, cpu = time.perf_counter() - t, time.process_time() - c
-        np.save(os.path.join(args.out, f"{args.worker}-{nprobe}.npy"), ids)
-        rows.append(
-            {"nprobe": nprobe, "search_s": sec, "search_cpu": cpu, "default": nprobe == nprobe0}
-        )
-    path = os.path.join(args.out, f"{args.worker}.faiss")
-    if nlist:
-        set_nprobe(index, nprobe0)
+    index, rep = build_measured(factory, store, tune, args.seed, args.target_recall)
+    build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rss_build = _rss_gib()
+    _, ids = search(index, held_out.queries, 10)
+    eval_recall = recall_at_k(ids, held_out.ids)
+    path = os.path.join(args.out, "index.faiss")
     save_index(index, path)
     index_mib = os.path.getsize(path) / 2**20
     os.remove(path)
+
+    _say(
+        f"built {factory} in {build_s:.0f}s (nprobe {rep.nprobe}, recall {rep.recall}); "
+        f"held-out recall {eval_recall:.3f}; searching {args.queries:,} queries"
+    )
+    chunk = 10_000
+    search_s = search_cpu = 0.0
+    searched = 0
+    for i, start in enumerate(range(0, args.queries, chunk)):
+        q = _vectors(args, SEARCH, i, min(chunk, args.queries - start))
+        t, c = time.perf_counter(), time.process_time()
+        search(index, q, 10)
+        search_s += time.perf_counter() - t
+        search_cpu += time.process_time() - c
+        searched += len(q)
+        if args.search_budget_s and search_s > args.search_budget_s:
+            break  # timed on the queries searched so far (reported)
     json.dump(
         {
             "factory": factory,
-            "train_s": train_s,
-            "train_cpu": train_cpu,
-            "add_s": timer["add"],
-            "add_cpu": timer["add_cpu"],
-            "bare_rss_gib": bare_rss,
-            "peak_rss_gib": _rss_gib(),
+            "report": rep.as_dict(),
+            "build_s": build_s,
+            "build_cpu": build_cpu,
+            "eval_recall": eval_recall,
             "index_mib": index_mib,
-            "rows": rows,
+            "bare_rss": bare,
+            "rss_build": rss_build,
+            "peak_rss": _rss_gib(),
+            "search_s": search_s,
+            "search_cpu": search_cpu,
+            "searched": searched,
             "threads": faiss.omp_get_max_threads(),
         },
-        open(os.path.join(args.out, f"{args.worker}.json"), "w"),
+        open(os.path.join(args.out, "result.json"), "w"),
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="gallery vectors")
-    ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--n", type=int, default=10_000_000, help="gallery vectors")
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=100_000, help="queries searched (timed)")
+    ap.add_argument("--eval-queries", type=int, default=1000, help="held-out recall queries")
+    ap.add_argument("--tune-queries", type=int, default=1000, help="nprobe tuning queries")
     ap.add_argument("--clusters", type=int, default=1000)
-    ap.add_argument("--chunk", type=int, default=100_000, help="vectors generated/added at once")
-    ap.add_argument("--budget-gb", type=float, default=2.0, help="memory budget for choose_index")
+    ap.add_argument("--part-rows", type=int, default=500_000)
+    ap.add_argument("--budget-gb", type=float, default=8.0, help="curate.memory_budget_gb")
+    ap.add_argument("--index", default="auto", help="auto or a faiss factory string")
+    ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument(
-        "--force-ivf",
-        action="store_true",
-        help="IVF-PQ even below choose_index's Flat size (for quick runs)",
+        "--search-budget-s",
+        type=float,
+        default=0,
+        help="stop the timed search after this many seconds (0: all --queries)",
     )
-    ap.add_argument(
-        "--factory",
-        default="",
-        help="a faiss factory string instead of "
-        "choose_index's (e.g. IVF4096,PQ64: the same index without re-ranking)",
-    )
+    ap.add_argument("--parts", default="", help="reuse (or keep) the parts in this folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--worker", choices=["exact", "ivf"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
-    with tempfile.TemporaryDirectory(prefix="ktray-retrieval-bench-") as out:
-        stats = {}
-        for mode in ("exact", "ivf"):
-            cmd = [sys.executable, __file__, "--worker", mode, "--out", out] + sys.argv[1:]
-            print(f"[{mode}] running ... (load average {os.getloadavg()[0]:.1f})", flush=True)
-            subprocess.run(cmd, check=True)
-            stats[mode] = json.load(open(os.path.join(out, f"{mode}.json")))
-        results = {
-            (mode, row["nprobe"]): np.load(os.path.join(out, f"{mode}-{row['nprobe']}.npy"))
-            for mode in ("exact", "ivf")
-            for row in stats[mode]["rows"]
-        }
-        exact = results[("exact", 0)]
-        true_score = _true_scores(args, results)
-
-        print(
-            f"\n{args.n:,} x {args.dim}-d clustered unit vectors ({args.clusters} clusters), "
-            f"{args.queries:,} queries, k={args.k}, faiss threads "
-            f"{stats['exact']['threads']}, load average now {os.getloadavg()[0]:.1f}\n"
+    out = tempfile.mkdtemp(prefix="ktray-retrieval-bench-")
+    parts_dir = args.parts or os.path.join(out, "parts")
+    try:
+        meta = os.path.join(parts_dir, "bench.json")
+        want = {k: getattr(args, k) for k in ("n", "dim", "clusters", "part_rows", "seed")}
+        t = time.perf_counter()
+        if not (os.path.exists(meta) and json.load(open(meta)) == want):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            os.makedirs(parts_dir)
+            write_parts(args, parts_dir)
+            json.dump(want, open(meta, "w"))
+        disk = sum(
+            os.path.getsize(os.path.join(parts_dir, f))
+            for f in os.listdir(parts_dir)
+            if f.endswith(".parquet")
         )
         print(
-            "| index | nprobe | train s wall (CPU) | add s wall (CPU) | search s wall (CPU) "
-            "| queries/s wall (per CPU-s) | recall@10 | score gap "
-            "| peak RSS GiB (bare worker) | index MiB |"
+            f"[data] {disk / 2**30:.2f} GiB of float16 parts in {time.perf_counter() - t:.0f}s "
+            f"(load average {os.getloadavg()[0]:.1f})",
+            flush=True,
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        best = true_score[("exact", 0)].mean()
-        for mode in ("exact", "ivf"):
-            s = stats[mode]
-            for row in s["rows"]:
-                key = (mode, row["nprobe"])
-                recall = (
-                    np.mean([len(np.intersect1d(a, b)) for a, b in zip(results[key], exact)])
-                    / args.k
-                )
-                name = (
-                    "IndexFlatIP (exact)"
-                    if mode == "exact"
-                    else f"{'--factory' if args.factory else 'choose_index'}: {s['factory']}"
-                )
-                nprobe = (
-                    f"{row['nprobe']}" + (" (default)" if row["default"] else "")
-                    if mode == "ivf"
-                    else "-"
-                )
-                first = row is s["rows"][0]
-                cells = [
-                    name,
-                    nprobe,
-                    f"{s['train_s']:.1f} ({s['train_cpu']:.1f})" if first else "",
-                    f"{s['add_s']:.1f} ({s['add_cpu']:.1f})" if first else "",
-                    f"{row['search_s']:.1f} ({row['search_cpu']:.1f})",
-                    f"{args.queries / row['search_s']:,.0f} "
-                    f"({args.queries / row['search_cpu']:,.0f})",
-                    f"{recall:.3f}",
-                    f"{best - true_score[key].mean():.4f}",
-                    f"{s['peak_rss_gib']:.2f} ({s['bare_rss_gib']:.2f})" if first else "",
-                    f"{s['index_mib']:.0f}" if first else "",
-                ]
-                print("| " + " | ".join(cells) + " |")
-        print(
-            "\nCPU = process CPU seconds over all threads: on a shared, loaded machine the "
-            "wall times stretch, the CPU seconds much less."
-        )
-        print(
-            f"score gap: mean exact cosine of the true top-{args.k} ({best:.4f}) minus that "
-            "of the returned top-k (0 = as good as exact; small = the misses are near-ties)."
-        )
-
-
-def _true_scores(args, results: dict) -> dict:
-    """Exact cosine of every returned (query, id), regenerating the gallery chunk by chunk."""
-    uniq = np.unique(np.concatenate([ids.ravel() for ids in results.values()]))
-    uniq = uniq[uniq >= 0]
-    vecs = np.zeros((len(uniq), args.dim), dtype=np.float32)
-    for i, chunk in enumerate(_chunks(args, 0, args.n)):
-        start = i * args.chunk
-        lo, hi = np.searchsorted(uniq, [start, start + len(chunk)])
-        vecs[lo:hi] = chunk[uniq[lo:hi] - start]
-    queries = np.concatenate(list(_chunks(args, 1, args.queries)))
-    out = {}
-    for key, ids in results.items():
-        v = vecs[np.searchsorted(uniq, np.maximum(ids, 0))]  # [Q, k, D]
-        score = np.einsum("qkd,qd->qk", v, queries)
-        out[key] = np.where(ids >= 0, score, 0.0).mean(axis=1)
-    return out
+        cmd = [sys.executable, __file__, "--worker", "--out", out, "--parts", parts_dir]
+        rest, argv = [], sys.argv[1:]
+        for i, a in enumerate(argv):  # every argument but --parts (given above)
+            if a.startswith("--parts") or (i and argv[i - 1] == "--parts"):
+                continue
+            rest.append(a)
+        subprocess.run(cmd + rest, check=True)
+        r = json.load(open(os.path.join(out, "result.json")))
+    finally:
+        if not args.parts:
+            shutil.rmtree(out, ignore_errors=True)
+    rep = r["report"]
+    print(
+        f"\n{args.n:,} x {args.dim}-d clustered unit vectors ({args.clusters} clusters) in "
+        f"float16 parts of {args.part_rows:,}; budget {args.budget_gb} GB; faiss threads "
+        f"{r['threads']}; load average now {os.getloadavg()[0]:.1f}\n"
+    )
+    print(
+        "| index | nprobe | train s | add s (+exact probes) | tune s | build s (CPU s) "
+        "| recall@10 tuning / held-out | index MiB | peak RSS GiB (bare worker) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {r['factory']} | {rep['nprobe']} | {rep['train_seconds']:.0f} | "
+        f"{rep['add_seconds']:.0f} | {rep['tune_seconds']:.0f} | {r['build_s']:.0f} "
+        f"({r['build_cpu']:.0f}) | {rep['recall']:.3f} / {r['eval_recall']:.3f} "
+        f"({rep['probe_queries']} / {args.eval_queries} queries) | {r['index_mib']:,.0f} | "
+        f"{r['peak_rss']:.2f} ({r['bare_rss']:.2f}) |"
+    )
+    print(
+        f"\nnprobe -> recall@10 tried: {rep['tried']}; training sample "
+        f"{rep['train_vectors']:,} vectors from {rep['parts_read_for_sample']} parts"
+    )
+    nq = r["searched"]
+    per_cpu = nq / r["search_cpu"]
+    print(
+        f"\nsearch: {nq:,} queries, k=10, nprobe {rep['nprobe']}: "
+        f"{r['search_s']:.1f} s wall ({nq / r['search_s']:,.0f} q/s), "
+        f"{r['search_cpu']:.1f} CPU s ({per_cpu:,.0f} queries per CPU-second)"
+    )
+    print(
+        f"extrapolation: 100,000 queries on 16 cores at this per-CPU rate = "
+        f"{100_000 / per_cpu / 16:.0f} s (search parallelises over queries; no other "
+        f"scaling assumed)"
+    )
 
 
 if __name__ == "__main__":

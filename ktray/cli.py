@@ -75,7 +75,11 @@ def cmd_distill(args):
     allowed = resolve_choices("ktray.distill:OBJECTIVES")
     if args.objective is not None and args.objective not in allowed:
         raise KtrayError(f"--objective must be one of {', '.join(allowed)}, got {args.objective!r}")
-    _print(distill.run(_checked(args, [args.transfer]), args.transfer, args.objective))
+    from ktray.config.methods import check_student_init
+
+    cfg = _checked(args, [args.transfer])
+    check_student_init(cfg)  # a pretrained start is a method: finetune --init ...+init@WEIGHTS
+    _print(distill.run(cfg, args.transfer, args.objective))
 
 
 def cmd_finetune(args):
@@ -111,6 +115,19 @@ def cmd_run(args):
     print(f"done in {time.perf_counter() - start:.0f}s; outputs in {cfg.out}")
 
 
+DEMOS = {"classification": "demo", "segmentation": "demo_segmentation"}
+
+
+def cmd_demo(args):
+    """``ktray demo [classification|segmentation] [key=value ...]``."""
+    if args.overrides and "=" not in args.overrides[0]:
+        which = args.overrides.pop(0)
+        if which not in DEMOS:
+            raise KtrayError(f"unknown demo {which!r}; choose one of {', '.join(DEMOS)}")
+        args.config = DEMOS[which]
+    cmd_run(args)
+
+
 def cmd_curate(args):
     from ktray.stages import curate
 
@@ -140,7 +157,7 @@ def cmd_report(args):
     r = accounting.write_report(out)
     t = r["totals"]
     print(
-        f"{len(r['rows'])} manifests; {t['flops']:.3g} FLOPs, {t['device_seconds']:.1f} "
+        f"{accounting.describe_totals(t)}; {t['flops']:.3g} FLOPs, {t['device_seconds']:.1f} "
         f"device-seconds spent\nreport: {r['outputs']['md']}  table: "
         f"{r['outputs']['parquet']}  plot: {r['outputs']['png']}"
     )
@@ -247,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Finetune the student on the labeled images (no --init: the from-scratch baseline).",
     )
     sp.add_argument(
-        "--init", default="", help="start from a distilled student, e.g. task@in_domain"
+        "--init",
+        default="",
+        help="the student method: scratch (default), init@imagenet, init@PATH, a distilled "
+        "student task@in_domain (distilled first if needed), task@in_domain+init@imagenet",
     )
     sp = add("evaluate", cmd_evaluate, "Test metrics of a checkpoint folder.")
     sp.add_argument(
@@ -264,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp = add(
         "demo",
-        cmd_run,
+        cmd_demo,
         "The whole pipeline on the packaged offline default: "
-        "Fashion-MNIST, 10 labels/class, EfficientNet-Lite teacher.",
+        "Fashion-MNIST, 10 labels/class, EfficientNet-Lite teacher; `ktray demo "
+        "segmentation`: the Fashion-MNIST mosaic segmentation task (mIoU).",
         config_required=False,
     )
     sp.set_defaults(config="demo")

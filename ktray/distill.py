@@ -31,7 +31,7 @@ import torch.nn as nn
 from ktray.errors import KtrayError
 from ktray.losses import FEATURE_LOSSES, KD_LOSSES
 
-__all__ = ["OBJECTIVES", "DEFAULT_LOSS", "DistillModule", "StudentNet"]
+__all__ = ["OBJECTIVES", "DEFAULT_LOSS", "DistillModule", "StudentNet", "mix_views"]
 
 OBJECTIVES = ("task", "features")
 """``task``: match the adapted teacher's predictions (task-oriented transfer).
@@ -42,6 +42,22 @@ DEFAULT_LOSS = {"task": "kl", "features": "cosine"}
 TEACHER_MODES = ("precomputed", "online")
 """Where the teacher's targets come from: the logits stage's table, or the teacher run on the
 same view during distillation."""
+
+AUGMENTS = ("stored", "consistent")
+"""The views distillation trains on: the stored views (``logits.views`` per image, the same
+every epoch), or ``consistent`` fresh random views drawn at every step, the same view for
+teacher and student (online teacher only; "function matching", Beyer et al. 2022)."""
+
+
+def mix_views(
+    x: torch.Tensor, xt: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup of a batch's student views ``x`` and teacher views ``xt`` with one weight
+    ``lam ~ Beta(alpha, alpha)`` and one pairing: ``lam * v + (1 - lam) * v[perm]`` for both,
+    so the teacher's targets describe exactly the image the student sees."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * xt + (1 - lam) * xt[perm]
 
 
 class StudentNet(nn.Module):

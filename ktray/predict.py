@@ -144,15 +144,27 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """``x [B,3,H,W]`` (normalised) -> logits ``[B,C]`` and features ``[B,D]`` (None when
         not asked for) as float16 numpy."""
+        logits, feats = self._forward(x)
+        return logits.cpu().numpy(), feats.cpu().numpy() if feats is not None else None
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like :meth:`forward`, the outputs left on the device (float16): no host sync."""
         x = x.to(self.device, self.dtype, non_blocking=True).contiguous(
             memory_format=torch.channels_last
         )
         logits, feats = self.model.forward_all(x)
-        logits = logits.to(torch.float16).cpu().numpy()
-        return logits, feats.to(torch.float16).cpu().numpy() if self.features else None
+        return logits.to(torch.float16), feats.to(torch.float16) if self.features else None
 
+    @torch.inference_mode()
     def predict_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """``uint8 [N, S, S, 3]`` views -> float16 logits ``[N, C]`` (+ features ``[N, D]``)."""
+        """``uint8 [N, S, S, 3]`` views -> float16 logits ``[N, C]`` (+ features ``[N, D]``).
+
+        The outputs stay on the device until the last batch: the host prepares (pins, copies)
+        batch i+1 while the GPU still runs batch i, and waits once per call, not per batch.
+        """
+        if len(pixels) == 0:
+            empty = np.zeros((0, self.num_classes), np.float16)
+            return empty, np.zeros((0, self.feature_dim), np.float16) if self.features else None
         lo, fe = [], []
         for start in range(0, len(pixels), self.batch_size):
             x = normalize_on_device(
@@ -162,18 +174,17 @@ class Predictor:
                 self.device,
                 self.dtype,
             )
-            a, b = self.forward(x)
+            a, b = self._forward(x)
             lo.append(a)
             fe.append(b)
-        logits = np.concatenate(lo) if lo else np.zeros((0, self.num_classes), np.float16)
-        if not self.features:
-            return logits, None
-        return logits, np.concatenate(fe) if fe else np.zeros((0, self.feature_dim), np.float16)
+        logits = torch.cat(lo).cpu().numpy()
+        return logits, torch.cat(fe).cpu().numpy() if self.features else None
 
     def table(self, rows: pa.Table, pixels: np.ndarray, ok: np.ndarray) -> tuple[pa.Table, int]:
         """View rows + their decoded views -> (logits table of the readable rows, skipped)."""
         keep = np.flatnonzero(ok)
-        logits, feats = self.predict_pixels(pixels[keep])
+        # (all readable, the usual case: no copy of the shard's pixels)
+        logits, feats = self.predict_pixels(pixels if len(keep) == len(ok) else pixels[keep])
         out = rows.select(VIEW_COLUMNS).take(pa.array(keep, pa.int64()))
         out = out.append_column(C.LOGITS, fixed_list(logits))
         if feats is not None:

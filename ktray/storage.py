@@ -125,21 +125,34 @@ def write_parquet(uri: str, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file, or every ``*.parquet`` under a folder (hidden temporaries excluded)."""
+def parquet_parts(uri: str) -> list[str]:
+    """The URIs of a Parquet file, or of every ``*.parquet`` under a folder in name order
+    (hidden temporaries excluded): what :func:`read_parquet` reads, one part at a time."""
     fs, path = fs_and_path(uri)
     if not fs.exists(path):
         raise KtrayError(f"parquet not found: {uri}")
-    if fs.isdir(path):
-        files = sorted(
-            p
-            for p in fs.find(path)
-            if p.endswith(".parquet") and not os.path.basename(p).startswith(".")
-        )
-        if not files:
-            raise KtrayError(f"no parquet files under {uri}")
-        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    if not fs.isdir(path):
+        return [uri]
+    files = sorted(
+        p
+        for p in fs.find(path)
+        if p.endswith(".parquet") and not os.path.basename(p).startswith(".")
+    )
+    if not files:
+        raise KtrayError(f"no parquet files under {uri}")
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return [prefix + p if prefix and not p.startswith(prefix) else p for p in files]
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, or every ``*.parquet`` under a folder (hidden temporaries excluded)."""
+    fs, path = fs_and_path(uri)
+    parts = parquet_parts(uri)
+    if len(parts) == 1 and not fs.isdir(path):
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    return pa.concat_tables(
+        [pq.read_table(fs_and_path(f)[1], columns=columns, filesystem=fs) for f in parts]
+    )
 
 
 def download_dir(uri: str, local_dir: str) -> str:

@@ -225,3 +225,61 @@ def test_library_does_not_import_ray():
         "sys.exit(1 if 'ray' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_fresh_views_are_new_each_call_and_shared_by_teacher_and_student(tmp_path):
+    """DecodeViews(fresh_scale=...): every call cuts new views (new epochs, new views), and
+    the teacher's larger view is the same crop as the student's."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from ktray.data.datasets import DecodeViews
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):  # smooth random images: crops differ, resizing keeps them alike
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        p = str(tmp_path / f"{i}.png")
+        Image.fromarray(small).resize((64, 64), Image.Resampling.BICUBIC).save(p)
+        paths.append(p)
+    batch = pa.table({"source": paths})
+    decode = DecodeViews({"x": 16, "xt": 32}, fresh_scale=(0.2, 0.5))
+    a, b = decode(batch), decode(batch)
+    assert a["x"].shape == (6, 16, 16, 3) and a["xt"].shape == (6, 32, 32, 3)
+    assert np.abs(a["x"].astype(int) - b["x"].astype(int)).mean() > 10  # new views
+
+    def shrink(v):
+        return np.stack([np.asarray(Image.fromarray(im).resize((16, 16))) for im in v]).astype(int)
+
+    same = np.abs(shrink(a["xt"]) - a["x"].astype(int)).mean()
+    other = np.abs(shrink(b["xt"]) - a["x"].astype(int)).mean()
+    assert same < 6 and other > 3 * same, (same, other)
+    stored = DecodeViews({"x": 16})  # no fresh_scale: the stored (here: full) views, fixed
+    assert np.array_equal(stored(batch)["x"], stored(batch)["x"])
+
+
+def test_mixup_mixes_teacher_and_student_views_alike():
+    import torch
+
+    from ktray.distill import mix_views
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4)
+    xt = 2 * torch.nn.functional.interpolate(x, size=8)  # the teacher's view of the same images
+    mx, mxt = mix_views(x, xt, alpha=0.4)
+    assert not torch.allclose(mx, x)
+    assert torch.allclose(mxt, 2 * torch.nn.functional.interpolate(mx, size=8), atol=1e-5)
+
+
+def test_eta_text():
+    from ktray.train.loop import eta_text
+
+    assert [eta_text(s) for s in (0, 12.4, 59.6, 185, 3725, -3)] == [
+        "ETA 0s",
+        "ETA 12s",
+        "ETA 1m00s",
+        "ETA 3m05s",
+        "ETA 1h02m",
+        "ETA 0s",
+    ]

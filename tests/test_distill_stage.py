@@ -51,3 +51,19 @@ def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local):
             "in_domain",
             "task",
         )
+
+
+def test_consistent_fresh_views_online(tiny_task, tmp_path, ray_local):
+    """distill.augment=consistent: one row per image (views drawn at each step), teacher
+    online, mixup on; the precomputed mode refuses both settings in one line."""
+    out = str(tmp_path / "out")
+    base = [f"data.root={tiny_task}", f"out={out}", "distill.steps=3", "distill.batch_size=8"]
+    online = ["distill.teacher_mode=online", "distill.augment=consistent", "distill.mixup=0.4"]
+    m = distill_stage.run(load_config("tiny", base + online), "in_domain", "task")
+    assert m["steps"] == 3 and m["images_seen"] == 24
+    assert m["transfer_rows"] == 24 and not m["uses_logits"]  # 24 images, not 24 x 2 views
+    assert m["metrics"]["loss"] > 0
+    with pytest.raises(KtrayError, match="augment=consistent needs distill.teacher_mode=online"):
+        load_config("tiny", base + ["distill.augment=consistent"])
+    with pytest.raises(KtrayError, match="mixup needs distill.teacher_mode=online"):
+        load_config("tiny", base + ["distill.mixup=0.2"])

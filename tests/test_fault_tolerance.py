@@ -74,7 +74,8 @@ def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path,
             f"ray.storage_path={s3_server.url(prefix)}",
         ],
     )
-    snapshot = f"{s3_server.bucket}/{prefix}/finetune-scratch/checkpoint_manager_snapshot.json"
+    # the Ray Train run is named after the spec's hash: finetune-scratch-<hash>
+    snapshots = f"{s3_server.bucket}/{prefix}/finetune-scratch-*/checkpoint_manager_snapshot.json"
     fs = s3_server.make_fs()
     killed: dict = {}
 
@@ -83,7 +84,8 @@ def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path,
         checkpoint folder alone may not be registered yet: killed then, the worker would
         restart from scratch."""
         try:
-            return "checkpoint_" in fs.cat(snapshot).decode()
+            fs.invalidate_cache()
+            return any("checkpoint_" in fs.cat(p).decode() for p in fs.glob(snapshots))
         except (FileNotFoundError, OSError):
             return False
 
@@ -113,7 +115,8 @@ def test_killed_train_worker_resumes_from_its_s3_checkpoint(tiny_task, tmp_path,
     # reports before the kill come from the checkpoint, those after it continue its count
     assert history == sorted(set(history)) and history[-1] == steps, history
     assert resumed in history and history.index(resumed) < len(history) - 1, history
-    assert fs.glob(f"{s3_server.bucket}/{prefix}/finetune-scratch/checkpoint_*/state.pt")
+    fs.invalidate_cache()
+    assert fs.glob(f"{s3_server.bucket}/{prefix}/finetune-scratch-*/checkpoint_*/state.pt")
 
 
 def _logits_child(cfg_args: list[str], shard_rows: int) -> str:

@@ -112,16 +112,19 @@ def test_transfer_size_trial_slices_the_largest_logits_set(tiny_task, tmp_path, 
 
     args = [f"data.root={tiny_task}", "tracking.mlflow=false", "logits.views=2"]
     big = load_config("tiny", [*args, f"out={tmp_path / 'big'}"])
-    source = logits_stage.run(big, "in_domain")["outputs"]["parts"]
+    source = logits_stage.run(big, "in_domain", shard_rows=5)["outputs"]["parts"]  # 10 parts
     adopt = [
         *args,
         f"teacher.checkpoint={tmp_path / 'big' / 'teacher' / 'model'}",
         "data.unlabeled_limit=10",
     ]
     small = load_config("tiny", [*adopt, f"out={tmp_path / 'small'}"])
-    m = logits_stage.slice_from(small, "in_domain", source)
+    # streamed part by part into shards of 7 rows: shards straddle the source's parts
+    m = logits_stage.slice_from(small, "in_domain", source, shard_rows=7)
     assert m["computed_shards"] == 0 and m["flops"] == 0 and m["rows"] == 20
-    assert m["sliced_from"] == source
+    assert m["sliced_from"] == source and m["shards"] == 3
+    parts = storage.parquet_parts(logits_stage.logits_dir(small, "in_domain"))
+    assert [storage.read_parquet(p).num_rows for p in parts] == [7, 7, 6]
     assert logits_stage.run(small, "in_domain")["finished_at"] == m["finished_at"]  # reused
     # what a pass over the 10 images computes: the same rows, the same logits
     direct = load_config("tiny", [*adopt, f"out={tmp_path / 'direct'}"])

@@ -62,7 +62,7 @@ def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, caps
     assert len(table["logits"][0]) == 3
     assert sorted(set(table["view"].to_pylist())) == [0, 1]
     m = json.load(open(os.path.join(out, "logits", "in_domain", "manifest.json")))
-    assert m["rows"] == 48 and m["skipped"] == 0 and m["images"] == 24
+    assert m["rows"] == 48 and m["skipped_views"] == m["skipped_images"] == 0 and m["images"] == 24
     table_out = capsys.readouterr().out
     assert "task@in_domain" in table_out and "test acc" in table_out
 
@@ -93,18 +93,21 @@ def test_logits_skip_corrupt_and_resume_without_duplicates(tiny_task, tmp_path, 
     bad = os.path.join(tiny_task, "unlabeled", "part0", "broken.jpg")
     open(bad, "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = str(tmp_path / "out")
-    cfg = load_config("tiny", [f"data.root={tiny_task}", f"out={out}", "logits.views=1"])
-    m = logits_stage.run(cfg, "in_domain", shard_rows=10)
-    assert m["images"] == 25 and m["skipped"] == 1 and m["rows"] == 24
+    cfg = load_config("tiny", [f"data.root={tiny_task}", f"out={out}", "logits.views=2"])
+    m = logits_stage.run(cfg, "in_domain", shard_rows=20)
+    # the broken image's 2 views are skipped: 1 image, 2 views, counted as such
+    assert m["images"] == 25 and m["rows"] == 48
+    assert m["skipped_images"] == 1 and m["skipped_views"] == 2
     assert m["shards"] == 3
     d = logits_stage.logits_dir(cfg, "in_domain")
     # a killed job: one shard's file and the manifest never written
     os.remove(os.path.join(d, "part-00001.parquet"))
     os.remove(os.path.join(d, "manifest.json"))
-    m2 = logits_stage.run(cfg, "in_domain", shard_rows=10)
-    assert m2["computed_shards"] == 1 and m2["rows"] == 24
-    ids = storage.read_parquet(d)["image_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 24
+    m2 = logits_stage.run(cfg, "in_domain", shard_rows=20)
+    assert m2["computed_shards"] == 1 and m2["rows"] == 48
+    t = storage.read_parquet(d)
+    keys = list(zip(t["image_id"].to_pylist(), t["view"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 48
     assert not [f for f in os.listdir(d) if ".tmp" in f]
 
 

@@ -216,6 +216,9 @@ def test_choose_index():
     assert "Refine" not in tight  # no room for the re-ranking copy
     assert 256 % m == 0 and 1_000_000 * (m + 8) <= 20 * 10**6
     assert "_HNSW32" in choose_index(50_000_000, 768, 2**36)
+    # the build's training sample and part buffers come off the budget: no room for re-ranking
+    assert choose_index(1_000_000, 256, 2**30).endswith("Refine(SQ8)")
+    assert choose_index(1_000_000, 256, 2**30, reserve_bytes=800 * 10**6) == "IVF4096,PQ64"
     with pytest.raises(KtrayError, match="too small"):
         choose_index(10**7, 256, 10**6)
 

@@ -8,6 +8,7 @@ import json
 import os
 import tarfile
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -261,7 +262,13 @@ def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
     again = curation.index_and_select(
         cfg, out, queries, [f"q{i}" for i in range(60)], test, parts, np.arange(len(gallery))
     )
-    assert again["index"] == json.loads(json.dumps(res["index"]))
+    assert again["index"]["tried"] == json.loads(json.dumps(res["index"]["tried"]))
+    assert again["index"]["recall"] == res["index"]["recall"]
+    # leak protection is an exact scan: it reports what it found, with exact cosines
+    leak = res["leak_check"]
+    assert leak["method"] == "exact scan" and leak["images"] == len(planted)
+    assert leak["pairs_above_threshold"] == len(planted) and leak["gallery_vectors"] == 5000
+    assert all(0.97 < c <= 0.991 for _, _, c, _ in leak["pairs"])
 
 
 # ----------------------------------------------------------------------------- self-dedup
@@ -353,11 +360,14 @@ def test_curate_on_img2dataset_webdataset_layout(tiny_task, tmp_path, ray_local)
                 f"curate.gallery={root}",
                 "curate.images_per_query=1",
                 "curate.dedup_gallery=true",
+                "curate.search_actors=2",
+                "curate.search_cpus=1",
             ]
         )
         == 0
     )
     m = json.load(open(os.path.join(out, "curate", "manifest.json")))
+    assert m["search_actors"] == 2  # query batches split over two actors holding the index
     assert m["images"]["gallery"] == 22 and m["skipped_by_set"]["gallery"] == 0
     assert m["index"]["recall"] == 1.0 and m["index"]["factory"] == "Flat"
     assert "gallery_duplicates" in m and "by_reason" in m["shortfall"]
@@ -379,3 +389,50 @@ def test_leak_check_scans_more_lists_than_the_selection():
     found = remove_near_duplicates(index, test, iov, 0.97, nprobe=dedup_nprobe(index))
     assert found == set(planted.tolist())
     assert faiss.extract_index_ivf(index).nprobe == 1  # restored for the selection
+
+
+def test_two_level_coarse_training_for_large_nlist(monkeypatch, request):
+    """Beyond TWO_LEVEL_MIN_NLIST lists the coarse centroids come from two-level k-means
+    (flat k-means over 16k+ lists is too slow); the index still answers like exact search."""
+    from ktray.retrieval import index as index_mod
+
+    calls = []
+    real = index_mod.two_level_centroids
+    monkeypatch.setattr(index_mod, "TWO_LEVEL_MIN_NLIST", 128)
+    monkeypatch.setattr(
+        index_mod, "two_level_centroids", lambda s, n: calls.append(n) or real(s, n)
+    )
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # small indexes: OpenMP spinning dominates on a busy machine
+    request.addfinalizer(lambda: faiss.omp_set_num_threads(threads))
+    vecs = _clustered(30_000, 32, seed=6, sigma=0.25)
+    queries = _clustered(200, 32, seed=7, sigma=0.25)
+    index = build_index("IVF256_HNSW32,PQ16,Refine(SQ8)", 32, vecs[:20_000], [vecs], nprobe=32)
+    assert calls == [256]
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.quantizer.ntotal == 256 and index.ntotal == 30_000
+    cent = ivf.quantizer.reconstruct_n(0, 256)
+    np.testing.assert_allclose(np.linalg.norm(cent, axis=1), 1.0, atol=1e-4)
+    flat = build_index("Flat", 32, None, [vecs])
+    _, exact = search(flat, queries, 10)
+    _, approx = search(index, queries, 10)
+    assert np.mean([len(np.intersect1d(a, e)) for a, e in zip(approx, exact)]) / 10 >= 0.9
+    # sizes: every centroid set from a coarse cluster with enough points
+    sample = _clustered(5000, 16, seed=8)
+    assert real(sample, 300).shape == (300, 16)
+
+
+def test_scan_near_duplicates_is_exact_over_parts(tmp_path):
+    """The stage's leak check: every stored gallery vector against every protected one, part
+    by part; ids are global, cosines are exact (of the float16 stored vectors)."""
+    from ktray.retrieval.select import scan_near_duplicates
+
+    gallery, test, planted = _leak_setup(tmp_path)
+    store = PartStore(_parts(tmp_path, gallery, 700))
+    parts = ((int(store.offsets[p]), v) for p, v in enumerate(store))
+    pairs, cos = scan_near_duplicates(parts, test, 0.97, batch_size=300)
+    assert sorted(pairs[:, 1].tolist()) == planted.tolist()
+    assert sorted(pairs[:, 0].tolist()) == list(range(len(test)))
+    exact = np.einsum("nd,nd->n", store.take(pairs[:, 1]), test[pairs[:, 0]])
+    np.testing.assert_allclose(cos, exact, atol=1e-5)
+    assert scan_near_duplicates(iter([]), test, 0.97)[0].shape == (0, 2)

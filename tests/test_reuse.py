@@ -69,3 +69,32 @@ def test_a_finished_run_of_another_config_is_not_reused(tmp_path):
     assert manifest.load_finished(d, "aaaa") == written
     assert manifest.load_finished(d, "bbbb") is None
     assert manifest.load_finished(str(tmp_path / "never-ran"), "aaaa") is None
+
+
+def test_train_run_name_follows_the_spec(tmp_path, monkeypatch):
+    """Ray Train restores the latest checkpoint of a run of the same name: the name carries
+    the spec's hash, so a changed spec never resumes from another configuration's
+    checkpoint, while a rerun of the same spec (a killed job) keeps its name and resumes."""
+    from ktray.stages import train_stage
+
+    root = make_imagefolder(str(tmp_path / "task"), train=2, test=1, unlabeled=0)
+    names = []
+
+    def fake_fit(cfg, name, worker, spec, datasets=None):
+        names.append(name)
+        return {"step": spec["spec"]["steps"], "images": 1, "seconds": 0.1}
+
+    monkeypatch.setattr(train_stage, "fit", fake_fit)
+    monkeypatch.setattr(train_stage, "ensure_ray", lambda *a, **k: None)
+
+    def finetune(*extra):
+        cfg = load_config("tiny", [f"data.root={root}", f"out={tmp_path / 'o'}", *extra])
+        monkeypatch.setattr(train_stage, "_evaluate", lambda r, *a: r)
+        return finetune_stage.run(cfg)
+
+    finetune("finetune.scratch_steps=2")
+    finetune("finetune.scratch_steps=3")
+    os.remove(os.path.join(tmp_path, "o", "finetune", "scratch", "manifest.json"))
+    finetune("finetune.scratch_steps=3")  # the same spec again (a killed run): same name
+    assert names[0].startswith("finetune-scratch-") and names[0] != names[1], names
+    assert names[2] == names[1], names

@@ -103,3 +103,43 @@ def test_writer_refuses_a_partial_shard_and_writes_whole_ones(tmp_path):
     with pytest.raises(RuntimeError, match="shard 2: got 1 of 2 rows"):
         writer(partial)
     assert not (tmp_path / "part-00002.parquet").exists()
+
+
+def test_logits_pass_on_a_gpu_cluster_keeps_whole_shards(tiny_task, tmp_path, ray_local):
+    """On a cluster with GPUs the model actors ask for one each (``infer.gpus_per_actor=-1``)
+    and still take one whole shard per call (Ray's public map_batches refuses GPUs without a
+    batch size). The GPU is Ray's logical resource here; the model runs on CPU."""
+    from conftest import start_ray
+
+    ray_local.shutdown()
+    try:
+        start_ray(num_gpus=1)
+        assert ray_local.cluster_resources().get("GPU") == 1
+        cfg = _cfg(tiny_task, tmp_path / "out", "logits.views=1")
+        m = logits_stage.run(cfg, "in_domain", shard_rows=8)
+        assert m["shards"] == 3 and m["computed_shards"] == 3 and m["rows"] == 24
+        d = logits_stage.logits_dir(cfg, "in_domain")
+        parts = sorted(f for f in os.listdir(d) if f.startswith("part-"))
+        assert [pq.read_metadata(os.path.join(d, f)).num_rows for f in parts] == [8, 8, 8]
+    finally:
+        ray_local.shutdown()
+        start_ray()
+
+
+def test_model_actor_threads_follow_the_cluster(monkeypatch):
+    """CPU-only: a node's cores go to the model actors (decoding is the cheap part); with GPUs
+    an actor keeps its ``cpus_per_actor``; an explicit ``infer.threads_per_actor`` wins."""
+    import ray
+
+    from ktray.config import InferConfig
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert shards.actor_threads(InferConfig(), cluster_gpus=0, pool=1) == 16
+    assert shards.actor_threads(InferConfig(), cluster_gpus=0, pool=3) == 5
+    assert shards.actor_threads(InferConfig(cpus_per_actor=4), cluster_gpus=2, pool=2) == 4
+    assert shards.actor_threads(InferConfig(threads_per_actor=3), cluster_gpus=0, pool=1) == 3

@@ -44,6 +44,7 @@ def _other(value):
             "cosine": "mse",
             "linear": "partial",
             "full": "linear",
+            "stored": "consistent",
         }.get(value, value + "x")
     if isinstance(value, list):
         return value + value[:1] if value else ["x"]
@@ -71,25 +72,40 @@ CLASS = {"teacher": TeacherSpec, "distill": DistillSpec, "finetune": FinetuneSpe
 
 
 def _perturbed():
+    """(key, config with that key changed, the config it differs from). A key valid only with
+    an online teacher (distill.augment, distill.mixup) is changed on an online config."""
     base = load_config("tiny")
+    online = apply_overrides(base, {"distill.teacher_mode": "online"})
     for key, value in _leaves(to_dict(base)).items():
         new = _other(value)
         if new is None or key.startswith("sweep."):
             continue
-        try:
-            yield key, apply_overrides(base, {key: new})
-        except KtrayError:
-            continue  # a checked field whose perturbation is invalid
+        for ref in (base, online):
+            try:
+                yield key, apply_overrides(ref, {key: new}), ref
+                break
+            except KtrayError:
+                continue  # a checked field whose perturbation is invalid (here)
+    # keys only a segmentation task reads (data.kind=segfolder: tests/test_segmentation.py)
+    seg = apply_overrides(base, {"data.kind": "segfolder"})
+    yield "data.kind", seg, base
+    for key, value in (
+        ("data.ignore_index", 0),
+        ("teacher.head", "light"),
+        ("student.head", "deeplabv3"),
+        ("logits.dense_size", 4),
+        ("logits.dense_feature_size", 2),
+    ):
+        yield key, apply_overrides(seg, {key: value}), seg
 
 
 def test_a_spec_changes_only_with_the_keys_it_declares_and_with_each_of_them():
     """Soundness (a key a spec does not declare never changes it: sweep sharing and reuse
     may rely on it) and completeness (every declared key changes some spec)."""
-    base = load_config("tiny")
     changed: dict[str, set] = {name: set() for name in BUILDERS}
-    for key, cfg in _perturbed():
+    for key, cfg, ref in _perturbed():
         for name, build in BUILDERS.items():
-            if build(cfg) != build(base):
+            if build(cfg) != build(ref):
                 cls = CLASS[name.split(".")[0]]
                 assert key in config_keys(cls), f"{key} changes {name} but is not declared"
                 changed[name].add(key)
@@ -109,9 +125,9 @@ def test_sweep_sharing_follows_the_teacher_spec(monkeypatch):
     monkeypatch.setattr(sweeps, "check_config", lambda cfg: None)
     base = load_config("tiny", ["sweep.method=task@in_domain"])
     build = BUILDERS["teacher"]
-    for key, cfg in _perturbed():
+    for key, cfg, ref in _perturbed():
         rules = sweeps.shared_stages(base, [sweeps.Param(key, "grid", [1])])
-        if build(cfg) != build(base):
+        if build(cfg) != build(ref):
             assert not rules["teacher"], f"sweeping {key} would reuse a stale teacher"
     for key in (
         "data.test_limit",

@@ -91,7 +91,8 @@ def _invalid(key, typ, f, section):
     if "gt" in meta:
         cases.append((f"{key}={meta['gt']}", f"must be > {meta['gt']}"))
     if "le" in meta:
-        cases.append((f"{key}={meta['le'] + 0.5}", f"must be <= {meta['le']}"))
+        above = meta["le"] + (1 if typ is int else 0.5)
+        cases.append((f"{key}={above}", f"must be <= {meta['le']}"))
     if "choices" in meta:
         cases.append((f"{key}=bogus", "must be one of"))
     if meta.get("nonempty"):
@@ -164,8 +165,8 @@ def test_every_field_is_covered_by_a_check():
 
 
 def test_the_checks_run_when_a_section_is_built_directly():
-    with pytest.raises(KtrayError, match=r"^finetune.scratch_steps must be >= 1, got -5$"):
-        config_module.FinetuneConfig(scratch_steps=-5)
+    with pytest.raises(KtrayError, match=r"^finetune.steps must be >= 1, got -5$"):
+        config_module.FinetuneConfig(steps=-5)
     with pytest.raises(KtrayError, match=r"^teacher.mode must be one of linear, partial, full"):
         config_module.TeacherConfig(mode="lin")
     assert config_module.DistillConfig(temperature=3).temperature == 3.0  # int -> float
@@ -209,12 +210,12 @@ def test_config_command_still_prints_the_resolved_config(capsys):
 @pytest.mark.slow
 def test_subprocess_prints_one_line_and_exit_2():
     r = subprocess.run(
-        [sys.executable, "-m", "ktray.cli", "config", "tiny", "finetune.scratch_steps=-5"],
+        [sys.executable, "-m", "ktray.cli", "config", "tiny", "finetune.steps=-5"],
         capture_output=True,
         text=True,
     )
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == "ktray: error: finetune.scratch_steps must be >= 1, got -5\n"
+    assert r.stderr == "ktray: error: finetune.steps must be >= 1, got -5\n"
 
 
 def test_sweep_presets_are_short_deltas_of_a_base():

@@ -5,7 +5,7 @@ Every field has a docstring (``tests/test_validation.py`` enforces it) and its c
 module that owns them (loss names in :mod:`ktray.losses`, adaptation modes in
 :mod:`ktray.models.heads`, ...). Each section's ``__post_init__`` checks its fields' types and
 limits plus the rules between them, so a bad value stops with one line naming the key, the
-value and what is allowed (``finetune.scratch_steps must be >= 1, got -5``) when the config is
+value and what is allowed (``finetune.steps must be >= 1, got -5``) when the config is
 built, before any stage starts. Checks that need more than one section or the file system
 (methods against the data, weights, storage) live in :mod:`ktray.pipeline.validate`.
 
@@ -67,10 +67,16 @@ class Config:
         ],
         nonempty=True,
     )
-    """Methods to compare: ``teacher``, ``scratch``, ``OBJECTIVE@TRANSFER`` with OBJECTIVE in
-    {task, features} and TRANSFER in {in_domain, generic, curated} or an image-table URI."""
+    """Methods to compare: ``teacher``, ``scratch`` (random init), ``init@imagenet`` /
+    ``init@PATH`` (the student from its pretrained weights / a checkpoint), and
+    ``OBJECTIVE@TRANSFER[+init@WEIGHTS]`` with OBJECTIVE in {task, features} and TRANSFER in
+    {in_domain, generic, curated} or an image-table URI; each is finetuned on the labels."""
     eval_batch_size: int = setting(256, ge=1)
     """Images per forward pass when evaluating."""
+    estimate: bool = True
+    """``ktray run`` / ``demo``: print an estimate of the run's time before it starts (the work
+    of each stage priced with per-image times measured on random-weight copies of the models,
+    a few seconds)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The task's labeled, test and unlabeled images."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

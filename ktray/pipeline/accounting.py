@@ -8,7 +8,9 @@ FLOPs over the transfer set (the logits pass), as in the paper's accuracy-agains
 under ``out/report/``.
 
 A stage output a sweep trial shares (a symlink to ``sweep/shared``) appears in each trial's rows,
-so every trial's pretraining compute is complete, but counts once in the totals.
+so every trial's pretraining compute is complete, but counts once in the totals. A trial ASHA
+stopped mid-stage leaves a ``stopped`` manifest (the steps, images, seconds and estimated FLOPs
+it spent in that stage): the totals include it, so they add up to what the sweep spent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from ktray.pipeline.manifest import MANIFEST, path_name
 
 SKIP_DIRS = {"ray", "report", "model", "mlruns"}
 AGGREGATES = ("pipeline", "sweep")
+"""Summary manifests (a run's, a sweep's totals): listed, never added to the totals."""
+STOPPED = "stopped"
+"""The stage name of a sweep trial's partial stage (see the module docstring)."""
 COLUMNS = [
     "run",
     "stage",
@@ -122,13 +127,15 @@ def gather(out: str) -> list[dict]:
         row["params"] = params[row["run"]]
         if row["stage"] != "finetune":
             continue
-        if row["name"] == "scratch":
-            row["pretrain_flops"] = 0.0
-        elif "@" in row["name"]:
-            transfer = row["name"].split("@", 1)[1]
-            pre = manifests.get((row["run"], "distill", row["name"]), {})
+        method = _method(row["name"])
+        if method is None:
+            continue
+        # scratch and init@WEIGHTS: no pretraining here (ImageNet's is not counted)
+        row["pretrain_flops"] = 0.0
+        if method.distills:
+            pre = manifests.get((row["run"], "distill", method.distill_name), {})
             logits = (
-                manifests.get((row["run"], "logits", transfer), {})
+                manifests.get((row["run"], "logits", method.transfer), {})
                 if pre.get("uses_logits", True)
                 else {}
             )  # online: no logits pass
@@ -139,14 +146,44 @@ def gather(out: str) -> list[dict]:
     return rows
 
 
+def _method(name: str):
+    """The parsed method of a finetune output's name; None for a name ktray cannot parse."""
+    from ktray.config import methods
+    from ktray.errors import KtrayError
+
+    try:
+        return methods.parse(name or "scratch")
+    except KtrayError:
+        return None
+
+
 def totals(rows: list[dict]) -> dict:
-    """FLOPs and device-seconds actually spent (shared outputs and aggregates counted once)."""
+    """FLOPs and device-seconds actually spent: every stage manifest once (a trial's view of a
+    shared output and the summary manifests are not added again). ``manifests`` counts every
+    row, ``stages`` the stage runs added up, ``shared_views`` and ``summaries`` the others."""
     own = [r for r in rows if not r["shared"] and r["stage"] not in AGGREGATES]
     return {
         "flops": sum(r["flops"] or 0.0 for r in own),
         "device_seconds": sum(r["device_seconds"] or 0.0 for r in own),
         "stages": len(own),
+        "manifests": len(rows),
+        "shared_views": sum(1 for r in rows if r["shared"] and r["stage"] not in AGGREGATES),
+        "summaries": sum(1 for r in rows if r["stage"] in AGGREGATES),
+        "stopped": sum(1 for r in own if r["stage"] == STOPPED),
     }
+
+
+def describe_totals(t: dict) -> str:
+    """``7 manifests: 6 stage runs added up (...) + 1 summary`` — what each count counts."""
+    parts = [f"{t['stages']} stage runs added up"]
+    if t.get("stopped"):
+        parts[0] += f" ({t['stopped']} of them stopped early by the scheduler)"
+    if t.get("shared_views"):
+        parts.append(f"{t['shared_views']} trial views of shared outputs (counted once)")
+    if t.get("summaries"):
+        n = t["summaries"]
+        parts.append(f"{n} run/sweep summar{'y' if n == 1 else 'ies'} (not added)")
+    return f"{t['manifests']} manifests: " + " + ".join(parts)
 
 
 def fmt(value, column: str = "") -> str:
@@ -205,15 +242,15 @@ def plot_accuracy(
     for name, gp in groups.items():
         gp = sorted(gp, key=lambda p: p[x])
         ax.plot([p[x] for p in gp], [p["test_accuracy"] for p in gp], "o-", label=name or None)
-        for p in gp:
-            if label and p.get(label):
-                ax.annotate(
-                    str(p[label]),
-                    (p[x], p["test_accuracy"]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                )
+    if label:
+        for p, dy in zip(*_label_offsets([p for p in pts if p.get(label)], x)):
+            ax.annotate(
+                str(p[label]),
+                (p[x], p["test_accuracy"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, 4 + dy),
+            )
     xs = [p[x] for p in pts]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
@@ -234,6 +271,29 @@ def plot_accuracy(
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _label_offsets(points: list[dict], x: str) -> tuple[list[dict], list[int]]:
+    """Vertical label offsets (points) so labels of points at (nearly) the same place do not
+    overprint: points at one x are stacked in accuracy order, each label 9 points above the
+    previous one when their accuracies are within 2% of the plot's accuracy range."""
+    if not points:
+        return [], []
+    ys = [p["test_accuracy"] for p in points]
+    close = 0.02 * max(max(ys) - min(ys), 0.05)
+    xs = [p[x] for p in points]
+    xspan = (max(xs) - min(xs)) or 1.0
+    order = sorted(points, key=lambda p: (p[x], p["test_accuracy"]))
+    offsets, prev = [], None
+    for p in order:
+        same = (
+            prev is not None
+            and abs(p[x] - prev[0][x]) <= 0.01 * xspan
+            and abs(p["test_accuracy"] - prev[0]["test_accuracy"]) <= close
+        )
+        offsets.append(prev[1] + 9 if same else 0)
+        prev = (p, offsets[-1])
+    return order, offsets
 
 
 def _mean(values: list) -> float | None:
@@ -258,7 +318,11 @@ def write_report(out: str) -> dict:
         if r["stage"] == "finetune" and (r["pretrain_flops"] or 0) > 0
     ]
     hlines = {}
-    for name, stage, method in (("scratch", "finetune", "scratch"), ("teacher", "teacher", "")):
+    inits = sorted(
+        {r["name"] for r in rows if r["stage"] == "finetune" and r["name"].startswith("init@")}
+    )
+    references = [("scratch", "finetune", "scratch"), ("teacher", "teacher", "")]
+    for name, stage, method in references + [(n, "finetune", n) for n in inits]:
         acc = _mean(
             [r["test_accuracy"] for r in rows if r["stage"] == stage and r["name"] == method]
         )
@@ -284,8 +348,10 @@ def write_report(out: str) -> dict:
     md = [
         f"# Compute report: {out}",
         "",
-        f"{t['stages']} stage runs; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
-        "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0).",
+        f"{describe_totals(t)}; {t['flops']:.3g} FLOPs and {t['device_seconds']:.1f} "
+        "device-seconds spent (shared outputs counted once; adopted checkpoints cost 0; "
+        "`stopped`: the part of a stage a trial ran before the scheduler stopped it, FLOPs "
+        "estimated from its images).",
         "",
         "pretrain_flops (finetuned students): distillation + the teacher's pass over the "
         "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.",

@@ -15,6 +15,7 @@ from ktray.data import columns as C
 from ktray.data.sources import load_images
 
 THUMB = 64
+LEAK_ROWS = 8
 
 
 def _pyplot():
@@ -103,7 +104,7 @@ def scores_png(scores: np.ndarray, origins: Sequence[str] | None = None) -> byte
     return _png(fig)
 
 
-def markdown(summary: dict, extra: dict | None = None) -> str:
+def markdown(summary: dict, extra: dict | None = None, leaks: list | None = None) -> str:
     """The summary of a curation run (as ``ktray.pipeline.curation.summary`` makes it)."""
     s = summary
     lines = [
@@ -139,6 +140,19 @@ def markdown(summary: dict, extra: dict | None = None) -> str:
     for k, v in (extra or {}).items():
         rows.append((k, v))
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if leaks:
+        lines += [
+            "",
+            "Removed from the gallery as near copies of labeled / validation / test images "
+            "(exact cosine of the stored embeddings, every gallery crop compared):",
+            "",
+            "| gallery image | near copy of | exact cosine |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {x['gallery_image']} | {x['protected_image']} | {x['cosine']:.4f} |"
+            for x in leaks[:LEAK_ROWS]
+        ]
     lines += ["", "![retrieved images](report.png)", "", "![scores](scores.png)", ""]
     return "\n".join(lines)
 
@@ -151,6 +165,7 @@ def write_report(
     n_queries: int = 6,
     origins: Sequence[str] | None = None,
     extra: dict | None = None,
+    leaks: list | None = None,
 ) -> dict:
     """Write ``report.png``, ``scores.png`` and ``report.md`` under ``out``; return their URIs."""
     paths = {
@@ -160,5 +175,5 @@ def write_report(
     }
     storage.write_bytes(paths["report_png"], grid_png(queries, transfer, n_queries))
     storage.write_bytes(paths["scores_png"], scores_png(transfer[C.SCORE].to_numpy(), origins))
-    storage.write_text(paths["report_md"], markdown(summary, extra))
+    storage.write_text(paths["report_md"], markdown(summary, extra, leaks))
     return paths

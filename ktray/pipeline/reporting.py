@@ -5,20 +5,51 @@ from __future__ import annotations
 import io as _io
 
 from ktray import storage
-
-DESCRIPTIONS = {
-    "teacher": "adapted VFM (backbone + task head)",
-    "scratch": "student trained from scratch on the labels",
-    "task": "task-oriented distillation on {t}, then finetuned",
-    "features": "task-agnostic feature distillation on {t}, then finetuned",
-}
+from ktray.config import methods as methods_mod
+from ktray.errors import KtrayError
 
 
 def describe(method: str) -> str:
-    if "@" in method:
-        objective, transfer = method.split("@", 1)
-        return DESCRIPTIONS.get(objective, method).format(t=transfer.replace("_", "-"))
-    return DESCRIPTIONS.get(method, method)
+    """What ``method`` is, in words (an unknown name, e.g. from an older run: itself)."""
+    try:
+        return methods_mod.describe(method)
+    except KtrayError:
+        return method
+
+
+def labeled_text(results: dict) -> str:
+    """How many labeled images the students saw, from the counts actually used."""
+    n, per = results.get("train_images"), results.get("labels_per_class")
+    classes = results.get("num_classes")
+    if per:
+        total = f" ({n} in all)" if n is not None else ""
+        return f"{per} labeled images per class{total}"
+    if n is None:
+        return "all labeled training images (data.labels_per_class=0)"
+    return f"all {n} labeled training images ({classes} classes; data.labels_per_class=0)"
+
+
+def short_labeled(results: dict) -> str:
+    n, per = results.get("train_images"), results.get("labels_per_class")
+    if per:
+        return f"{per} labels/class"
+    return f"{n} labeled images" if n is not None else "all labels"
+
+
+def policy_text(results: dict) -> str:
+    """The finetuning every student got, in one sentence (empty when not recorded)."""
+    p = results.get("finetune_policy")
+    if not p:
+        return ""
+    text = (
+        f"Finetuning, every student method: {p['steps']} steps, batch {p['batch_size']}, "
+        f"AdamW (weight decay {p['weight_decay']:g}), {p['warmup_steps']} warmup steps then "
+        f"cosine; lr {p['lr']:g} from pretrained weights (distilled, ImageNet, checkpoint), "
+        f"{p['scratch_lr']:g} from random init (`scratch`)"
+    )
+    if p["scratch_steps"] != p["steps"]:
+        text += f"; `scratch` trains {p['scratch_steps']} steps (finetune.scratch_steps)"
+    return text + "."
 
 
 def table_rows(results: dict) -> list[list[str]]:
@@ -93,6 +124,8 @@ def _text_table(rows: list[list[str]]) -> str:
 
 def format_table(results: dict) -> str:
     text = _text_table([HEADER] + table_rows(results))
+    if policy_text(results):
+        text += "\n" + policy_text(results).replace("`", "")
     speed = speed_rows(results)
     if speed:
         text += "\n\nCPU speed (batch 1 latency, batch 32 throughput; same process):\n"
@@ -105,10 +138,11 @@ def markdown(results: dict) -> str:
     md = [
         f"# ktray results: {results['task']}",
         "",
-        f"{results['labels_per_class']} labeled images per class; test set of "
-        f"{results.get('test_images', '?')} images.",
+        f"{labeled_text(results)}; test set of {results.get('test_images', '?')} images.",
         "",
     ]
+    if policy_text(results):
+        md += [policy_text(results), ""]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "![accuracy](results.png)", ""]
     speed = speed_rows(results)
@@ -139,12 +173,15 @@ def plot(results: dict) -> bytes:
     names = list(results["methods"])
     acc = [results["methods"][n]["test_accuracy"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
-    colors = [
-        "#888"
-        if n in ("teacher", "scratch")
-        else ("#1f77b4" if n.startswith("task") else "#ff7f0e")
-        for n in names
-    ]
+
+    def color(n: str) -> str:
+        if n in ("teacher", "scratch"):
+            return "#888"
+        if n.startswith("init@"):
+            return "#2ca02c"
+        return "#1f77b4" if n.startswith("task") else "#ff7f0e"
+
+    colors = [color(n) for n in names]
     ax.barh(names, acc, color=colors)
     for i, a in enumerate(acc):
         ax.text(a + 0.005, i, f"{a:.3f}", va="center")
@@ -152,7 +189,9 @@ def plot(results: dict) -> bytes:
     ax.set_xlim(lo, min(1.0, max(acc) + 0.08))
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy")
-    ax.set_title(f"{results['task']}: {results['labels_per_class']} labels/class")
+    kind = results.get("data_kind")
+    task = results["task"] + (f" ({kind} data)" if kind and kind != results["task"] else "")
+    ax.set_title(f"{task}: {short_labeled(results)}")
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

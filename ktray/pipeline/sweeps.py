@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ktray.config import Config, apply_overrides, config_hash
+from ktray.config import Config, apply_overrides, config_hash, methods
 from ktray.errors import KtrayError
-from ktray.pipeline.validate import check_config, parse_method
+from ktray.pipeline.validate import check_config
 from ktray.train.specs import TeacherSpec, config_keys
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -144,6 +144,13 @@ def parse(cfg: Config) -> list[Param]:
             "sweep.params.distill.temperature=[1,2,4]"
         )
     params = [_param(cfg, key, spec) for key, spec in flat.items()]
+    for p in params:
+        if p.key in ("student.pretrained", "student.checkpoint"):
+            raise KtrayError(
+                f"sweep.params: '{p.key}' is set by the method: sweep one starting point per "
+                "sweep with sweep.method=init@imagenet, init@PATH or task@in_domain+init@..."
+            )
+    methods.check_student_init(cfg)
     # sweep.method / metric / mode / scheduler / counts: checked by SweepConfig itself
     check_config(cfg)
     for p in params:  # e.g. a student arch that does not exist: fail before Ray starts
@@ -169,15 +176,16 @@ def shared_stages(cfg: Config, params: list[Param]) -> dict:
     """What every trial shares: ``{"teacher": bool, "data": bool, "curate": bool,
     "logits": transfer name or ""}``."""
     keys = [p.key for p in params]
-    objective, transfer = parse_method(cfg.sweep.method)
-    student = objective not in ("scratch", "teacher")
-    curated = transfer == "curated"
+    m = methods.parse(cfg.sweep.method)
+    curated = m.transfer == "curated"
     logits_keys = LOGITS_KEYS + (("curate.",) if curated else ())
+    # scratch / init@WEIGHTS train no teacher; a method distilling on a set needs its logits
+    needs_teacher = m.objective == "teacher" or m.distills
     return {
         "data": not touches(keys, DATA_KEYS),
-        "teacher": objective != "scratch" and not touches(keys, TEACHER_KEYS),
+        "teacher": needs_teacher and not touches(keys, TEACHER_KEYS),
         "curate": curated and not touches(keys, CURATE_KEYS),
-        "logits": transfer if student and not touches(keys, logits_keys) else "",
+        "logits": m.transfer if m.distills and not touches(keys, logits_keys) else "",
     }
 
 

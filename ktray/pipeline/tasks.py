@@ -23,10 +23,11 @@ from ktray.config import Config, config_hash
 from ktray.data import columns as C
 from ktray.data import readers
 from ktray.data.generic import build_generic_pool
+from ktray.data.segmentation import is_segmentation
 from ktray.data.sources import load_images
 from ktray.data.task import subsample_per_class
 from ktray.errors import KtrayError
-from ktray.pipeline import manifest
+from ktray.pipeline import manifest, segtask
 
 TRANSFER_NAMES = ("in_domain", "generic", "curated")
 TRANSFER_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz") + readers.IMAGE_EXTENSIONS
@@ -45,7 +46,9 @@ def curated_uri(cfg: Config) -> str:
 def check_layout(cfg: Config) -> None:
     """Cheap checks that ``data.root`` has the layout ``data.kind`` reads (no image read)."""
     d = cfg.data
-    if d.kind == "imagefolder":
+    if is_segmentation(d.kind):
+        segtask.check_layout(cfg)
+    elif d.kind == "imagefolder":
         for split in ("train", "test"):
             if not storage.exists(storage.join(d.root, split)):
                 raise KtrayError(
@@ -61,6 +64,8 @@ def check_layout(cfg: Config) -> None:
 def has_unlabeled(cfg: Config) -> bool:
     """Whether the task has in-domain unlabeled images (the ``in_domain`` transfer set)."""
     d = cfg.data
+    if is_segmentation(d.kind):
+        return segtask.has_unlabeled(cfg)
     if d.labels_per_class > 0:
         return True  # the train images not drawn as labels
     if d.kind == "imagefolder":
@@ -173,9 +178,13 @@ def prepare_task(cfg: Config) -> dict:
     if done is not None:
         return done
     d = cfg.data
-    train_all, test, unlabeled, names = _read_splits(cfg)
-    _check_labels(train_all, names, d.root)
-    if d.labels_per_class > 0:
+    seg = is_segmentation(d.kind)
+    if seg:  # every image of the train split is labeled (a mask); masks checked there
+        train_all, test, unlabeled, names = segtask.read_splits(cfg)
+    else:
+        train_all, test, unlabeled, names = _read_splits(cfg)
+        _check_labels(train_all, names, d.root)
+    if d.labels_per_class > 0 and not seg:
         train, rest = subsample_per_class(train_all, d.labels_per_class, d.seed)
         # The train images left unlabeled are the in-domain transfer set (labels dropped).
         extra = _unlabeled(rest)
@@ -183,7 +192,7 @@ def prepare_task(cfg: Config) -> dict:
     else:
         train = train_all
     val = None
-    if d.val_per_class > 0:
+    if d.val_per_class > 0 and not seg:
         val, train = subsample_per_class(train, d.val_per_class, d.seed + 1)
     if d.test_limit > 0:
         test = test.slice(0, d.test_limit)
@@ -214,6 +223,7 @@ def prepare_task(cfg: Config) -> dict:
             "stage": "data",
             "config_hash": h,
             "task": cfg.task,
+            "task_type": "segmentation" if seg else "classification",
             "class_names": names,
             "num_classes": len(names),
             "outputs": outputs,

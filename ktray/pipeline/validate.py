@@ -97,6 +97,7 @@ def _check_transfer(cfg: Config, name: str, will_curate: bool) -> None:
             where = {
                 "imagefolder": f"{d.root} has no unlabeled/ folder",
                 "parquet": f"{d.root} has no unlabeled*.parquet files",
+                "segfolder": f"{d.root} has no unlabeled/ folder",
             }.get(d.kind, f"data.kind={d.kind} has no unlabeled split")
             raise KtrayError(
                 f"transfer set 'in_domain' needs unlabeled images: {where} and "

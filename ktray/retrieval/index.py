@@ -36,6 +36,7 @@ def choose_index(
     dim: int,
     memory_budget_bytes: int,
     flat_max_vectors: int = FLAT_MAX_VECTORS,
+    reserve_bytes: int = 0,
 ) -> str:
     """Pick a faiss factory string for ``n_vectors`` embeddings of size ``dim``.
 
@@ -44,6 +45,8 @@ def choose_index(
         dim: embedding size.
         memory_budget_bytes: what the filled index may occupy.
         flat_max_vectors: below this size an exact index is used when it fits the budget.
+        reserve_bytes: memory the build needs beside the index (its training sample, a part
+            being added), taken off the budget for the codes.
 
     Returns:
         ``"Flat"``, ``"IVF{nlist},PQ{m}"`` or ``"IVF{nlist}_HNSW32,PQ{m}"``.
@@ -54,16 +57,14 @@ def choose_index(
     if n_vectors <= 0 or dim <= 0:
         raise KtrayError(f"cannot index {n_vectors} vectors of dimension {dim}")
     flat_bytes = n_vectors * dim * 4
-    if n_vectors < flat_max_vectors and flat_bytes <= memory_budget_bytes:
+    if n_vectors < flat_max_vectors and flat_bytes + reserve_bytes <= memory_budget_bytes:
         return "Flat"
     if n_vectors < PQ_MIN_TRAIN:
         return "Flat"  # too few vectors to train a product quantizer; small anyway
 
-    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors))))
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n_vectors:
-        nlist //= 2
+    nlist = nlist_for(n_vectors)
     centroid_bytes = nlist * dim * 4
-    per_vector = (memory_budget_bytes - centroid_bytes) / n_vectors - ID_BYTES
+    per_vector = (memory_budget_bytes - reserve_bytes - centroid_bytes) / n_vectors - ID_BYTES
     target = max(1, dim // 4)
     # Exact-ish re-ranking: an 8-bit scalar-quantised copy (dim bytes per vector) re-scores
     # REFINE_K_FACTOR x k PQ candidates. Without it, PQ's quantised scores lose near-ties
@@ -73,7 +74,7 @@ def choose_index(
         per_vector -= dim
     m = next((m for m in range(min(target, int(per_vector)), 0, -1) if dim % m == 0), 0)
     if m == 0:
-        need = n_vectors * (1 + ID_BYTES) + centroid_bytes
+        need = n_vectors * (1 + ID_BYTES) + centroid_bytes + reserve_bytes
         raise KtrayError(
             f"memory budget {memory_budget_bytes} bytes is too small for {n_vectors} vectors "
             f"of dimension {dim} (needs at least {need})"
@@ -82,7 +83,72 @@ def choose_index(
     return f"{coarse},PQ{m}" + (",Refine(SQ8)" if refine else "")
 
 
+def nlist_for(n_vectors: int) -> int:
+    """Inverted lists for ``n_vectors``: ~4*sqrt(n) as a power of two, at most n/39."""
+    nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_vectors))))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n_vectors:
+        nlist //= 2
+    return nlist
+
+
+def build_reserve_bytes(n_vectors: int, dim: int, part_rows: int) -> int:
+    """What building an IVF-PQ index over ``n_vectors`` needs beside the index itself: its
+    float32 training sample and ~3 float32 copies of the largest part being added."""
+    sample = training_size(f"IVF{nlist_for(n_vectors)},PQ", n_vectors)
+    return int((sample + 3 * part_rows) * dim * 4)
+
+
 REFINE_K_FACTOR = 8
+TWO_LEVEL_MIN_NLIST = 8192
+
+
+def pq_bits(factory: str) -> int:
+    """Bits per PQ sub-code of a factory string (``PQ16x4`` -> 4; 8 by default)."""
+    match = re.search(r"PQ\d+x(\d+)", factory)
+    return int(match.group(1)) if match else 8
+
+
+def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 1234) -> np.ndarray:
+    """``[nlist, D]`` unit centroids by two-level spherical k-means.
+
+    ``sqrt(nlist)`` coarse clusters first, then each coarse cluster split into a share of the
+    ``nlist`` centroids proportional to its size (never more than its points), so each
+    vector is compared with ``~2*sqrt(nlist)`` centroids per iteration instead of ``nlist``.
+    """
+    sample = np.ascontiguousarray(sample, np.float32)
+    dim = sample.shape[1]
+    nc1 = max(1, int(round(math.sqrt(nlist))))
+    km = faiss.Kmeans(dim, nc1, niter=20, spherical=True, seed=seed, max_points_per_centroid=2000)
+    km.train(sample)
+    _, assign = km.index.search(sample, 1)
+    assign = assign[:, 0]
+    sizes = np.bincount(assign, minlength=nc1)
+    # centroids per coarse cluster: proportional to its size, at least 1 where it has points,
+    # at most its points, summing to nlist
+    share = np.minimum(sizes, np.maximum(sizes > 0, np.floor(sizes * nlist / len(sample))))
+    share = share.astype(np.int64)
+    order = np.argsort(-(sizes - share))
+    i = 0
+    while share.sum() < nlist:  # hand out the rounding remainder to clusters with room
+        c = order[i % nc1]
+        if share[c] < sizes[c]:
+            share[c] += 1
+        i += 1
+    out = []
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # many small k-means: OpenMP start-up and spinning dominate
+    try:
+        for c in np.flatnonzero(share):
+            pts = sample[assign == c]
+            if share[c] == len(pts):
+                out.append(pts)
+                continue
+            sub = faiss.Kmeans(dim, int(share[c]), niter=20, spherical=True, seed=seed + int(c))
+            sub.train(pts)
+            out.append(sub.centroids)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return l2_normalize(np.concatenate(out))
 
 
 def parse_nlist(factory: str) -> int:
@@ -172,7 +238,7 @@ def build_index(
         if train_sample is None:
             raise KtrayError(f"index {factory!r} needs a training sample")
         sample = as_embeddings(train_sample, dim, "training sample")
-        need = max(parse_nlist(factory), 256 if "PQ" in factory else 1)
+        need = max(parse_nlist(factory), 2 ** pq_bits(factory) if "PQ" in factory else 1)
         if len(sample) < need:
             raise KtrayError(
                 f"index {factory!r} needs at least {need} training vectors, got {len(sample)}"
@@ -183,6 +249,11 @@ def build_index(
             # index_factory turns on polysemous training (a Hamming-distance permutation of
             # the PQ codes); it is costly and only serves polysemous filtering, unused here.
             ivf.do_polysemous_training = False
+        if ivf is not None and ivf.nlist >= TWO_LEVEL_MIN_NLIST and not ivf.quantizer.ntotal:
+            # Flat k-means costs sample x nlist x dim per iteration (16k lists on 1M vectors:
+            # ~15 min on 2 cores); two levels cost sample x 2*sqrt(nlist) x dim. faiss then
+            # skips the coarse training of a quantizer that already holds nlist centroids.
+            ivf.quantizer.add(two_level_centroids(sample, ivf.nlist))
         index.train(sample)
         del sample
     for i, shard in enumerate(shards):

@@ -9,10 +9,13 @@ shards of ``curate.shard_rows`` images; every shard is one Ray Data block: a CPU
 it and cuts its crops to ``uint8`` arrays, and an actor pool of :class:`EmbedWriter`
 (``infer.*``) embeds them and writes ``OUT/curate/embeddings/<set>/part-NNNNN.parquet``
 atomically (:mod:`ktray.stages.shards`). A rerun (or a resumed killed job) computes only the
-missing shards; a ``spec.json`` per set drops part files made under other settings. Then a
-FAISS index over the gallery crops (trained on a sample, filled part by part), near-duplicate
-removal, balanced selection, and
-``OUT/curate/transfer_set.parquet`` + report files + ``manifest.json`` (last).
+missing shards; a ``spec.json`` per set drops part files made under other settings. Then the
+FAISS index over the gallery crops is built in one Ray task (trained on a sample, filled part
+by part, recall measured; ``curate.index_cpus`` / ``index_memory_gb``) while Ray tasks over
+groups of parts compare every gallery crop exactly with the protected embeddings (the leak
+check); balanced selection searches query batches in :class:`SearchActor` s that load the
+index once per node; then ``OUT/curate/transfer_set.parquet`` + report files +
+``manifest.json`` (last).
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ from ktray.pipeline.curation_report import write_report
 from ktray.pipeline.tasks import prepare_task
 from ktray.predict import order_for_reading
 from ktray.retrieval.embed import (
+    EMBEDDING_DTYPE,
     GALLERY_INDEX,
     CropScheme,
     Embedder,
     EncoderSpec,
     decode_crops,
+    encoder_facts,
     encoder_from_config,
-    flops_per_crop,
     vectors,
 )
+from ktray.retrieval.index import load_index, search, set_nprobe
+from ktray.retrieval.select import scan_near_duplicates
+from ktray.retrieval.store import PartStore
 from ktray.stages import shards
 
 log = logging.getLogger("ktray")
@@ -105,7 +112,8 @@ def run(cfg: Config) -> dict:
     }
     if not len(sets["queries"][0]):
         raise KtrayError("curate needs labeled train images as queries; there are none")
-    fpc = flops_per_crop(encoder)  # also builds the encoder once: a bad name fails here
+    fpc, enc_dim = encoder_facts(encoder)  # also builds the encoder once: a bad name fails here
+    curation.check_index(cur.index, enc_dim)
     timings["prepare"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
@@ -116,6 +124,7 @@ def run(cfg: Config) -> dict:
             "encoder": encoder.as_dict(),
             "scheme": scheme.as_dict(),
             "shard_rows": cur.shard_rows,
+            "dtype": EMBEDDING_DTYPE,
             "images": shards.fingerprint(table, (C.IMAGE_ID, C.SOURCE)),
         }
         n_shards[name] = math.ceil(len(table) / cur.shard_rows)
@@ -145,12 +154,29 @@ def run(cfg: Config) -> dict:
     dim = query_vecs.shape[1]
     full = np.array([b == (0.0, 0.0, 1.0, 1.0) for b in zip(*(q[k].to_pylist() for k in C.BOX))])
     protected_vecs = query_vecs if cur.protect_crops else query_vecs[full]
+    qids = np.asarray(q[C.IMAGE_ID].to_pylist(), dtype=object)
+    protected_ids = list(qids if cur.protect_crops else qids[full])
     if p is not None:
         protected_vecs = np.concatenate([protected_vecs, vectors(p)])
-    # Index (recall measured), exact leak protection, gallery self-dedup, balanced selection.
-    res = curation.index_and_select(
-        cfg, out, query_vecs, q[C.IMAGE_ID].to_pylist(), protected_vecs, parts, image_of_vector
-    )
+        pid = sets["protected"][0][C.IMAGE_ID].take(p[GALLERY_INDEX].combine_chunks())
+        protected_ids += pid.to_pylist()
+    # Index (recall measured), exact leak protection and gallery self-dedup in one Ray task
+    # placed by its resources; then balanced selection searching in per-node actors.
+    res = _build_and_scan(cfg, out, query_vecs, protected_vecs, parts, image_of_vector)
+    t0 = time.perf_counter()
+    with SearchPool(cfg, res["index_uri"], res["index"].get("nprobe")) as pool:
+        res.update(
+            curation.select(
+                cfg,
+                pool.search,
+                query_vecs,
+                q[C.IMAGE_ID].to_pylist(),
+                image_of_vector,
+                res["excluded"] | res["duplicates"],
+            )
+        )
+        res["select"]["search_actors"] = len(pool.actors)
+    res["timings"]["select"] = time.perf_counter() - t0
     selected, shortfall, excluded = res["selected"], res["shortfall"], res["excluded"]
     factory = res["index"]["factory"]
     timings.update(res["timings"])
@@ -160,6 +186,8 @@ def run(cfg: Config) -> dict:
     timings["select"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    mem, leak = res["index"]["memory"], res["leak_check"]
+    leak = dict(leak, pairs=curation.leak_examples(gallery, protected_ids, leak["pairs"]))
     summary = curation.summary(
         gallery,
         sets["queries"][0],
@@ -184,8 +212,15 @@ def run(cfg: Config) -> dict:
             "index": f"{factory}, {crops['gallery']} gallery crops, "
             f"nprobe {res['index']['nprobe']}, recall@10 "
             f"{res['index']['recall']} (target {cur.target_recall})",
+            "index build memory": f"peak RSS {mem['peak_rss_gib']} GiB, index "
+            f"{mem['index_gib']} GiB (curate.memory_budget_gb {mem['budget_gb']})",
+            "leak check": f"exact scan of {leak['gallery_vectors']} gallery crops against "
+            f"{len(protected_ids)} labeled/val/test embeddings: "
+            f"{leak['pairs_above_threshold']} pairs above {leak['threshold']}, "
+            f"{leak['images']} gallery images removed",
             "unreadable images skipped": ", ".join(f"{k}: {v}" for k, v in skipped.items()),
         },
+        leaks=leak["pairs"],
     )
     timings["report"] = time.perf_counter() - t0
 
@@ -212,6 +247,8 @@ def run(cfg: Config) -> dict:
         "index_type": factory,
         "vectors": crops["gallery"],
         "index": res["index"],
+        "leak_check": leak,
+        "search_actors": res["select"].get("search_actors"),
         "dedup_margin": res["dedup_margin"],
         "duplicate_groups": res["duplicate_groups"],
         "shards": n_shards,
@@ -233,6 +270,134 @@ def run(cfg: Config) -> dict:
         elapsed,
     )
     return manifest.write(out, m, cfg)
+
+
+def _build_and_scan(cfg: Config, out: str, query_vecs, protected_vecs, parts, image_of_vector):
+    """The index build (:func:`curation.build_and_protect`) as one Ray task, and beside it
+    the exact leak check (:func:`scan_near_duplicates`) as Ray tasks over groups of parts.
+
+    The build task asks for ``curate.index_cpus`` CPUs and ``curate.index_memory_gb``
+    (default ``memory_budget_gb``) of Ray ``memory``, so it lands on a node with that much
+    free; it runs in a fresh worker process (``max_calls=1``), so the peak RSS it reports is
+    the build's own. Gallery self-duplicates that are also leaks are counted as leaks."""
+    import ray
+
+    cur = cfg.curate
+    t0 = time.perf_counter()
+    task = ray.remote(max_calls=1)(_build_in_worker).options(
+        num_cpus=cur.index_cpus,
+        memory=int((cur.index_memory_gb or cur.memory_budget_gb) * 2**30),
+        max_retries=0,
+    )
+    threads = max(1, int(cur.index_cpus))
+    build = task.remote(cfg, out, query_vecs, None, parts, image_of_vector, threads)
+    offsets = PartStore(parts).offsets
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    groups = np.array_split(np.arange(len(parts)), min(len(parts), 2 * cpus))
+    protected_ref = ray.put(np.ascontiguousarray(protected_vecs, np.float32))
+    scan = ray.remote(num_cpus=1)(_scan_parts)
+    scans = [
+        scan.remote(
+            [parts[i] for i in g], [int(offsets[i]) for i in g], protected_ref, cur.dedup_threshold
+        )
+        for g in groups
+        if len(g)
+    ]
+    found = ray.get(scans)
+    pairs = np.concatenate([f[0] for f in found]) if found else np.zeros((0, 2), np.int64)
+    cos = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.float32)
+    excluded, leak = curation.leak_summary(cfg, pairs, cos, image_of_vector, len(image_of_vector))
+    leak["scan_tasks"] = len(scans)
+    leak_seconds = time.perf_counter() - t0
+    res = ray.get(build)
+    res["excluded"], res["leak_check"] = excluded, leak
+    res["duplicates"] = res["duplicates"] - excluded
+    res["timings"]["leak_scan"] = leak_seconds
+    return res
+
+
+def _scan_parts(parts: list[str], offsets: list[int], protected: np.ndarray, threshold: float):
+    """A leak-scan task: its parts read one at a time, each compared exactly."""
+    store = PartStore(parts)
+    return scan_near_duplicates(
+        ((off, store.read(i)) for i, off in enumerate(offsets)), protected, threshold
+    )
+
+
+def _build_in_worker(cfg, out, query_vecs, protected_vecs, parts, image_of_vector, threads):
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    return curation.build_and_protect(cfg, out, query_vecs, protected_vecs, parts, image_of_vector)
+
+
+class SearchActor:
+    """Holds the gallery index once and answers top-k searches of query crop batches."""
+
+    def __init__(self, index_uri: str, nprobe: int | None, threads: int):
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.index = load_index(index_uri)
+        if nprobe:
+            set_nprobe(self.index, nprobe)
+
+    def search(self, vectors: np.ndarray, k: int):
+        return search(self.index, vectors, k)
+
+
+class SearchPool:
+    """``curate.search_actors`` :class:`SearchActor` (default: one per alive node, pinned
+    to it, with ``curate.search_cpus`` CPUs each, default all of that node's); a search call
+    splits its queries over them and concatenates the answers in order."""
+
+    MIN_CHUNK = 256
+
+    def __init__(self, cfg: Config, index_uri: str, nprobe: int | None):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        cur = cfg.curate
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        actor = ray.remote(SearchActor)
+        self.actors = []
+        if cur.search_actors:
+            cpus = cur.search_cpus or 1.0
+            for _ in range(cur.search_actors):
+                opts = {"num_cpus": cpus, "scheduling_strategy": "SPREAD"}
+                self.actors.append(
+                    actor.options(**opts).remote(index_uri, nprobe, max(1, int(cpus)))
+                )
+        else:
+            for n in nodes:
+                cpus = cur.search_cpus or float(n["Resources"]["CPU"])
+                strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                self.actors.append(
+                    actor.options(num_cpus=cpus, scheduling_strategy=strategy).remote(
+                        index_uri, nprobe, max(1, int(cpus))
+                    )
+                )
+        self._ray = ray
+
+    def search(self, vectors: np.ndarray, k: int):
+        n = len(vectors)
+        chunk = max(self.MIN_CHUNK, -(-n // len(self.actors)))
+        refs = [
+            self.actors[i % len(self.actors)].search.remote(vectors[start : start + chunk], k)
+            for i, start in enumerate(range(0, n, chunk))
+        ]
+        parts = self._ray.get(refs)
+        if not parts:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for a in self.actors:
+            self._ray.kill(a)
+        self.actors = []
 
 
 def _read_embeddings(dirs: dict, sets: dict):

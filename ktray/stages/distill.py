@@ -22,8 +22,12 @@ from ktray.stages.train_stage import run_train_stage
 from ktray.train.specs import DistillSpec
 
 
-def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) -> dict:
-    """Distill into a fresh student; manifest outputs: ``model``."""
+def run(
+    cfg: Config, transfer: str = "in_domain", objective: str | None = None, name: str = ""
+) -> dict:
+    """Distill into a student (random init, or the ``student.*`` starting weights an
+    ``...+init@WEIGHTS`` method sets); manifest outputs: ``model``. ``name``: the output's
+    name (default ``OBJECTIVE@TRANSFER``)."""
     spec = DistillSpec.from_config(cfg, objective)
     teacher = teacher_stage.run(cfg) if spec.online or not cfg.distill.targets else None
     sizes = {"x": spec.student_img_size}
@@ -32,8 +36,10 @@ def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) 
         # the teacher runs on every view during training: no logits pass
         teacher_dir = teacher["outputs"]["model"]
         sizes["xt"] = int(read_spec(teacher_dir)["img_size"])
+        # fresh views (augment=consistent): one row per image, its view drawn at each step
+        views = 1 if spec.augment == "consistent" else cfg.logits.views
         rows = expand_views(
-            read_transfer(cfg, transfer), cfg.logits.views, cfg.data.seed, cfg.logits.scale_min
+            read_transfer(cfg, transfer), views, cfg.data.seed, cfg.logits.scale_min
         )
         columns = [C.SOURCE, *C.BOX, C.FLIP]
         source, n = rows, rows.num_rows
@@ -42,7 +48,7 @@ def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) 
             "teacher": teacher["config_hash"],
             "transfer": transfer,
             "views": config_hash(
-                cfg.logits.views,
+                views,
                 cfg.logits.scale_min,
                 cfg.data.seed,
                 rows.column(C.IMAGE_ID).to_pylist(),
@@ -67,13 +73,15 @@ def run(cfg: Config, transfer: str = "in_domain", objective: str | None = None) 
     target_dim = (
         0 if spec.online else (inputs.get("feature_dim") or prepare_task(cfg)["num_classes"])
     )
+    if spec.dense_size and not spec.online and not inputs.get("feature_dim"):
+        target_dim *= spec.dense_size**2  # segmentation: C x s x s per row
     # pretraining compute = this stage's FLOPs (+ the logits pass's only when it read one)
     extra = {
         "uses_logits": not spec.online and not cfg.distill.targets,
         "transfer_rows": n,
         "teacher_mode": spec.teacher_mode,
     }
-    name = f"{spec.objective}@{transfer}"
+    name = name or f"{spec.objective}@{transfer}"
     # A features-distilled student has an untrained head: its test accuracy means nothing.
     return run_train_stage(
         cfg,

@@ -16,6 +16,7 @@ import numpy as np
 from ktray import storage
 from ktray.config import Config
 from ktray.data import columns as C
+from ktray.data.segmentation import is_segmentation
 from ktray.errors import KtrayError
 from ktray.evaluation import (
     ConfusionCounter,
@@ -51,6 +52,12 @@ def evaluate(
         distributed: Ray Data batch inference (True) or this process (False); None = Ray Data
             when the table has more than ``infer.eval_rows`` rows.
     """
+    if is_segmentation(cfg.data.kind):  # segmentation: mIoU, in process
+        from ktray.seg_evaluation import evaluate_seg_model_dir
+
+        return evaluate_seg_model_dir(
+            model_dir, table_uri, cfg.eval_batch_size, num_classes, cfg.data.ignore_index
+        )
     if distributed is None:
         distributed = _rows(table_uri) > cfg.infer.eval_rows
     if not distributed:

@@ -21,6 +21,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from ktray import storage
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
+from ktray.data.segmentation import is_segmentation
+from ktray.dense_predict import make_predictor
 from ktray.pipeline import manifest
 from ktray.pipeline.tasks import read_transfer
 from ktray.predict import VIEW_COLUMNS, Predictor, decode_views, expand_views, order_for_reading
@@ -34,10 +36,21 @@ class LogitsWriter(shards.ShardWriter):
     """Ray Data actor: the teacher over one decoded shard -> its logits part file."""
 
     def __init__(
-        self, model_dir: str, out_dir: str, batch_size: int, features: bool, threads: int = 0
+        self,
+        model_dir: str,
+        out_dir: str,
+        batch_size: int,
+        features: bool,
+        threads: int = 0,
+        dense: dict | None = None,
     ):
         super().__init__({"": out_dir}, threads)
-        self.predictor = Predictor(model_dir, batch_size=batch_size, features=features)
+        if dense:  # segmentation: per-pixel logits at logits.dense_size
+            self.predictor = make_predictor(
+                model_dir, batch_size=batch_size, features=features, **dense
+            )
+        else:
+            self.predictor = Predictor(model_dir, batch_size=batch_size, features=features)
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         rows = pa.table({k: part[k] for k in VIEW_COLUMNS})
@@ -131,12 +144,14 @@ def run(
             "views": cfg.logits.views,
             "features": features,
             "rows": len(written),
-            "skipped": sum(s["skipped"] for s in stats),
+            # an unreadable image skips all its views: views and images counted apart
+            "skipped_views": sum(s["skipped"] for s in stats),
+            "skipped_images": sum(s["skipped"] for s in stats) // max(1, cfg.logits.views),
             "shards": n_shards,
             "computed_shards": len(pending),
             "seconds": elapsed,
             "rows_per_second": sum(s["rows"] for s in stats) / elapsed if stats else None,
-            "flops": teacher_flops * sum(s["rows"] + s["skipped"] for s in stats),
+            "flops": teacher_flops * sum(s["rows"] for s in stats),  # (skipped: not run)
             "device_seconds": sum(s["seconds"] for s in stats),
         },
         cfg,
@@ -148,6 +163,7 @@ def _hash(cfg: Config, transfer: str, teacher: dict, features: bool) -> str:
     extra = (_curated_hash(cfg),) if transfer == "curated" else ()
     # the actor pool (infer.*) and batch size change how, not what, is computed
     what = {"views": cfg.logits.views, "scale_min": cfg.logits.scale_min}
+    what.update(_dense(cfg) or {})
     return config_hash(
         config_hash(what, cfg.data, teacher["config_hash"], transfer, *extra), features
     )
@@ -191,21 +207,45 @@ def slice_from(
     started = time.perf_counter()
     table = order_for_reading(read_transfer(cfg, transfer))
     ids = pa.array(sorted(set(table[C.IMAGE_ID].to_pylist())), pa.string())
-    rows = storage.read_parquet(source)
-    rows = rows.filter(pa.compute.is_in(rows[C.IMAGE_ID], value_set=ids))
-    missing = len(ids) - len(set(rows[C.IMAGE_ID].to_pylist()))
-    if missing * cfg.logits.views > src.get("skipped", 0):  # not a subset of the source
+    # Streamed part by part (memory: one source part + one output shard, not the source):
+    # a first pass over the id column counts the rows, a second writes the shards.
+    files = storage.parquet_parts(source)
+    found, n_rows = set(), 0
+    for f in files:
+        col = storage.read_parquet(f, columns=[C.IMAGE_ID])[C.IMAGE_ID]
+        hit = col.filter(pa.compute.is_in(col, value_set=ids))
+        found.update(hit.to_pylist())
+        n_rows += len(hit)
+    missing = len(ids) - len(found)
+    if missing > src.get("skipped_images", 0):  # not a subset of the source
         return None
-    if not features and C.FEATURES in rows.column_names:
-        rows = rows.drop_columns([C.FEATURES])
     h = _hash(cfg, transfer, teacher, features)
-    n_shards = shards.n_shards(len(rows), shard_rows)
+    n_shards = shards.n_shards(n_rows, shard_rows)
     spec = {"config_hash": h, "shard_rows": shard_rows, "features": features, "sliced_from": source}
-    for s in shards.prepare(out, spec, n_shards):
-        storage.write_parquet(
-            storage.join(out, shards.part_name(s)), rows.slice(s * shard_rows, shard_rows)
-        )
-    log.info("logits[%s]: %d rows taken from %s", transfer, len(rows), source)
+    pending = set(shards.prepare(out, spec, n_shards))
+    buffer: list[pa.Table] = []
+    shard = 0
+
+    def flush(final: bool) -> None:
+        nonlocal buffer, shard
+        rows = pa.concat_tables(buffer) if buffer else None
+        while rows is not None and (len(rows) >= shard_rows or (final and len(rows))):
+            if shard in pending:
+                part = rows.slice(0, shard_rows)
+                storage.write_parquet(storage.join(out, shards.part_name(shard)), part)
+            rows, shard = rows.slice(shard_rows), shard + 1
+        buffer = [rows] if rows is not None and len(rows) else []
+
+    for f in files:
+        part = storage.read_parquet(f)
+        part = part.filter(pa.compute.is_in(part[C.IMAGE_ID], value_set=ids))
+        if not features and C.FEATURES in part.column_names:
+            part = part.drop_columns([C.FEATURES])
+        buffer.append(part)
+        flush(final=False)
+    flush(final=True)
+    rows = n_rows
+    log.info("logits[%s]: %d rows taken from %s", transfer, rows, source)
     return manifest.write(
         out,
         {
@@ -216,8 +256,9 @@ def slice_from(
             "images": len(table),
             "views": cfg.logits.views,
             "features": features,
-            "rows": len(rows),
-            "skipped": missing * cfg.logits.views,
+            "rows": rows,
+            "skipped_views": missing * cfg.logits.views,
+            "skipped_images": missing,
             "shards": n_shards,
             "computed_shards": 0,
             "sliced_from": source,
@@ -227,10 +268,17 @@ def slice_from(
             "device_seconds": 0.0,  # counted once, by the source's manifest
             # this set's share of the source pass: a trial's pretraining compute (the
             # accuracy-vs-compute plot) includes it; compute totals count the source once
-            "attributed_flops": (teacher.get("flops_per_image") or 0.0) * len(rows),
+            "attributed_flops": (teacher.get("flops_per_image") or 0.0) * rows,
         },
         cfg,
     )
+
+
+def _dense(cfg: Config) -> dict | None:
+    """Segmentation: the stored grids (``logits.dense_size`` / ``dense_feature_size``)."""
+    if not is_segmentation(cfg.data.kind):
+        return None
+    return {"dense_size": cfg.logits.dense_size, "feature_size": cfg.logits.dense_feature_size}
 
 
 def _curated_hash(cfg: Config) -> str:
@@ -260,6 +308,7 @@ def _compute(
             "out_dir": out,
             "batch_size": cfg.logits.batch_size,
             "features": features,
+            "dense": _dense(cfg),
         },
         block_bytes=shard_rows * size * size * 3,
         describe=lambda r: (

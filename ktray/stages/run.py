@@ -1,9 +1,11 @@
 """``ktray run`` / ``ktray demo``: the whole pipeline and the comparison of methods.
 
 For each method of ``cfg.methods``: ``teacher`` (the adapted VFM), ``scratch`` (student
-finetuned from random init) or ``OBJECTIVE@TRANSFER`` (distill on a transfer set, then
-finetune). Stages share their outputs (one teacher, one logits pass per transfer set), and a
-rerun reuses every finished stage.
+finetuned from random init), ``init@imagenet`` / ``init@PATH`` (finetuned from those weights)
+or ``OBJECTIVE@TRANSFER[+init@WEIGHTS]`` (distill on a transfer set, then finetune). Every
+student is finetuned under one policy (``finetune_policy``, stated in the results). Stages
+share their outputs (one teacher, one logits pass per transfer set), and a rerun reuses every
+finished stage.
 """
 
 from __future__ import annotations
@@ -25,19 +27,23 @@ log = logging.getLogger("ktray")
 
 
 def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
-    ft = finetune_stage.run(cfg, "" if method == "scratch" else method)
+    ft = finetune_stage.run(cfg, method)
+    m = finetune_stage.student_method(method)
     entry = {
-        "test_accuracy": ft["test_accuracy"],
+        "init": m.init or "random",
+        "finetune_steps": ft.get("steps"),
+        "finetune_lr": cfg.finetune.scratch_lr if m.objective == "scratch" else cfg.finetune.lr,
+        **_scores(ft),
         "finetune_seconds": ft["train_seconds"],
         "train_seconds": ft["train_seconds"],
         "finetune_flops": ft.get("flops") or 0.0,
         "pretrain_flops": 0.0,
         "student_flops_per_image": ft.get("flops_per_image"),
     }
-    if method != "scratch":
-        objective, transfer = parse_method(method)
+    if m.distills:
+        transfer = m.transfer
         pre = storage.read_json(
-            storage.join(manifest.stage_dir(cfg.out, "distill", method), manifest.MANIFEST)
+            storage.join(manifest.stage_dir(cfg.out, "distill", m.distill_name), manifest.MANIFEST)
         )
         # online / distill.targets runs read no logits pass (uses_logits false): none counted
         logits = (
@@ -50,7 +56,7 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
         entry.update(
             distill_seconds=pre["train_seconds"],
             train_seconds=pre["train_seconds"] + ft["train_seconds"],
-            distill_test_accuracy=pre.get("test_accuracy"),
+            **_scores(pre, "distill_"),
             # Pretraining compute: student distillation + the teacher's passes over the
             # transfer set (precomputed once and shared by the methods on that set).
             pretrain_flops=(pre.get("flops") or 0.0)
@@ -60,6 +66,31 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
             logits_seconds=logits.get("seconds", 0.0),
         )
     return entry, ft["outputs"]["model"]
+
+
+def finetune_policy(cfg: Config) -> dict:
+    """The finetuning every student method gets (stated in the results)."""
+    f = cfg.finetune
+    return {
+        "steps": f.steps,
+        "scratch_steps": f.scratch_steps or f.steps,
+        "lr": f.lr,
+        "scratch_lr": f.scratch_lr,
+        "batch_size": f.batch_size,
+        "warmup_steps": f.warmup_steps,
+        "weight_decay": f.weight_decay,
+    }
+
+
+def _scores(manifest_: dict, prefix: str = "") -> dict:
+    """A stage manifest's test metrics: ``test_accuracy`` (classification) or ``test_miou``,
+    ``test_pixel_accuracy``, ``per_class_iou`` (segmentation), keys prefixed by ``prefix``."""
+    if "test_miou" in manifest_:
+        keys = ("test_miou", "test_pixel_accuracy", "per_class_iou")
+        if prefix:
+            keys = ("test_miou",)
+        return {prefix + k: manifest_[k] for k in keys}
+    return {prefix + "test_accuracy": manifest_.get("test_accuracy")}
 
 
 def speed_table(cfg: Config, models: dict) -> dict:
@@ -124,19 +155,25 @@ def speed_table(cfg: Config, models: dict) -> dict:
 def run(cfg: Config) -> dict:
     """Run every method of ``cfg.methods``; write results.{json,md,png} under ``cfg.out``."""
     check_config(cfg, method_transfers(cfg), will_curate=True)
+    finetune_stage.check_inits(cfg, cfg.methods)  # every init@ weights file, before any work
     started = time.perf_counter()
     info = prepare_task(cfg)
+    if cfg.estimate and info.get("task_type") != "segmentation":
+        from ktray.pipeline.estimate import describe
+
+        log.info(describe(cfg, info["rows"], info["num_classes"]))
     if any(parse_method(m)[1] == "curated" for m in cfg.methods):
         from ktray.stages import curate as curate_stage
 
         curate_stage.run(cfg)
     methods, models = {}, {}
+    seg = info.get("task_type") == "segmentation"
     for method in cfg.methods:
         t0 = time.perf_counter()
         if method == "teacher":
             r = teacher_stage.run(cfg)
             methods[method] = {
-                "test_accuracy": r["test_accuracy"],
+                **_scores(r),
                 "train_seconds": r["train_seconds"],
                 "flops_per_image": r.get("flops_per_image"),
             }
@@ -144,21 +181,43 @@ def run(cfg: Config) -> dict:
         else:
             methods[method], models[method] = _student_entry(cfg, method)
         methods[method]["wall_seconds"] = time.perf_counter() - t0
-        log.info("%-22s test accuracy %.4f", method, methods[method]["test_accuracy"])
+        m = methods[method]
+        if seg:
+            log.info("%-22s test mIoU %.4f", method, m["test_miou"])
+        else:
+            log.info("%-22s test accuracy %.4f", method, m["test_accuracy"])
     results = {
         "task": cfg.task,
         "labels_per_class": cfg.data.labels_per_class,
+        "data_kind": cfg.data.kind,
         "num_classes": info["num_classes"],
+        "train_images": info["rows"]["train"],
+        "val_images": info["rows"].get("val", 0),
         "test_images": info["rows"]["test"],
         "teacher": cfg.teacher.backbone,
         "student": cfg.student.arch,
+        "student_img_size": cfg.student.img_size,
+        "finetune_policy": finetune_policy(cfg),
         "methods": methods,
         "models": models,
         "total_seconds": time.perf_counter() - started,
     }
-    if cfg.export.speed:
-        results["speed"] = speed_table(cfg, models)
-    artifacts = write_results(cfg.out, results)
+    if seg:  # ONNX export / speed table of dense models: not supported yet
+        from ktray.pipeline import seg_report
+
+        results.update(
+            task_type="segmentation",
+            class_names=info["class_names"],
+            train_images=info["rows"]["train"],
+        )
+        results["masks_png"] = seg_report.write_picture(cfg, info, models)
+        artifacts = seg_report.write_results(cfg.out, results)
+        table = seg_report.format_table(results)
+    else:
+        if cfg.export.speed:
+            results["speed"] = speed_table(cfg, models)
+        artifacts = write_results(cfg.out, results)
+        table = format_table(results)
     spent = accounting.totals([r for r in accounting.gather(cfg.out) if r["run"] == "."])
     manifest.write(
         manifest.stage_dir(cfg.out, "pipeline"),
@@ -177,6 +236,6 @@ def run(cfg: Config) -> dict:
         results["mlflow_tracking_uri"] = tracking_uri(cfg) if cfg.tracking.mlflow else None
     except Exception as e:  # tracking must not lose a finished run's results
         log.warning("MLflow logging failed: %s", e)
-    print(format_table(results))
+    print(table)
     print(f"\nresults: {artifacts['json']}  report: {artifacts['md']}  plot: {artifacts['png']}")
     return results

@@ -34,6 +34,7 @@ from ktray import storage
 from ktray.config import Config
 from ktray.errors import KtrayError
 from ktray.stages.nodes import check_shared_storage
+from ktray.train.loop import eta_text
 
 log = logging.getLogger("ktray")
 
@@ -166,6 +167,20 @@ def pool_size(cfg: Config, gpus_per_actor: float, cluster_gpus: float) -> int:
     return 1
 
 
+def actor_threads(inf, cluster_gpus: float, pool: int) -> int:
+    """Torch threads of one model actor (``infer.threads_per_actor``, see there)."""
+    if cluster_gpus > 0:
+        return max(1, int(inf.cpus_per_actor))
+    if inf.threads_per_actor > 0:
+        return inf.threads_per_actor
+    import ray
+
+    node_cpus = max(
+        (n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1
+    )
+    return max(1, int(node_cpus // max(1, pool)))
+
+
 def inference(
     cfg: Config,
     ds,
@@ -198,7 +213,7 @@ def inference(
             f"{cpus:g} CPUs (the decode stage would never run)"
         )
     gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else (1.0 if cluster_gpus else 0.0)
-    return ds.map_batches(
+    decoded_ds = ds.map_batches(
         decode,
         fn_kwargs=decode_kwargs,
         batch_size=batch_size,
@@ -210,13 +225,24 @@ def inference(
         # stage when their resource requests match, and decoding would then run serially
         # inside the model actor.
         memory=max(2**20, 2 * decode_bytes),
-    ).map_batches(
+    )
+    # Whole blocks (batch_size None: one shard per call) on GPU actors: Ray's public
+    # map_batches refuses GPUs without a batch size, and any row count would split shards
+    # across calls. map_batches_internal (a DeveloperAPI, what Ray's own map_groups uses for
+    # the same reason) skips only that check.
+    map_actor = (
+        decoded_ds.map_batches_internal
+        if batch_size is None and gpus > 0
+        else decoded_ds.map_batches
+    )
+    pool = pool_size(cfg, gpus, cluster_gpus)
+    return map_actor(
         actor,
-        fn_constructor_kwargs=dict(actor_kwargs, threads=max(1, int(inf.cpus_per_actor))),
+        fn_constructor_kwargs=dict(actor_kwargs, threads=actor_threads(inf, cluster_gpus, pool)),
         batch_size=batch_size,
         batch_format="numpy",
         # min_size=1: a fixed pool of 1-CPU actors starves the reads on 2 CPUs (hangs)
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool_size(cfg, gpus, cluster_gpus)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
         num_cpus=inf.cpus_per_actor,
         num_gpus=gpus,
     )
@@ -262,11 +288,14 @@ def map_shards(
             writer_kwargs,
             block_bytes,
         )
-        stats = []
+        stats, started = [], time.perf_counter()
         for row in ds.iter_rows():
             row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
             stats.append(row)
-            log.info(describe(row))
+            done, left = len(stats), len(blocks) - len(stats)
+            elapsed = time.perf_counter() - started
+            eta = eta_text(elapsed / done * left) if left else "done"
+            log.info("%s  [%d/%d shards, %s]", describe(row), done, len(blocks), eta)
     finally:
         ctx.target_max_block_size = old_block
     return stats

@@ -16,15 +16,19 @@ Trials take only a ``memory`` resource and no CPU, so on a 2-CPU machine the Ray
 and Ray Data actors they start always find the CPUs free (measured on Ray 2.60: a trial
 holding CPU deadlocks with 2 train workers); ``sweep.max_concurrent`` caps trials at once.
 
-Results: ``OUT/sweep/results.{md,parquet}``, accuracy against transfer-set size, pretraining
-compute and the swept values (PNG), an MLflow parent run with one child run per trial and the
-sweep manifest (totals of FLOPs and device-seconds).
+Results: ``OUT/sweep/results.{md,parquet}``, accuracy against the swept values (PNG), against
+transfer-set size and against pretraining compute (only when the trials differ in it), an
+MLflow parent run with one child run per trial and the sweep manifest (totals of FLOPs and
+device-seconds). A trial writes ``trial.json`` (its values) when it starts; one the ASHA
+scheduler stops gets a ``stopped`` manifest for the stage it was in (steps, images, seconds and
+FLOPs up to its last report), so the totals and ``ktray report`` include what it spent.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
@@ -124,11 +128,10 @@ def _prepare_shared(cfg: Config, params: list[sweeps.Param]) -> dict:
 def _largest_transfer(cfg: Config, params: list[sweeps.Param], rules: dict) -> int | None:
     """``data.unlabeled_limit`` of the largest trial when the sweep varies only that (with an
     in-domain student method whose teacher every trial shares), else None."""
-    objective, transfer = parse_method(cfg.sweep.method)
+    transfer = parse_method(cfg.sweep.method)[1]
     if (
         [p.key for p in params] != ["data.unlabeled_limit"]
         or transfer != "in_domain"
-        or objective in ("scratch", "teacher")
         or not rules["teacher"]
     ):
         return None
@@ -197,6 +200,15 @@ def _trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_
     values = {k: config[k] for k in keys}
     name = sweeps.trial_name(values)
     trial_out = storage.join(out_dir, name)
+    # its values first: a trial the scheduler stops is still named by them in every report
+    storage.write_json(
+        storage.join(trial_out, "trial.json"),
+        {"trial": name, "params": values, "method": method, "status": "running"},
+    )
+    stale = storage.join(trial_out, accounting.STOPPED, manifest.MANIFEST)
+    if storage.exists(stale):  # an earlier, stopped attempt of this trial: this one replaces it
+        fs, path = storage.fs_and_path(stale)
+        fs.rm(path)
     extra = {"out": trial_out, "tracking.mlflow": False}
     if shared["teacher"]:
         extra["teacher.checkpoint"] = shared["teacher"]
@@ -215,6 +227,7 @@ def _trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_
         params=values,
         trial_dir=trial_out,
         method=method,
+        status="done",
         wall_seconds=time.perf_counter() - started,
     )
     storage.write_json(storage.join(trial_out, "trial.json"), result)
@@ -272,12 +285,17 @@ def _tune(cfg: Config, params: list[sweeps.Param], shared: dict):
     return tuner.fit()
 
 
-def _rows(grid, params: list[sweeps.Param], out_dir: str) -> tuple[list, dict]:
+def _rows(cfg: Config, grid, params: list[sweeps.Param], out_dir: str) -> tuple[list, dict]:
     rows, histories = [], {}
     for r in grid:
         values = {p.key: r.config.get(p.key) for p in params}
         name = sweeps.trial_name(values)
         row = {"trial": name, "status": "done", **values}
+        try:
+            df = r.metrics_dataframe
+            histories[name] = df.to_dict("records") if df is not None else []
+        except Exception:
+            histories[name] = []
         tj = storage.join(out_dir, name, "trial.json")
         if r.error is None and (r.metrics or {}).get("ktray_done") and storage.exists(tj):
             done = storage.read_json(tj)
@@ -287,14 +305,87 @@ def _rows(grid, params: list[sweeps.Param], out_dir: str) -> tuple[list, dict]:
             row["error"] = (str(r.error).strip().splitlines() or ["?"])[-1][:300]
         else:
             row["status"] = "stopped"  # by the ASHA scheduler
+            row["stopped_in"] = _record_stopped(
+                cfg, values, storage.join(out_dir, name), histories[name]
+            )
         row["trial_dir"] = storage.join(out_dir, name)
         rows.append(row)
-        try:
-            df = r.metrics_dataframe
-            histories[name] = df.to_dict("records") if df is not None else []
-        except Exception:
-            histories[name] = []
+    _add_trial_compute(rows, out_dir)
     return rows, histories
+
+
+def _record_stopped(cfg: Config, values: dict, trial_dir: str, history: list[dict]) -> str:
+    """Write ``TRIAL/stopped/manifest.json`` for the stage a stopped trial was in, from its
+    last report (steps, images, seconds) with FLOPs estimated as 3x the student's forward
+    FLOPs per trained image (the teacher stage's: not estimated); returns ``stage[name] at
+    step S``. The stages it finished have their own manifests already."""
+    reports = [h for h in history if h.get("stage") and h.get("images") is not None]
+    if not reports:
+        return ""
+    last = reports[-1]
+    label = str(last["stage"])  # the Ray Train run's name: STAGE-NAME[-HASH8]
+    kind, _, name = label.partition("-")
+    name = "" if re.fullmatch(r"[0-9a-f]{8}", name) else re.sub(r"-[0-9a-f]{8}$", "", name)
+    done = manifest.stage_dir(trial_dir, kind, name)
+    if storage.exists(storage.join(done, manifest.MANIFEST)):
+        return ""  # it finished that stage: its own manifest counts it
+    images, seconds = float(last["images"]), float(last.get("seconds") or 0.0)
+    flops, fpi = None, None
+    trial_cfg = apply_overrides(apply_overrides(cfg, values), {"out": trial_dir})
+    if kind in ("distill", "finetune"):
+        try:
+            fpi = _student_forward_flops(trial_cfg, name, trial_dir)
+            flops = 3.0 * fpi * images
+        except Exception as e:  # an estimate: never lose the sweep's results over it
+            log.warning("sweep: no FLOPs estimate for stopped %s: %s", label, e)
+    step = int(last.get("step") or 0)
+    stage_name = f"{kind}[{name}]" if name else kind
+    manifest.write(
+        storage.join(trial_dir, accounting.STOPPED),
+        {
+            "stage": accounting.STOPPED,
+            "name": f"{stage_name} at step {step}",
+            "config_hash": "",
+            "stopped_stage": kind,
+            "stopped_name": name,
+            "steps": step,
+            "images_seen": images,
+            "seconds": seconds,
+            "device_seconds": seconds * max(1, cfg.ray.num_workers),
+            "flops": flops,
+            "flops_per_image": fpi,
+            "flops_estimated": flops is not None,
+        },
+        trial_cfg,
+    )
+    return f"{stage_name} at step {step}"
+
+
+def _student_forward_flops(cfg: Config, method: str, trial_dir: str) -> float:
+    """The forward FLOPs per image of the trial's student (as the training stages count)."""
+    from ktray.models import create_student
+    from ktray.models.flops import count_flops
+
+    data = storage.join(trial_dir, "data", manifest.MANIFEST)
+    num_classes = int(storage.read_json(data)["num_classes"]) if storage.exists(data) else 10
+    s = cfg.student
+    model = create_student(s.arch, num_classes, img_size=s.img_size)
+    return float(count_flops(model, s.img_size))
+
+
+def _add_trial_compute(rows: list[dict], out_dir: str) -> None:
+    """Each row's own ``flops`` / ``device_seconds``: the manifests in its trial folder that
+    are not views of ``sweep/shared`` (finished stages + a stopped one)."""
+    gathered = accounting.gather(out_dir)
+    for row in rows:
+        run = os.path.basename(row["trial_dir"].rstrip("/"))
+        own = [
+            g
+            for g in gathered
+            if g["run"] == run and not g["shared"] and g["stage"] not in accounting.AGGREGATES
+        ]
+        row["flops"] = sum(g["flops"] or 0.0 for g in own)
+        row["device_seconds"] = sum(g["device_seconds"] or 0.0 for g in own)
 
 
 def _param_points(rows: list[dict], params: list[sweeps.Param]) -> tuple[list, str]:
@@ -320,6 +411,30 @@ def _param_points(rows: list[dict], params: list[sweeps.Param]) -> tuple[list, s
     return points, key if numeric else f"{key} (values as labelled)"
 
 
+def _compute_line(d: str, rows: list[dict]) -> str:
+    """The sweep's compute, as a sum one can check against the table: every trial's own
+    stages (the ``flops`` / ``device_seconds`` columns, stopped trials included) plus the
+    outputs computed once under ``sweep/shared``."""
+    gathered = accounting.gather(d)
+    shared = [
+        g
+        for g in gathered
+        if g["run"] == "shared" and not g["shared"] and g["stage"] not in accounting.AGGREGATES
+    ]
+    t = accounting.totals(gathered)
+    trial_flops = sum(r.get("flops") or 0.0 for r in rows)
+    trial_secs = sum(r.get("device_seconds") or 0.0 for r in rows)
+    shared_flops = sum(g["flops"] or 0.0 for g in shared)
+    shared_secs = sum(g["device_seconds"] or 0.0 for g in shared)
+    return (
+        f"Compute: trials {trial_flops:.4g} FLOPs / {trial_secs:.1f} device-s (the flops and "
+        f"device_seconds columns, stopped trials included) + shared outputs "
+        f"({', '.join(sorted({g['stage'] for g in shared})) or 'none'}) {shared_flops:.4g} "
+        f"FLOPs / {shared_secs:.1f} device-s = {t['flops']:.4g} FLOPs / "
+        f"{t['device_seconds']:.1f} device-s ({accounting.describe_totals(t)})."
+    )
+
+
 def write_sweep_results(
     cfg: Config, rows: list[dict], params: list[sweeps.Param]
 ) -> tuple[dict, dict | None]:
@@ -331,35 +446,54 @@ def write_sweep_results(
     paths = {
         "md": storage.join(d, "results.md"),
         "parquet": storage.join(d, "results.parquet"),
-        "transfer_png": storage.join(d, "accuracy_vs_transfer_size.png"),
-        "compute_png": storage.join(d, "accuracy_vs_compute.png"),
-        "params_png": storage.join(d, "accuracy_vs_params.png"),
     }
     title = f"{cfg.name}: {cfg.sweep.method}"
-    storage.write_bytes(
-        paths["transfer_png"],
-        accounting.plot_accuracy(
-            label, "transfer_images", label="label", title=title, xlabel="transfer-set images"
-        ),
-    )
-    storage.write_bytes(
-        paths["compute_png"],
-        accounting.plot_accuracy(
-            label,
+    finished = [r for r in label if r.get("test_accuracy") is not None]
+    notes = []
+    # a plot against a quantity only when the finished trials differ in it (a temperature
+    # sweep spends the same compute on one transfer set: one x for every point)
+    for key, column, xlabel in (
+        ("transfer_png", "transfer_images", "transfer-set images"),
+        (
+            "compute_png",
             "pretrain_flops",
-            label="label",
-            title=title,
-            xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
+            "pretraining FLOPs (distillation + teacher over the transfer set)",
         ),
-    )
+    ):
+        seen = {r.get(column) for r in finished if r.get(column) is not None}
+        if len(seen) > 1:
+            name = (
+                "accuracy_vs_transfer_size.png"
+                if key == "transfer_png"
+                else ("accuracy_vs_compute.png")
+            )
+            paths[key] = storage.join(d, name)
+            storage.write_bytes(
+                paths[key],
+                accounting.plot_accuracy(label, column, label="label", title=title, xlabel=xlabel),
+            )
+        elif seen:
+            value = accounting.fmt(next(iter(seen)), column)
+            notes.append(f"every finished trial: {column} = {value} (no plot against it)")
     points, xlabel = _param_points(rows, params)
+    paths["params_png"] = storage.join(d, "accuracy_vs_params.png")
     storage.write_bytes(
         paths["params_png"],
         accounting.plot_accuracy(
             points, "x", group="group", label="label", title=title, xlabel=xlabel
         ),
     )
-    columns = ["trial", "status", *keys, *RESULT_KEYS, "trial_dir", "error"]
+    columns = [
+        "trial",
+        "status",
+        *keys,
+        *RESULT_KEYS,
+        "flops",
+        "device_seconds",
+        "stopped_in",
+        "trial_dir",
+        "error",
+    ]
     storage.write_parquet(paths["parquet"], accounting.to_arrow(rows, columns))
     s = cfg.sweep
     done = [r for r in rows if r.get(s.metric) is not None]
@@ -368,7 +502,13 @@ def write_sweep_results(
         f"# ktray sweep: {cfg.name}",
         "",
         f"Method `{s.method}`; swept: {sweeps.describe(params)}; scheduler {s.scheduler}; "
-        f"{len(done)} of {len(rows)} trials finished.",
+        f"{len(done)} of {len(rows)} trials finished"
+        + (
+            f", {sum(r['status'] == 'stopped' for r in rows)} stopped by the scheduler"
+            if any(r["status"] == "stopped" for r in rows)
+            else ""
+        )
+        + ".",
         "",
     ]
     if best:
@@ -378,10 +518,13 @@ def write_sweep_results(
             f"{accounting.fmt(best[s.metric], s.metric)}",
             "",
         ]
+    md += [_compute_line(d, rows), ""]
     md += [accounting.markdown_table(rows, [c for c in columns if c != "trial_dir"]), ""]
+    md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md += [
         f"![{k}]({os.path.basename(paths[k])})"
         for k in ("transfer_png", "compute_png", "params_png")
+        if k in paths
     ]
     storage.write_text(paths["md"], "\n".join(md) + "\n")
     return paths, best
@@ -390,6 +533,10 @@ def write_sweep_results(
 def run(cfg: Config) -> dict:
     """Run the sweep of ``cfg.sweep``; return ``{"rows", "best", "outputs", ...}``."""
     params = sweeps.parse(cfg)  # every key and value checked before Ray starts
+    from ktray.stages.finetune import check_inits
+
+    if cfg.sweep.method != "teacher":
+        check_inits(cfg, [cfg.sweep.method])  # init@ weights exist and fit, before Ray
     if parse_method(cfg.sweep.method)[1] == "curated":
         import importlib.util
 
@@ -409,7 +556,7 @@ def run(cfg: Config) -> dict:
     check_shared_storage(cfg.ray, cfg.out)  # trials run on any node: out must be shared
     shared = _prepare_shared(cfg, params)
     grid = _tune(cfg, params, shared)
-    rows, histories = _rows(grid, params, sweep_dir(cfg))
+    rows, histories = _rows(cfg, grid, params, sweep_dir(cfg))
     paths, best = write_sweep_results(cfg, rows, params)
     spent = accounting.totals(accounting.gather(sweep_dir(cfg)))
     result = {

@@ -96,14 +96,16 @@ def view_dataset(
 
     A set whose decoded views take less than ``spec.cache_decoded_mb`` (``rows`` and
     ``target_dim`` give its size) is decoded once and materialised in the object store, so
-    its many epochs re-read memory instead of re-decoding; a larger one streams."""
+    its many epochs re-read memory instead of re-decoding; a larger one streams, and so does
+    a run on fresh views (``distill.augment=consistent``: new random views every epoch)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     saved, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
     try:  # a Dataset keeps a copy of the context it was made under
         ds = _view_dataset(ray, source, columns, sizes, spec, seed)
-        if rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
+        fresh = spec.augment == "consistent"  # new views every epoch: nothing to cache
+        if not fresh and rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
             ds = ds.materialize().randomize_block_order(seed=seed)
         return ds
     finally:
@@ -121,8 +123,9 @@ def _view_dataset(ray, source, columns, sizes, spec, seed):
         ds = ray.data.read_parquet(parquet_files(source), columns=columns, **remote)
     ds = ds.randomize_block_order(seed=seed)
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
+    fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
     return ds.map_batches(
-        DecodeViews(sizes, target),
+        DecodeViews(sizes, target, fresh_scale=fresh),
         batch_format="pyarrow",
         batch_size=spec.decode_batch,
         concurrency=spec.decode_concurrency or None,

@@ -88,9 +88,12 @@ def run_train_stage(
         datasets = datasets()
     log.info("%s: training %s steps", label, spec.steps)
     start = time.perf_counter()
+    # The Ray Train run is named after the spec's hash: Train restores the latest checkpoint
+    # of a run of the same name, so a killed run resumes, and a changed spec starts afresh
+    # instead of resuming from another configuration's checkpoint.
     metrics = fit(
         cfg,
-        f"{stage}-{name}" if name else stage,
+        f"{stage}-{name}-{h[:8]}" if name else f"{stage}-{h[:8]}",
         train_worker,
         {"spec": dataclasses.asdict(spec), "inputs": inputs},
         datasets=datasets,
@@ -123,6 +126,11 @@ def _evaluate(
 ) -> dict:
     # a large test set: Ray Data batch inference on the cluster, else in this process
     ev = evaluate_stage.evaluate(cfg, result["outputs"]["model"], test_uri, info["num_classes"])
+    if "test_miou" in ev:  # segmentation
+        keys = ("test_miou", "test_pixel_accuracy", "per_class_iou")
+        result.update({k: ev[k] for k in keys}, test_fingerprint=test_fp)
+        log.info("%s: test mIoU %.4f", label, ev["test_miou"])
+        return result
     result.update(
         test_accuracy=ev["test_accuracy"],
         test_fingerprint=test_fp,

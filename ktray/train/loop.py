@@ -98,6 +98,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def eta_text(seconds: float) -> str:
+    """``ETA 1h02m``, ``ETA 3m05s``, ``ETA 12s``: the remaining time of a long stage."""
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"ETA {s // 60}m{s % 60:02d}s"
+    return f"ETA {s}s"
+
+
 def train_steps(
     module: nn.Module,
     step_fn: Callable[[nn.Module, object], dict],
@@ -191,11 +201,12 @@ def train_steps(
             }
         if session.rank == 0:
             log.info(
-                "  step %d/%d  loss %.4f  %.0f img/s",
+                "  step %d/%d  loss %.4f  %.0f img/s  %s",
                 step,
                 steps,
                 out.get("loss", float("nan")),
                 images / max(seconds, 1e-9),
+                eta_text((steps - step) * seconds / max(step, 1)) if step < steps else "done",
             )
         session.report(out, ckpt)
         return out

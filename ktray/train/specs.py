@@ -42,11 +42,24 @@ class _Run:
     compile: bool = _k("train.compile")
     report_every: int = _k("train.report_every")
     checkpoint_every: int = _k("train.checkpoint_every")
+    task_type: str = _k("data.kind", default="classification")
+    """``classification`` or ``segmentation`` (from ``data.kind``)."""
+    ignore_index: int = _k("data.ignore_index", default=255)
+    """Segmentation: mask value counted nowhere."""
+
+
+def _task_type(cfg) -> str:
+    from ktray.data.segmentation import is_segmentation
+
+    return "segmentation" if is_segmentation(cfg.data.kind) else "classification"
 
 
 def _run_kwargs(cfg, seed_offset: int = 0) -> dict:
     t = cfg.train
+    seg = _task_type(cfg) == "segmentation"
     return {
+        "task_type": _task_type(cfg),
+        "ignore_index": cfg.data.ignore_index if seg else 255,
         "seed": cfg.data.seed + seed_offset,
         "precision": t.precision,
         "compile": bool(t.compile),
@@ -63,11 +76,14 @@ class _Student:
     student_img_size: int = _k("student.img_size")
     student_pretrained: bool = _k("student.pretrained")
     student_checkpoint: str = _k("student.checkpoint")
+    student_head: str = _k("student.head", default="")
+    """Segmentation decoder (``fpn`` / ``deeplabv3``); empty for classification."""
 
 
 def _student_kwargs(cfg) -> dict:
     s = cfg.student
     return {
+        "student_head": s.head if _task_type(cfg) == "segmentation" else "",
         "student_arch": s.arch,
         "student_img_size": s.img_size,
         "student_pretrained": bool(s.pretrained),
@@ -94,6 +110,8 @@ class TeacherSpec(_Run):
     lr: float = _k("teacher.lr")
     weight_decay: float = _k("teacher.weight_decay")
     batch_size: int = _k("teacher.batch_size")
+    head: str = _k("teacher.head", default="")
+    """Segmentation head (``linear`` / ``light``); empty for classification."""
 
     @classmethod
     def from_config(cls, cfg, train_rows: int) -> TeacherSpec:
@@ -115,6 +133,7 @@ class TeacherSpec(_Run):
             lr=t.lr,
             weight_decay=t.weight_decay,
             batch_size=t.batch_size,
+            head=t.head if _task_type(cfg) == "segmentation" else "",
         )
 
 
@@ -126,6 +145,12 @@ class DistillSpec(_Run, _Student):
     objective: str = _k("distill.objective")
     """``task`` or ``features`` (the method's objective; ``distill.objective`` by default)."""
     teacher_mode: str = _k("distill.teacher_mode")
+    augment: str = _k("distill.augment", default="stored")
+    """``stored`` views, or ``consistent`` fresh views for teacher and student (online)."""
+    mixup: float = _k("distill.mixup", default=0.0)
+    """Beta(a, a) mixup of the views, the same for teacher and student; 0 = off."""
+    scale_min: float = _k("logits.scale_min", default=0.35)
+    """Smallest view area (fraction of the image) of fresh views."""
     loss: str = _k("distill.feature_loss")
     """``kl`` for the task objective, else ``distill.feature_loss``."""
     temperature: float | None = _k("distill.temperature", "distill.feature_temperature")
@@ -142,6 +167,10 @@ class DistillSpec(_Run, _Student):
     decode_concurrency: int = _k("train.decode_concurrency")
     decode_batch: int = _k("train.decode_batch")
     cache_decoded_mb: int = _k("train.cache_decoded_mb")
+    dense_size: int = _k("logits.dense_size", default=0)
+    """Segmentation: side of the teacher's stored per-pixel predictions (0: classification)."""
+    dense_feature_size: int = _k("logits.dense_feature_size", default=0)
+    """Segmentation, features objective: side of the stored dense teacher features."""
 
     @classmethod
     def from_config(cls, cfg, objective: str | None = None) -> DistillSpec:
@@ -157,6 +186,9 @@ class DistillSpec(_Run, _Student):
             **_student_kwargs(cfg),
             objective=objective,
             teacher_mode=d.teacher_mode,
+            augment=d.augment,
+            mixup=float(d.mixup),
+            scale_min=float(cfg.logits.scale_min),
             loss=loss,
             temperature=temperature,
             steps=d.steps,
@@ -170,6 +202,10 @@ class DistillSpec(_Run, _Student):
             decode_concurrency=t.decode_concurrency,
             decode_batch=t.decode_batch,
             cache_decoded_mb=t.cache_decoded_mb,
+            dense_size=cfg.logits.dense_size if _task_type(cfg) == "segmentation" else 0,
+            dense_feature_size=(
+                cfg.logits.dense_feature_size if _task_type(cfg) == "segmentation" else 0
+            ),
         )
 
     @property
@@ -190,7 +226,8 @@ class FinetuneSpec(_Run, _Student):
 
     kind: str = "finetune"
     scratch: bool = False
-    """True for the from-scratch baseline (``finetune.scratch_*`` settings)."""
+    """True for a student from random init (``scratch``): ``finetune.scratch_lr`` and, when
+    set, ``finetune.scratch_steps``; every other start uses ``finetune.lr`` / ``steps``."""
     steps: int = _k("finetune.steps", "finetune.scratch_steps")
     lr: float = _k("finetune.lr", "finetune.scratch_lr")
     weight_decay: float = _k("finetune.weight_decay")
@@ -204,7 +241,7 @@ class FinetuneSpec(_Run, _Student):
             **_run_kwargs(cfg),
             **_student_kwargs(cfg),
             scratch=bool(scratch),
-            steps=f.scratch_steps if scratch else f.steps,
+            steps=(f.scratch_steps or f.steps) if scratch else f.steps,
             lr=f.scratch_lr if scratch else f.lr,
             weight_decay=f.weight_decay,
             warmup_steps=f.warmup_steps,

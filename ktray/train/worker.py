@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ktray import storage
 from ktray.data.datasets import LabeledImages, collate_skip_none, normalize
-from ktray.distill import DistillModule
+from ktray.distill import DistillModule, mix_views
 from ktray.losses import FeatureProjector
 from ktray.metrics import evaluate_classifier
 from ktray.models import (
@@ -54,6 +54,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def worker_batch(batch_size: int, world_size: int) -> int:
+    """Rows one worker takes per step: a config's ``batch_size`` is global (over all Ray Train
+    workers), so a run means the same with 1 or N workers; rounded up when N does not divide
+    it (the global batch is then up to N-1 rows larger)."""
+    return -(-int(batch_size) // max(1, int(world_size)))
+
+
 def _loader(dataset: Dataset, spec, shuffle: bool, session: Session) -> DataLoader:
     sampler = None
     if session.world_size > 1:
@@ -66,11 +73,11 @@ def _loader(dataset: Dataset, spec, shuffle: bool, session: Session) -> DataLoad
         )
     return DataLoader(
         dataset,
-        batch_size=spec.batch_size,
+        batch_size=worker_batch(spec.batch_size, session.world_size),
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         collate_fn=collate_skip_none,
-        drop_last=len(dataset) >= 2 * spec.batch_size * session.world_size,
+        drop_last=len(dataset) >= 2 * spec.batch_size,
         pin_memory=session.device.type == "cuda",
     )
 
@@ -237,12 +244,13 @@ class _ShardBatches:
     """Re-iterable batches of a Ray Data shard (or :class:`ktray.data.datasets.ViewStream`):
     one ``iter_torch_batches`` pass per epoch, on the host (pinned when training on a GPU)."""
 
-    def __init__(self, shard, spec: DistillSpec, drop_last: bool, pin: bool):
+    def __init__(self, shard, spec: DistillSpec, drop_last: bool, pin: bool, world_size: int = 1):
         self.shard, self.spec, self.drop_last, self.pin = shard, spec, drop_last, pin
+        self.batch_size = worker_batch(spec.batch_size, world_size)  # spec's is global
 
     def __iter__(self):
         kw = dict(
-            batch_size=self.spec.batch_size,
+            batch_size=self.batch_size,
             drop_last=self.drop_last,
             local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
             prefetch_batches=self.spec.prefetch_batches,
@@ -280,8 +288,9 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
     loader = _ShardBatches(
         session.dataset("train"),
         spec,
-        drop_last=rows >= 2 * spec.batch_size * session.world_size,
+        drop_last=rows >= 2 * spec.batch_size,
         pin=device.type == "cuda",
+        world_size=session.world_size,
     )
     mean, std = model_spec["mean"], model_spec["std"]
     target = spec.target_column
@@ -290,6 +299,8 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
         x = normalize(batch["x"], mean, std, device)
         if spec.online:
             xt = normalize(batch["xt"], teacher_spec["mean"], teacher_spec["std"], device)
+            if spec.mixup > 0:
+                x, xt = mix_views(x, xt, spec.mixup)
             out = m(x, x_teacher=xt)
         else:
             t = batch[target].to(device, non_blocking=True).float()
@@ -323,6 +334,10 @@ def run_training(config: dict, session: Session) -> dict:
     ``feature_dim`` / ``rows`` as the kind needs) and save it under ``out_dir`` (rank 0)."""
     spec, inputs = from_dict(config["spec"]), config["inputs"]
     seed_everything(spec.seed + session.rank)
+    if spec.task_type == "segmentation":
+        from ktray.train.seg_worker import run_seg_training
+
+        return run_seg_training(spec, inputs, session)
     n = inputs["num_classes"]
     if isinstance(spec, TeacherSpec):
         model, model_spec = build_teacher(spec, n)

@@ -1,0 +1,79 @@
+"""The run estimate printed before a pipeline starts: stage work counted from the config and
+the task's rows, priced with per-image times."""
+
+import pytest
+
+from ktray.config import load_config
+from ktray.pipeline import estimate
+
+COSTS = estimate.Costs(
+    teacher_forward=0.01, student_train=0.002, student_forward=0.0005, device="cpu"
+)
+ROWS = {"train": 30, "test": 100, "unlabeled": 400, "generic": 200}
+
+
+def test_plan_counts_each_stage_once_with_its_work():
+    cfg = load_config(
+        "tiny",
+        [
+            "methods=[teacher,scratch,task@in_domain,features@in_domain,task@generic]",
+            "teacher.mode=linear",
+            "teacher.probe_views=2",
+            "logits.views=3",
+            "distill.steps=10",
+            "distill.batch_size=8",
+            "finetune.steps=5",
+            "finetune.batch_size=4",
+        ],
+    )
+    got = dict(estimate.plan(cfg, ROWS, COSTS))
+    assert got["teacher (adapt + test)"] == pytest.approx((2 * 30 + 100) * 0.01)
+    # one logits pass per transfer set, shared by the methods on it
+    assert got["logits[in_domain]"] == pytest.approx(400 * 3 * 0.01)
+    assert got["logits[generic]"] == pytest.approx(200 * 3 * 0.01)
+    assert got["distill[task@in_domain]"] == pytest.approx(10 * 8 * 0.002 + 100 * 0.0005)
+    assert got["finetune[task@generic]"] == pytest.approx(5 * 4 * 0.002 + 100 * 0.0005)
+    assert "distill[scratch]" not in got and "finetune[scratch]" in got
+    assert len(got) == 1 + 2 + 3 + 4  # teacher, 2 logits, 3 distill, 4 finetune
+
+
+def test_online_teacher_is_priced_per_step_and_runs_no_logits_pass():
+    cfg = load_config(
+        "tiny",
+        [
+            "methods=[task@in_domain]",
+            "distill.teacher_mode=online",
+            "distill.steps=10",
+            "distill.batch_size=8",
+        ],
+    )
+    got = dict(estimate.plan(cfg, ROWS, COSTS))
+    assert not any(k.startswith("logits") for k in got)
+    assert got["distill[task@in_domain]"] == pytest.approx(10 * 8 * (0.002 + 0.01) + 100 * 0.0005)
+
+
+def test_describe_measures_tiny_models_and_prints_a_total():
+    cfg = load_config("tiny", ["methods=[teacher,scratch]"])
+    text = estimate.describe(cfg, ROWS, num_classes=3)
+    lines = text.splitlines()
+    assert lines[0].startswith("estimate: ~") and "cpu" in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ["teacher", "finetune[scratch]"]
+
+
+def test_curation_embeds_the_default_gallery_and_sizes_the_curated_set():
+    cfg = load_config(
+        "tiny",
+        [
+            "methods=[task@curated]",
+            "curate.grid=1",
+            "curate.scales=[0.6]",
+            "curate.images_per_query=5",
+            "logits.views=1",
+        ],
+    )
+    got = dict(estimate.plan(cfg, ROWS, COSTS))
+    crops = 2  # the full image + one crop
+    assert got["curate (embed gallery crops)"] == pytest.approx(
+        ((400 + 200) * crops + 30 * crops) * 0.01
+    )
+    assert got["logits[curated]"] == pytest.approx(5 * 30 * 0.01)
