@@ -74,6 +74,6 @@ def test_curation_embeds_the_default_gallery_and_sizes_the_curated_set():
     got = dict(estimate.plan(cfg, ROWS, COSTS))
     crops = 2  # the full image + one crop
     assert got["curate (embed gallery crops)"] == pytest.approx(
-        ((400 + 200) * crops + 30 * crops) * 0.01
+        ((400 + 200) * crops + (30 + 100) * crops) * 0.01
     )
     assert got["logits[curated]"] == pytest.approx(5 * 30 * 0.01)

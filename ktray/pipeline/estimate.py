@@ -41,8 +41,9 @@ def _per_image(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: i
     return (time.perf_counter() - start) / (repeats * len(x))
 
 
-def measure_costs(cfg: Config, num_classes: int, batch: int = 16, repeats: int = 2) -> Costs:
-    """Time the teacher's forward and the student's training step on random weights."""
+def measure_costs(cfg: Config, num_classes: int, batch: int = 64, repeats: int = 2) -> Costs:
+    """Time the teacher's forward and the student's training step on random weights, at the
+    run's batch sizes up to ``batch`` (per-image costs of small models fall with the batch)."""
     from ktray.models import TaskModel, create_backbone
     from ktray.models.student import create_student
 
@@ -53,8 +54,8 @@ def measure_costs(cfg: Config, num_classes: int, batch: int = 16, repeats: int =
     student = create_student(s.arch, num_classes, img_size=s.img_size).to(device)
     opt = torch.optim.SGD(student.parameters(), lr=1e-3)
 
-    def image(size: int) -> torch.Tensor:
-        return torch.randn(batch, 3, size, size, device=device).contiguous(
+    def image(size: int, n: int) -> torch.Tensor:
+        return torch.randn(min(n, batch), 3, size, size, device=device).contiguous(
             memory_format=torch.channels_last
         )
 
@@ -65,11 +66,11 @@ def measure_costs(cfg: Config, num_classes: int, batch: int = 16, repeats: int =
         opt.step()
 
     with torch.inference_mode():
-        teacher_fwd = _per_image(teacher, image(t.img_size), repeats)
-    student_train = _per_image(train_step, image(s.img_size), repeats)
+        teacher_fwd = _per_image(teacher, image(t.img_size, cfg.eval_batch_size), repeats)
+    student_train = _per_image(train_step, image(s.img_size, cfg.distill.batch_size), repeats)
     student.eval()
     with torch.inference_mode():
-        student_fwd = _per_image(student, image(s.img_size), repeats)
+        student_fwd = _per_image(student, image(s.img_size, cfg.eval_batch_size), repeats)
     return Costs(teacher_fwd, student_train, student_fwd, device.type)
 
 
@@ -96,7 +97,9 @@ def plan(cfg: Config, rows: dict, costs: Costs) -> list[tuple[str, float]]:
     if "curated" in transfers:
         c = cfg.curate
         crops = 1 + len(c.scales) * c.grid * c.grid
-        queries = train * crops
+        queries = (
+            train + test
+        ) * crops  # labeled queries + the test images leaks are checked against
         if c.gallery:  # a user's gallery: its size is not known before it is listed
             out.append(
                 ("curate (queries only; gallery not counted)", queries * costs.teacher_forward)
