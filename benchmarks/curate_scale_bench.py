@@ -87,7 +87,7 @@ def worker(args) -> None:
         save_index,
         search,
     )
-    from ktray.retrieval.select import scan_near_duplicates
+    from ktray.retrieval.near_duplicates import scan_near_duplicates
     from ktray.retrieval.store import PartStore
     from ktray.retrieval.tune import build_measured
 

@@ -64,7 +64,7 @@ def main() -> None:
     from ktray.config import load_config
     from ktray.data.readers import read_idx
     from ktray.retrieval.embed import CropScheme, Embedder, EncoderSpec
-    from ktray.stages import curate as curate_stage
+    from ktray.stages import curate_embed
     from ktray.stages.common import ensure_ray
 
     work = tempfile.mkdtemp(prefix="ktray-embed-bench-")
@@ -101,7 +101,7 @@ def main() -> None:
 
         # 3. the curate stage's Ray Data pipeline, per actor layout
         blocks = [
-            curate_stage._block(rows, "gallery", s, args.shard_rows)
+            curate_embed.embed_block(rows, "gallery", s, args.shard_rows)
             for s in range(-(-len(rows) // args.shard_rows))
         ]
         for layout in args.layouts.split(","):
@@ -121,7 +121,7 @@ def main() -> None:
             out_dir = os.path.join(work, f"emb-{layout}")
             os.makedirs(out_dir)
             start = time.perf_counter()
-            stats = curate_stage._compute(
+            stats = curate_embed.embed_shards(
                 cfg,
                 spec,
                 {"gallery": scheme.as_dict()},

@@ -75,15 +75,10 @@ class ConfusionCounter:
     def __init__(
         self, model_dir: str, batch_size: int = 256, device: str | None = None, amp: bool = True
     ):
-        from ktray.predict import normalize_on_device
+        from ktray.predict import load_for_inference, normalize_on_device
 
         self._normalize = normalize_on_device
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, self.spec = load_model(model_dir)
-        self.dtype = torch.bfloat16 if amp and self.device.type == "cuda" else torch.float32
-        self.model = model.eval().to(
-            self.device, dtype=self.dtype, memory_format=torch.channels_last
-        )
+        self.model, self.spec, self.device, self.dtype = load_for_inference(model_dir, device, amp)
         self.batch_size = batch_size
         self.num_classes = int(self.spec["num_classes"])
 

@@ -7,6 +7,10 @@ agreement; a difference beyond ``atol`` is a :class:`KtrayError`), optionally wr
 int8 copy (``model.int8.onnx``, onnxruntime ``quantize_dynamic``), and measures the model:
 parameters, forward GFLOPs, MB, CPU latency at batch 1 and throughput at batch 32 for PyTorch
 and onnxruntime, in the same process so the ratios compare like with like.
+
+Segmentation checkpoints (``seg_student`` / ``seg_teacher``) export as
+``input [N, 3, S, S] -> logits [N, C, S, S]`` (their logits upsampled to the input size inside
+the graph, :mod:`ktray.dense_export`); parity and top-1 agreement are then per pixel.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ktray import storage
+from ktray import dense_export, storage
 from ktray.errors import KtrayError
 from ktray.models import count_flops, load_model
 
@@ -143,7 +147,8 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> np.nd
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
-    """``{"max_abs_diff", "top1_agreement", "n"}`` of two ``[N, C]`` logit arrays."""
+    """``{"max_abs_diff", "top1_agreement", "n"}`` of two ``[N, C]`` logit arrays (or
+    ``[N, C, H, W]``: the agreement of the argmax over C is then per pixel)."""
     if reference.shape != other.shape:
         raise KtrayError(f"logit shapes differ: {reference.shape} vs {other.shape}")
     return {
@@ -345,12 +350,14 @@ def export_model(
     """
     started = time.perf_counter()
     model, spec = load_model(model_dir)
+    model = dense_export.exportable(model, spec)  # segmentation: logits at the input size
     size = int(spec["img_size"])
     ready, fused = prepare(model)
     os.makedirs(out_dir, exist_ok=True)
     onnx_path = export_onnx(ready, os.path.join(out_dir, ONNX_FILE), size, exporter)
     x = inputs if inputs is not None else fixed_inputs(check_images, size)
     reference = torch_logits(model, x)
+    layout = ["N", "C", "S", "S"] if dense_export.is_dense(spec) else ["N", "C"]
     parity = {
         "onnx": check_parity(
             reference, onnx_logits(onnx_session(onnx_path), x), atol, f"ONNX export of {model_dir}"
@@ -360,13 +367,25 @@ def export_model(
     if int8:
         if calibration is None:
             calibration = fixed_inputs(max(16, check_images), size, seed=1)
-        files["int8"] = quantize_int8(
-            onnx_path, os.path.join(out_dir, INT8_FILE), int8_mode, calibration
-        )
-        parity["int8"] = compare(reference, onnx_logits(onnx_session(files["int8"]), x))
+        try:
+            files["int8"] = quantize_int8(
+                onnx_path, os.path.join(out_dir, INT8_FILE), int8_mode, calibration
+            )
+            parity["int8"] = compare(reference, onnx_logits(onnx_session(files["int8"]), x))
+        except Exception as e:  # onnxruntime's quantiser or an int8 kernel it lacks
+            if isinstance(e, KtrayError) and "int8" in str(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise KtrayError(
+                f"int8 ({int8_mode}) quantisation of {model_dir} failed: {type(e).__name__}: "
+                f"{first}; the fp32 {onnx_path} is fine (export.int8=false skips int8)"
+            ) from None
     storage.write_text(
         os.path.join(out_dir, SPEC_FILE),
-        json.dumps(dict(spec, onnx_input=INPUT_NAME, onnx_output=OUTPUT_NAME), indent=2),
+        json.dumps(
+            dict(spec, onnx_input=INPUT_NAME, onnx_output=OUTPUT_NAME, onnx_output_axes=layout),
+            indent=2,
+        ),
     )
     result = {
         "model": model_dir,
@@ -374,6 +393,7 @@ def export_model(
         "arch": spec["arch"],
         "img_size": size,
         "num_classes": spec["num_classes"],
+        "output_shape": ["batch", *(int(d) for d in reference.shape[1:])],
         "exporter": exporter,
         "reparameterized": fused,
         "int8_mode": int8_mode if int8 else None,

@@ -1,4 +1,5 @@
-"""The MLflow pyfunc model of a ktray classifier (no ray, no Config, no torch at import).
+"""The MLflow pyfunc model of a ktray classifier or segmenter (no ray, no Config, no torch at
+import).
 
 :class:`ImageClassifierModel` wraps an exported ONNX model (onnxruntime) or, when there is no
 ONNX file, the PyTorch checkpoint (then ktray must be importable where it is served). Input:
@@ -20,6 +21,7 @@ import json
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 IMAGE_COLUMN = "image"
@@ -79,9 +81,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
             self._logits = logits
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         size, mean, std = self.spec["img_size"], self.spec["mean"], self.spec["std"]
         if isinstance(model_input, pd.DataFrame):
             x = np.stack([preprocess(bytes(b), size, mean, std) for b in model_input[IMAGE_COLUMN]])
@@ -105,6 +105,52 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
                 "label": [names[i] if i < len(names) else str(int(i)) for i in pred],
             }
         )
+
+
+class ImageSegmenterModel(ImageClassifierModel):
+    """pyfunc model of a segmentation checkpoint (``seg_*`` spec), same artifacts and input.
+    Output: a DataFrame with ``mask`` (PNG bytes: ``uint8`` class index per pixel at the input
+    image's own size; the logits resized bilinearly, then the argmax, as ktray evaluates) and
+    ``classes`` (the class indices present in the mask, comma separated)."""
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        size, mean, std = self.spec["img_size"], self.spec["mean"], self.spec["std"]
+        if isinstance(model_input, pd.DataFrame):
+            blobs = [bytes(b) for b in model_input[IMAGE_COLUMN]]
+            sizes = [Image.open(io.BytesIO(b)).size for b in blobs]
+            x = np.stack([preprocess(b, size, mean, std) for b in blobs]) if blobs else None
+        else:
+            x = np.asarray(model_input, dtype=np.float32)
+            sizes = [(size, size)] * len(x)
+        masks, classes = [], []
+        for i in range(0, len(sizes), 16):
+            z = self._logits(np.ascontiguousarray(x[i : i + 16]))  # [b, C, h, w]
+            for logits, (w, h) in zip(z, sizes[i : i + 16]):
+                up = np.stack(
+                    [
+                        np.asarray(
+                            Image.fromarray(c.astype(np.float32)).resize(
+                                (w, h), Image.Resampling.BILINEAR
+                            )
+                        )
+                        for c in logits
+                    ]
+                )
+                mask = up.argmax(0).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(mask).save(buf, format="PNG")
+                masks.append(buf.getvalue())
+                classes.append(",".join(str(int(v)) for v in np.unique(mask)))
+        return pd.DataFrame({"mask": masks, "classes": classes})
+
+
+def model_class(spec: dict) -> type:
+    """The pyfunc class of a checkpoint spec: segmenter for ``seg_*`` kinds, else classifier."""
+    return (
+        ImageSegmenterModel
+        if str(spec.get("kind", "")).startswith("seg_")
+        else ImageClassifierModel
+    )
 
 
 def log_pyfunc_model(
@@ -131,15 +177,16 @@ def log_pyfunc_model(
     import tempfile
 
     import cloudpickle
-    import pandas as pd
     from mlflow.models import infer_signature
 
     example_df = pd.DataFrame({IMAGE_COLUMN: [example]})
     context = type("Ctx", (), {"artifacts": artifacts})()
-    probe = ImageClassifierModel()  # loaded to infer the signature; the saved one stays empty
+    with open(artifacts["spec"]) as f:
+        cls = model_class(json.load(f))
+    probe = cls()  # loaded to infer the signature; the saved one stays empty
     probe.load_context(context)
     signature = infer_signature(example_df, probe.predict(context, example_df))
-    model = ImageClassifierModel()
+    model = cls()
     reqs = [f"{m}=={__import__(m).__version__}" for m in ("numpy", "pandas", "cloudpickle")]
     reqs += ["pillow", "onnxruntime" if "onnx" in artifacts else "torch"]
     try:

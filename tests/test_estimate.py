@@ -2,6 +2,7 @@
 the task's rows, priced with per-image times."""
 
 import pytest
+import torch
 
 from ktray.config import load_config
 from ktray.pipeline import estimate
@@ -77,3 +78,54 @@ def test_curation_embeds_the_default_gallery_and_sizes_the_curated_set():
         ((400 + 200) * crops + (30 + 100) * crops) * 0.01
     )
     assert got["logits[curated]"] == pytest.approx(5 * 30 * 0.01)
+
+
+def test_curation_is_priced_with_its_own_encoder():
+    """curate.encoder at curate.img_size, not the teacher at its size (the demo's Lite0 @48
+    embeds its gallery far faster than the Lite2 @80 teacher would)."""
+    cfg = load_config("tiny", ["methods=[task@curated]", "curate.grid=1", "curate.scales=[0.6]"])
+    costs = estimate.Costs(
+        teacher_forward=0.01,
+        student_train=0.002,
+        student_forward=0.0005,
+        device="cpu",
+        encoder_forward=0.001,
+    )
+    got = dict(estimate.plan(cfg, ROWS, costs))
+    assert got["curate (embed gallery crops)"] == pytest.approx(
+        ((400 + 200) * 2 + (30 + 100) * 2) * 0.001
+    )
+    views = cfg.logits.views
+    assert got["logits[curated]"] == pytest.approx(cfg.curate.images_per_query * 30 * views * 0.01)
+
+
+def test_measured_costs_train_the_student_as_the_workers_do(monkeypatch):
+    """The student is timed in channels_last (as the workers train it: a contiguous model fed
+    channels_last images takes a slow mixed-format path) and the encoder is measured when a
+    curated transfer set is used."""
+    seen = []
+    real = estimate._per_image
+
+    def spy(fn, x, repeats):
+        seen.append((x.shape[-1], x.is_contiguous(memory_format=torch.channels_last)))
+        return real(fn, x, repeats)
+
+    monkeypatch.setattr(estimate, "_per_image", spy)
+    cfg = load_config("tiny", ["methods=[task@curated]", "curate.img_size=48"])
+    costs = estimate.measure_costs(cfg, num_classes=3)
+    assert costs.encoder_forward is not None and costs.encoder_forward > 0
+    assert seen[-1][0] == 48  # the encoder at curate.img_size
+    from ktray.models.student import create_student
+
+    calls = {}
+    real_create = create_student
+
+    def create(*a, **kw):
+        m = real_create(*a, **kw)
+        calls["student"] = m
+        return m
+
+    monkeypatch.setattr("ktray.models.student.create_student", create)
+    estimate.measure_costs(cfg, num_classes=3)
+    w = next(p for p in calls["student"].parameters() if p.dim() == 4)
+    assert w.is_contiguous(memory_format=torch.channels_last)

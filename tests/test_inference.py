@@ -159,7 +159,7 @@ def test_sweep_shares_stage_outputs_on_an_object_store(tmp_path):
     import fsspec
 
     from ktray import storage
-    from ktray.stages.sweep import _link
+    from ktray.stages.sweep_shared import link
 
     shared = "memory://ktray-test/sweep/shared/curate"
     trial = "memory://ktray-test/sweep/trial_x/curate"
@@ -170,7 +170,7 @@ def test_sweep_shares_stage_outputs_on_an_object_store(tmp_path):
         ("embeddings/gallery/part-00000.parquet", b"PAR1 big"),
     ):
         storage.write_bytes(f"{shared}/{name}", data)
-    _link(shared, trial)
+    link(shared, trial)
     fs = fsspec.filesystem("memory")
     assert sorted(p.rsplit("/", 1)[1] for p in fs.find("/ktray-test/sweep/trial_x")) == [
         "config.yaml",
@@ -180,7 +180,7 @@ def test_sweep_shares_stage_outputs_on_an_object_store(tmp_path):
     assert storage.read_bytes(f"{trial}/manifest.json") == b'{"outputs": {"transfer_set": "x"}}'
     # a local trial folder gets a symlink
     (tmp_path / "shared").mkdir()
-    _link(str(tmp_path / "shared"), str(tmp_path / "trial" / "curate"))
+    link(str(tmp_path / "shared"), str(tmp_path / "trial" / "curate"))
     assert os.path.islink(tmp_path / "trial" / "curate")
 
 

@@ -338,8 +338,7 @@ def test_stopped_trials_count_and_the_totals_add_up(tmp_path):
     from ktray.config import load_config
     from ktray.models import create_student
     from ktray.models.flops import count_flops
-    from ktray.pipeline import sweeps
-    from ktray.stages import sweep
+    from ktray.pipeline import sweep_results, sweep_trials, sweeps
 
     d, rows = _sweep_out(tmp_path)
     cfg = load_config(
@@ -349,17 +348,19 @@ def test_stopped_trials_count_and_the_totals_add_up(tmp_path):
         {"stage": "distill-task@in_domain", "step": 4, "images": 64, "seconds": 20.0},
         {"stage": "finetune-task@in_domain-0a1b2c3d", "step": 2, "images": 32, "seconds": 1.5},
     ]
-    label = sweep._record_stopped(cfg, {"distill.temperature": 4.0}, rows[2]["trial_dir"], history)
+    label = sweep_trials.record_stopped(
+        cfg, {"distill.temperature": 4.0}, rows[2]["trial_dir"], history
+    )
     assert label == "finetune[task@in_domain] at step 2"
     rows[2]["stopped_in"] = label
     stopped = json.load(open(os.path.join(rows[2]["trial_dir"], "stopped", "manifest.json")))
     fpi = count_flops(create_student("test_resnet", 3, img_size=32), 32)
     assert stopped["flops"] == pytest.approx(3 * fpi * 32) and stopped["device_seconds"] == 1.5
-    sweep._add_trial_compute(rows, d)
+    sweep_trials.add_trial_compute(rows, d)
     assert rows[2]["flops"] == pytest.approx(2e12 + 3 * fpi * 32)
     assert rows[0]["flops"] == pytest.approx(2e12 + 1e11)
     params = [sweeps.Param("distill.temperature", "grid", [1.0, 2.0, 4.0])]
-    paths, best = sweep.write_sweep_results(cfg, rows, params)
+    paths, best = sweep_results.write_sweep_results(cfg, rows, params)
     # one transfer set, one compute for every trial: no plot against either
     assert "transfer_png" not in paths and "compute_png" not in paths
     assert not os.path.exists(os.path.join(d, "accuracy_vs_transfer_size.png"))

@@ -1,12 +1,10 @@
-"""Curation at scale: img2dataset galleries listed without image bytes, one-pass index builds
-with measured recall, exact leak protection under a lossy index, gallery self-dedup, and no
-silent ``max_k`` cap. Vectors are synthetic (clustered unit vectors), so each test runs in
-about a second; the img2dataset gallery goes through ``ktray curate`` once (Ray)."""
+"""Curation at scale: one-pass index builds with measured recall, exact leak protection under
+a lossy index, gallery self-dedup, and no silent ``max_k`` cap. Vectors are synthetic
+(clustered unit vectors), so each test runs in about a second (img2dataset galleries:
+tests/test_gallery_listing.py)."""
 
-import io as _io
 import json
 import os
-import tarfile
 
 import faiss
 import numpy as np
@@ -15,109 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ktray.config import load_config
-from ktray.data import tarlist
-from ktray.data.readers import read_gallery
-from ktray.pipeline import curation
+from ktray.pipeline import curation_index
 from ktray.retrieval import balanced_select, build_index, l2_normalize, search
 from ktray.retrieval.dedup import gallery_duplicates
-from ktray.retrieval.select import remove_near_duplicates
+from ktray.retrieval.near_duplicates import remove_near_duplicates
 from ktray.retrieval.store import PartStore
 from ktray.retrieval.tune import ExactTopK, build_measured
-
-
-# ----------------------------------------------------------------------------- img2dataset
-def _img2dataset_shard(
-    root: str, shard: int, n: int, fail: set[int], payload: bytes, ext: str = "jpg"
-) -> None:
-    """One img2dataset webdataset shard: NNNNN.tar (+ .parquet metadata, _stats.json)."""
-    stem = os.path.join(root, f"{shard:05d}")
-    keys = [f"{shard:05d}{i:04d}" for i in range(n)]
-    ok = [k for i, k in enumerate(keys) if i not in fail]
-    with tarfile.open(stem + ".tar", "w") as tar:
-        for k in ok:
-            for name, blob in (
-                (f"{k}.{ext}", payload),
-                (f"{k}.txt", b"a caption"),
-                (f"{k}.json", b'{"status": "success"}'),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, _io.BytesIO(blob))
-    pq.write_table(
-        pa.table(
-            {
-                "url": [f"http://x/{k}" for k in keys],
-                "caption": ["c"] * n,
-                "key": keys,
-                "status": ["failed_to_download" if i in fail else "success" for i in range(n)],
-                "width": [32] * n,
-            }
-        ),
-        stem + ".parquet",
-    )
-    with open(stem + "_stats.json", "w") as f:
-        json.dump({"count": n, "successes": len(ok), "failed_to_download": len(fail)}, f)
-
-
-def test_img2dataset_webdataset_listed_from_sidecars(tmp_path, monkeypatch):
-    root = str(tmp_path / "wds")
-    os.makedirs(root)
-    big = b"\xff\xd8" + bytes(200_000)  # 200 kB "images": listing must not read them
-    _img2dataset_shard(root, 0, 6, {1, 4}, big)
-    _img2dataset_shard(root, 1, 5, {0}, big)
-    scans = []
-    real = tarlist.scan_tar_members
-    monkeypatch.setattr(
-        tarlist,
-        "scan_tar_members",
-        lambda uri, stop_at_image=False: scans.append(stop_at_image) or real(uri, stop_at_image),
-    )
-    t = read_gallery(root)  # parquet files present, but metadata-only: the tars are the gallery
-    assert t["image_id"].to_pylist() == [
-        "000000000",
-        "000000002",
-        "000000003",
-        "000000005",
-        "000010001",
-        "000010002",
-        "000010003",
-        "000010004",
-    ]
-    src = t["source"].to_pylist()
-    assert src[0] == os.path.join(root, "00000.tar") + "#000000000.jpg"
-    assert scans == [True]  # one header peek (the image extension), no full listing
-
-
-def test_img2dataset_stats_mismatch_and_no_sidecar_stream_headers(tmp_path):
-    root = str(tmp_path / "wds")
-    os.makedirs(root)
-    _img2dataset_shard(root, 0, 4, set(), b"x" * 300_000, ext="png")
-    # a stats file that disagrees: the sidecar is not trusted, the tar headers are streamed
-    json.dump({"successes": 3}, open(os.path.join(root, "00000_stats.json"), "w"))
-    assert tarlist.sidecar_keys(os.path.join(root, "00000.tar")) is None
-    os.remove(os.path.join(root, "00000.parquet"))
-    t = read_gallery(os.path.join(root, "00000.tar"))
-    assert len(t) == 4 and t["source"][0].as_py().endswith("#000000000.png")
-
-
-def test_tar_header_scan_skips_member_data(tmp_path, monkeypatch):
-    root = str(tmp_path / "t")
-    os.makedirs(root)
-    _img2dataset_shard(root, 0, 8, set(), bytes(1_000_000))
-    read = {"bytes": 0}
-    import fsspec.implementations.local as local
-
-    real_read = local.LocalFileOpener.read
-
-    def counting_read(self, *a, **k):
-        out = real_read(self, *a, **k)
-        read["bytes"] += len(out)
-        return out
-
-    monkeypatch.setattr(local.LocalFileOpener, "read", counting_read)
-    names = tarlist.scan_tar_members(os.path.join(root, "00000.tar"))
-    assert len(names) == 24
-    assert read["bytes"] < 200_000 < os.path.getsize(os.path.join(root, "00000.tar")) // 40
 
 
 # ----------------------------------------------------------------------------- vectors
@@ -241,7 +142,7 @@ def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
         ],
     )
     out = str(tmp_path / "curate")
-    res = curation.index_and_select(
+    res = curation_index.index_and_select(
         cfg,
         out,
         queries,
@@ -259,7 +160,7 @@ def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
     assert res["dedup_margin"] == pytest.approx(0.1 + res["index"]["score_error"])
     assert os.path.exists(os.path.join(out, "index.faiss"))
     # the same call again reuses the index (and its report)
-    again = curation.index_and_select(
+    again = curation_index.index_and_select(
         cfg, out, queries, [f"q{i}" for i in range(60)], test, parts, np.arange(len(gallery))
     )
     assert again["index"]["tried"] == json.loads(json.dumps(res["index"]["tried"]))
@@ -296,83 +197,29 @@ def test_max_k_cap_is_reported_not_silent():
     gallery = l2_normalize(rng.standard_normal((400, 16)).astype(np.float32))
     queries = l2_normalize(gallery[:2] + 0.01)  # both queries want the same neighbourhood
     index = build_index("Flat", 16, None, [gallery])
-    report = {}
-    table, short = balanced_select(
-        lambda v, k: search(index, v, k),
-        queries,
-        ["a", "b"],
-        np.arange(400),
-        images_per_query=30,
-        k0=8,
-        max_k=32,
-        report=report,
-    )
+
+    def select(images_per_query: int, max_k: int):
+        report: dict = {}
+        table, short = balanced_select(
+            lambda v, k: search(index, v, k),
+            queries,
+            ["a", "b"],
+            np.arange(400),
+            images_per_query=images_per_query,
+            k0=8,
+            max_k=max_k,
+            report=report,
+        )
+        return table, short, report
+
+    table, short, report = select(30, max_k=32)
     assert report["capped"] == ["a", "b"] and report["max_depth"] == 32
     assert all(report["reasons"][q] == "max_k" for q in short)
     assert short and sum(short.values()) == 60 - len(table["image_id"]) == 4
     # no cap: exhausting the gallery is not "max_k"
-    report2 = {}
-    _, short2 = balanced_select(
-        lambda v, k: search(index, v, k),
-        queries,
-        ["a", "b"],
-        np.arange(400),
-        images_per_query=250,
-        k0=8,
-        max_k=4096,
-        report=report2,
-    )
+    _, short2, report2 = select(250, max_k=4096)
     assert report2["capped"] == [] and set(report2["reasons"].values()) == {"gallery exhausted"}
     assert sum(short2.values()) == 100
-
-
-# ----------------------------------------------------------------------------- end to end
-def test_curate_on_img2dataset_webdataset_layout(tiny_task, tmp_path, ray_local):
-    from test_curate import BASE, _images, _png
-
-    from ktray import cli
-
-    root = str(tmp_path / "wds")
-    os.makedirs(root)
-    for shard, imgs in enumerate((_images(12, seed=21), _images(10, seed=22))):
-        stem = os.path.join(root, f"{shard:05d}")
-        keys = [f"{shard:05d}{i:04d}" for i in range(len(imgs) + 1)]
-        with tarfile.open(stem + ".tar", "w") as tar:
-            for k, img in zip(keys, imgs):
-                for name, blob in ((f"{k}.png", _png(img)), (f"{k}.json", b"{}")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(blob)
-                    tar.addfile(info, _io.BytesIO(blob))
-        pq.write_table(
-            pa.table({"key": keys, "status": ["success"] * len(imgs) + ["failed"]}),
-            stem + ".parquet",
-        )
-        json.dump({"count": len(keys), "successes": len(imgs)}, open(stem + "_stats.json", "w"))
-    out = str(tmp_path / "out")
-    assert (
-        cli.main(
-            [
-                "curate",
-                "tiny",
-                f"data.root={tiny_task}",
-                f"out={out}",
-                *BASE,
-                f"curate.gallery={root}",
-                "curate.images_per_query=1",
-                "curate.dedup_gallery=true",
-                "curate.search_actors=2",
-                "curate.search_cpus=1",
-            ]
-        )
-        == 0
-    )
-    m = json.load(open(os.path.join(out, "curate", "manifest.json")))
-    assert m["search_actors"] == 2  # query batches split over two actors holding the index
-    assert m["images"]["gallery"] == 22 and m["skipped_by_set"]["gallery"] == 0
-    assert m["index"]["recall"] == 1.0 and m["index"]["factory"] == "Flat"
-    assert "gallery_duplicates" in m and "by_reason" in m["shortfall"]
-    transfer = pq.read_table(os.path.join(out, "curate", "transfer_set.parquet"))
-    assert all(".tar#" in s for s in transfer["source"].to_pylist())
 
 
 def test_leak_check_scans_more_lists_than_the_selection():
@@ -425,7 +272,7 @@ def test_two_level_coarse_training_for_large_nlist(monkeypatch, request):
 def test_scan_near_duplicates_is_exact_over_parts(tmp_path):
     """The stage's leak check: every stored gallery vector against every protected one, part
     by part; ids are global, cosines are exact (of the float16 stored vectors)."""
-    from ktray.retrieval.select import scan_near_duplicates
+    from ktray.retrieval.near_duplicates import scan_near_duplicates
 
     gallery, test, planted = _leak_setup(tmp_path)
     store = PartStore(_parts(tmp_path, gallery, 700))

@@ -45,6 +45,7 @@ def _other(value):
             "linear": "partial",
             "full": "linear",
             "stored": "consistent",
+            "best_val": "last",
         }.get(value, value + "x")
     if isinstance(value, list):
         return value + value[:1] if value else ["x"]

@@ -73,6 +73,12 @@ class Config:
     {in_domain, generic, curated} or an image-table URI; each is finetuned on the labels."""
     eval_batch_size: int = setting(256, ge=1)
     """Images per forward pass when evaluating."""
+    seeds: int = setting(1, ge=1)
+    """``ktray run`` / ``demo``: run every student method this many times, replicate ``i`` with
+    ``train.seed`` + i (the student's init, batch order and augmentation; the labeled subset,
+    the teacher and the logits pass stay shared). Results hold the mean, the sample standard
+    deviation and each seed's numbers; replicates after the first write to
+    ``OUT/<stage>/<method>~seedN``. ``ktray sweep`` ignores it (sweep ``train.seed`` instead)."""
     estimate: bool = True
     """``ktray run`` / ``demo``: print an estimate of the run's time before it starts (the work
     of each stage priced with per-image times measured on random-weight copies of the models,

@@ -166,7 +166,8 @@ class SweepConfig:
     method: str = "task@in_domain"
     """The method every trial runs (``scratch``, ``teacher`` or ``OBJECTIVE@TRANSFER``)."""
     metric: str = setting("test_accuracy", choices="ktray.pipeline.sweeps:METRICS")
-    """Trial result that ranks the trials (``test_accuracy``, ``distill_test_accuracy``, ...)."""
+    """Trial result that ranks the trials (``test_accuracy``, ``distill_test_accuracy``, ...;
+    segmentation tasks: ``test_miou``, ``distill_test_miou``, ``test_pixel_accuracy``)."""
     mode: str = setting("max", choices="ktray.pipeline.sweeps:MODES")
     """Whether a higher (``max``) or lower (``min``) ``metric`` is better."""
     num_samples: int = setting(1, ge=1)

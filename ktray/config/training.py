@@ -19,12 +19,18 @@ class DataConfig:
     """Task data: ``fashion_mnist`` (IDX files), ``imagefolder`` (root/train, root/test,
     root/unlabeled) or ``parquet`` (root/train*.parquet, root/test*.parquet with a label column);
     segmentation: ``segfolder`` (root/images/{train,test}, root/masks/{train,test}/*.png,
-    root/unlabeled) or ``fashion_mosaic`` (the offline demo's Fashion-MNIST mosaics)."""
+    root/unlabeled), ``segparquet`` (root/train*.parquet, root/test*.parquet with image bytes
+    and PNG mask bytes in ``mask_column``; root/unlabeled*.parquet) or ``fashion_mosaic`` (the
+    offline demo's Fashion-MNIST mosaics)."""
     root: str = "/usr/share/datasets/fashion-mnist"
     """Local path or s3:// URI of the task data."""
     label_column: str = setting("label", nonempty=True)
     """Label column of parquet data: integers from 0 (or class names when ``class_names`` is
     given or the column holds strings)."""
+    mask_column: str = setting("mask", nonempty=True)
+    """``segparquet``: column of each row's mask as encoded PNG bytes (binary, or an HF
+    ``{bytes, path}`` struct; single channel, pixel = class index), same size as the image in
+    the row's image bytes column (``jpg``/``png``/``webp``/``image``/``bytes``/``img``)."""
     class_names: list = setting(factory=list)
     """Class names in label order (parquet data: label i is ``class_names[i]``); empty = the
     class folders (imagefolder), ``root/classes.txt`` (one name a line) if present, else the
@@ -32,7 +38,15 @@ class DataConfig:
     labels_per_class: int = setting(10, ge=0)
     """Labeled training images per class drawn from the train split (0 = all of them)."""
     val_per_class: int = setting(0, ge=0)
-    """Of the labeled images, how many per class are held out for validation (0 = none)."""
+    """Labeled images per class held out for validation (0 = none): finetuning chooses its
+    weights on them (``finetune.select``). Where they come from: ``val_from``."""
+    val_from: str = setting("labels", choices=("labels", "extra"))
+    """``labels``: the validation images are carved out of the ``labels_per_class`` labeled
+    images (the labeled budget stays ``labels_per_class`` per class, training gets
+    ``labels_per_class - val_per_class``); ``extra``: ``val_per_class`` more labeled images
+    per class drawn from the train split beyond the labeled ones (and kept out of the
+    in-domain transfer set): the budget grows to ``labels_per_class + val_per_class``
+    (stated in the results). ``extra`` needs ``labels_per_class > 0``."""
     test_limit: int = setting(0, ge=0)
     """Evaluate on the first N test images only (0 = the whole test set)."""
     unlabeled_limit: int = setting(0, ge=0)
@@ -42,7 +56,8 @@ class DataConfig:
     generic_size: int = setting(64, ge=8)
     """Side of the generic pool's crops, in pixels."""
     seed: int = setting(0, ge=0)
-    """Seed of every sampling decision (label subset, views, pool)."""
+    """Seed of every sampling decision (label subset, views, pool) and of the teacher's
+    training; the students train with ``data.seed + train.seed``."""
     ignore_index: int = setting(255, ge=0, le=255)
     """Segmentation: the mask value of pixels that are not labeled (counted nowhere)."""
     mosaic_train: int = setting(40, ge=1)
@@ -62,7 +77,12 @@ class DataConfig:
             )
         if len(set(self.class_names)) != len(self.class_names):
             raise KtrayError(f"data.class_names has duplicates: {self.class_names!r}")
-        if 0 < self.labels_per_class <= self.val_per_class:
+        if self.val_from == "extra" and self.val_per_class > 0 and self.labels_per_class == 0:
+            raise KtrayError(
+                "data.val_from=extra needs data.labels_per_class > 0 (with 0 every train "
+                "image is labeled: there is none beyond the labels to validate on)"
+            )
+        if self.val_from == "labels" and 0 < self.labels_per_class <= self.val_per_class:
             raise KtrayError(
                 f"data.val_per_class must be < data.labels_per_class "
                 f"({self.labels_per_class}), got {self.val_per_class}"
@@ -236,6 +256,11 @@ class TrainConfig:
     """``bf16`` (autocast, weights in fp32), ``fp32``, or ``auto``: bf16 on GPU, fp32 on CPU."""
     compile: bool = False
     """``torch.compile`` the trained model (pays a compile at start-up; worth it on GPU)."""
+    seed: int = setting(0, ge=0)
+    """The student's training seed (distill and finetune: init, batch order, augmentation),
+    added to ``data.seed``; the teacher, the labeled subset and the stored views use
+    ``data.seed`` alone. A student trained with seed N>0 writes to
+    ``OUT/<stage>/<method>~seedN``; ``seeds=K`` runs ``seed``, ``seed+1``, ... ``seed+K-1``."""
     report_every: int = setting(50, ge=1)
     """Report metrics (to Ray Train / Tune / the log) every this many optimizer steps."""
     checkpoint_every: int = setting(50, ge=1)
@@ -268,7 +293,8 @@ class FinetuneConfig:
     """One finetuning policy for every student method: ``steps`` optimizer steps, the same
     batch, weight decay, warmup and cosine schedule; the learning rate is ``lr`` from any
     pretrained start (distilled, ImageNet, a checkpoint) and ``scratch_lr`` from random init.
-    ``scratch_steps`` (0 = ``steps``) is the one deliberate exception, off by default."""
+    ``scratch_steps`` (0 = ``steps``) is the one deliberate exception, off by default.
+    With a validation split every method keeps the weights ``select`` chooses."""
 
     steps: int = setting(150, ge=1)
     """Optimizer steps on the labeled images, for every student method."""
@@ -288,6 +314,20 @@ class FinetuneConfig:
     ``batch_size / ray.num_workers``, rounded up)."""
     warmup_steps: int = setting(10, ge=0)
     """Linear learning-rate warmup, in optimizer steps."""
+    select: str = setting("best_val", choices=("best_val", "last"))
+    """Which weights a finetuning run keeps when there is a validation split
+    (``data.val_per_class > 0``): ``best_val``, the highest validation accuracy of the
+    evaluations at step 0 (before any update), every ``val_every`` steps and at the last step
+    (a tie keeps the earlier step), or ``last``. Without a validation split: the last step.
+    Every student method, ``scratch`` included, is chosen the same way."""
+    val_every: int = setting(25, ge=0)
+    """With a validation split: evaluate the validation accuracy every this many optimizer
+    steps (0 = only at the ``train.report_every`` reports), besides step 0 and the last step."""
+    patience: int = setting(0, ge=0)
+    """``select=best_val``: stop finetuning after this many evaluations in a row without a
+    better validation accuracy (0 = never stop early)."""
 
     def __post_init__(self):
         check_fields(self, "finetune")
+        if self.patience > 0 and self.select != "best_val":
+            raise KtrayError("finetune.patience needs finetune.select=best_val")

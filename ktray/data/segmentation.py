@@ -10,7 +10,8 @@ Layout read by :func:`read_segfolder` (``data.kind=segfolder``)::
     DIR/classes.txt                optional class names, one a line, in index order
 
 A segmentation image table is an image table (``image_id, source, label`` with label -1) plus a
-``mask`` column: the mask's file path or URI.
+``mask`` column: the mask's file path or URI, or ``URI#ROW:COLUMN`` for a mask stored as PNG
+bytes in a Parquet cell (``data.kind=segparquet``, :mod:`ktray.data.seg_parquet`).
 """
 
 from __future__ import annotations
@@ -28,27 +29,17 @@ from torch.utils.data import Dataset
 
 from ktray import storage
 from ktray.data import columns as C
+from ktray.data import seg_parquet
+from ktray.data.listing import IMAGE_EXTENSIONS
+from ktray.data.readers import FASHION_MNIST_CLASSES
 from ktray.data.sources import load_image_strict
 from ktray.data.views import ViewParams, crop_view, sample_view, to_tensor
 from ktray.errors import KtrayError
 
 MASK = "mask"
 """Column of a segmentation image table: the mask file of each image."""
-SEG_KINDS = ("segfolder", "fashion_mosaic")
+SEG_KINDS = ("segfolder", "segparquet", "fashion_mosaic")
 """``data.kind`` values that make a segmentation task."""
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FASHION_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 
 def is_segmentation(kind: str) -> bool:
@@ -120,27 +111,56 @@ def read_unlabeled(root: str) -> pa.Table | None:
     )
 
 
-def load_mask(uri: str) -> np.ndarray:
-    """A mask file as ``uint8 [H, W]`` class indices.
+def decode_mask(data: bytes, name: str) -> np.ndarray:
+    """Encoded mask bytes as ``uint8 [H, W]`` class indices (``name`` for error messages).
 
     Raises:
-        KtrayError: Unreadable, not single-channel, or values above 255.
+        KtrayError: Undecodable, not single-channel, or values above 255.
     """
     try:
-        img = Image.open(io.BytesIO(storage.read_bytes(uri)))
+        img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad mask
-        raise KtrayError(f"mask {uri} cannot be read: {type(e).__name__}: {e}") from None
+        raise KtrayError(f"mask {name} cannot be read: {type(e).__name__}: {e}") from None
     if img.mode not in ("L", "P", "I", "I;16", "1"):
         raise KtrayError(
-            f"mask {uri} has mode {img.mode}: masks must be single-channel (pixel = class index)"
+            f"mask {name} has mode {img.mode}: masks must be single-channel (pixel = class index)"
         )
     a = np.asarray(img)
     if a.ndim != 2:
-        raise KtrayError(f"mask {uri} is not single-channel (shape {a.shape})")
+        raise KtrayError(f"mask {name} is not single-channel (shape {a.shape})")
     if a.max(initial=0) > 255:
-        raise KtrayError(f"mask {uri} has value {int(a.max())} > 255")
+        raise KtrayError(f"mask {name} has value {int(a.max())} > 255")
     return a.astype(np.uint8)
+
+
+def load_masks(uris: Sequence[str]) -> list[np.ndarray]:
+    """Masks (files, or Parquet cells ``URI#ROW:COLUMN``) as ``uint8 [H, W]`` class indices.
+
+    Raises:
+        KtrayError: One line naming the first unreadable, null or malformed mask.
+    """
+    uris = list(uris)
+    out: list[np.ndarray | None] = [None] * len(uris)
+    cells = [i for i, u in enumerate(uris) if seg_parquet.parse_mask_ref(u)]
+    for i, data in zip(cells, seg_parquet.read_masks_bytes([uris[i] for i in cells])):
+        name = seg_parquet.describe(uris[i])
+        if data is None:
+            raise KtrayError(f"mask {name} is null (every labeled row needs a mask)")
+        out[i] = decode_mask(data, name)
+    for i, uri in enumerate(uris):
+        if out[i] is None:
+            try:
+                data = storage.read_bytes(uri)
+            except Exception as e:  # noqa: BLE001 - a missing or unreadable mask file
+                raise KtrayError(f"mask {uri} cannot be read: {type(e).__name__}: {e}") from None
+            out[i] = decode_mask(data, uri)
+    return out
+
+
+def load_mask(uri: str) -> np.ndarray:
+    """One mask (see :func:`load_masks`)."""
+    return load_masks([uri])[0]
 
 
 def image_size(uri: str) -> tuple[int, int]:
@@ -149,40 +169,56 @@ def image_size(uri: str) -> tuple[int, int]:
         return img.size
 
 
+def _image_sizes(sources: list[str]) -> list[tuple[int, int]]:
+    sizes = seg_parquet.image_sizes(sources)
+    for k, src in enumerate(sources):
+        if sizes[k] is None:
+            try:
+                sizes[k] = image_size(src)
+            except Exception as e:  # noqa: BLE001
+                raise KtrayError(f"image {src} cannot be read: {type(e).__name__}: {e}") from None
+    return sizes
+
+
 def check_masks(
-    table: pa.Table, num_classes: int | None, ignore_index: int
+    table: pa.Table, num_classes: int | None, ignore_index: int, batch: int = 256
 ) -> tuple[int, np.ndarray]:
     """Every mask of ``table`` is readable, of its image's size, and holds only class ids
-    below ``num_classes`` (when given) or ``ignore_index``.
+    below ``num_classes`` (when given) or ``ignore_index``. Read ``batch`` rows at a time.
 
     Returns:
         ``(the largest class id seen, pixel count per class id 0..255)``.
 
     Raises:
-        KtrayError: One line naming the first bad mask.
+        KtrayError: One line naming the first bad mask (file, or Parquet file and row).
     """
     counts = np.zeros(256, np.int64)
-    for src, mask_uri in zip(table[C.SOURCE].to_pylist(), table[MASK].to_pylist()):
-        m = load_mask(mask_uri)
-        try:
-            w, h = image_size(src)
-        except Exception as e:  # noqa: BLE001
-            raise KtrayError(f"image {src} cannot be read: {type(e).__name__}: {e}") from None
-        if (m.shape[1], m.shape[0]) != (w, h):
-            raise KtrayError(
-                f"mask {mask_uri} is {m.shape[1]}x{m.shape[0]} but its image {src} is {w}x{h}"
-            )
-        values = np.bincount(m.reshape(-1), minlength=256)
-        if num_classes is not None:
-            bad = [v for v in np.flatnonzero(values) if v >= num_classes and v != ignore_index]
-            if bad:
+    sources, mask_uris = table[C.SOURCE].to_pylist(), table[MASK].to_pylist()
+    for b in range(0, len(sources), batch):
+        srcs, uris = sources[b : b + batch], mask_uris[b : b + batch]
+        for src, mask_uri, m, (w, h) in zip(srcs, uris, load_masks(uris), _image_sizes(srcs)):
+            name = seg_parquet.describe(mask_uri)
+            if (m.shape[1], m.shape[0]) != (w, h):
                 raise KtrayError(
-                    f"mask {mask_uri} has class id {int(bad[0])}, outside 0..{num_classes - 1} "
-                    f"and not the ignore index {ignore_index}"
+                    f"mask {name} is {m.shape[1]}x{m.shape[0]} but its image {src} is {w}x{h}"
                 )
-        counts += values
+            values = np.bincount(m.reshape(-1), minlength=256)
+            if num_classes is not None:
+                bad = [v for v in np.flatnonzero(values) if v >= num_classes and v != ignore_index]
+                if bad:
+                    raise KtrayError(
+                        f"mask {name} has class id {int(bad[0])}, outside "
+                        f"0..{num_classes - 1} and not the ignore index {ignore_index}"
+                    )
+            counts += values
     seen = [v for v in np.flatnonzero(counts) if v != ignore_index]
     return (int(max(seen)) if seen else -1), counts
+
+
+def read_segparquet_split(uri: str, mask_column: str) -> pa.Table:
+    """Parquet files (``uri``: file, folder or glob) of image bytes + PNG mask bytes in
+    ``mask_column`` as a segmentation image table (see :mod:`ktray.data.seg_parquet`)."""
+    return seg_parquet.read_split(uri, mask_column, MASK)
 
 
 # -- views of an image and its mask ---------------------------------------------------------
@@ -223,7 +259,7 @@ class SegImages(Dataset):
             raise KtrayError("segmentation table lacks the mask column")
         self.ids = table[C.IMAGE_ID].to_pylist()
         self.images = [load_image_strict(s) for s in table[C.SOURCE].to_pylist()]
-        self.masks = [load_mask(m) for m in table[MASK].to_pylist()]
+        self.masks = load_masks(table[MASK].to_pylist())
         self.size, self.mean, self.std = int(size), tuple(mean), tuple(std)
         self.train, self.seed, self.scale, self.mask_size = bool(train), int(seed), scale, mask_size
 
@@ -355,7 +391,7 @@ def build_fashion_mosaics(
             if mask_dir:
                 Image.fromarray(mask).save(os.path.join(out_dir, mask_dir, f"{k:06d}.png"))
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:
-        f.write("\n".join(("background", *FASHION_NAMES)) + "\n")
+        f.write("\n".join(("background", *FASHION_MNIST_CLASSES)) + "\n")
     with open(done, "w") as f:
         f.write(key)
     return out_dir

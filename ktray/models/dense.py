@@ -163,14 +163,22 @@ class _DeepLab(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, dim, 1), nn.ReLU(True))
         self.project = _cbr(4 * dim, dim)
         self.low = _cbr(channels[0], dim // 2)
-        self.fuse = _cbr(dim + dim // 2, dim, 3)
+        # not ``fuse``: timm's reparameterize_model (ONNX export) calls any ``fuse`` attribute
+        self.merge = _cbr(dim + dim // 2, dim, 3)
+        self._register_load_state_dict_pre_hook(_renamed_fuse)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         top = feats[-1]
         pooled = self.pool(top).expand(-1, -1, *top.shape[-2:])
         y = self.project(torch.cat([b(top) for b in self.branches] + [pooled], 1))
         low = self.low(feats[0])
-        return self.fuse(torch.cat([_resize(y, low.shape[-2:]), low], 1))
+        return self.merge(torch.cat([_resize(y, low.shape[-2:]), low], 1))
+
+
+def _renamed_fuse(state, prefix, *_):
+    """Checkpoints written before the rename (``fuse.*`` -> ``merge.*``) still load."""
+    for key in [k for k in state if k.startswith(prefix + "fuse.")]:
+        state[prefix + "merge." + key[len(prefix + "fuse.") :]] = state.pop(key)
 
 
 class DenseStudent(nn.Module):

@@ -1,11 +1,12 @@
 """Compute accounting: every stage manifest under an output folder, in one table (no ray here).
 
 ``gather(out)`` reads every ``manifest.json`` under ``out`` (the stages of a pipeline run and of
-every sweep trial), one row each, with its FLOPs, device-seconds and test accuracy. A finetuned
-student's row also gets its *pretraining compute*: its distillation's FLOPs plus the teacher's
-FLOPs over the transfer set (the logits pass), as in the paper's accuracy-against-compute plot
-(Fig. 4). ``write_report(out)`` writes the table (markdown + Parquet) and that plot atomically
-under ``out/report/``.
+every sweep trial), one row each, with its FLOPs, device-seconds and test accuracy (test mIoU for
+segmentation; the report plots that task's metric). A finetuned student's row also gets its
+*pretraining compute*: its distillation's FLOPs plus the teacher's FLOPs over the transfer set
+(the logits pass), as in the paper's accuracy-against-compute plot (Fig. 4).
+``write_report(out)`` writes the table (markdown + Parquet) and that plot atomically under
+``out/report/``.
 
 A stage output a sweep trial shares (a symlink to ``sweep/shared``) appears in each trial's rows,
 so every trial's pretraining compute is complete, but counts once in the totals. A trial ASHA
@@ -22,10 +23,12 @@ import pyarrow as pa
 
 from ktray import storage
 from ktray.pipeline.manifest import MANIFEST, path_name
+from ktray.pipeline.replicates import split_name, stage_name
 
 SKIP_DIRS = {"ray", "report", "model", "mlruns"}
 AGGREGATES = ("pipeline", "sweep")
 """Summary manifests (a run's, a sweep's totals): listed, never added to the totals."""
+METRIC_LABELS = {"test_accuracy": "test accuracy", "test_miou": "test mIoU"}
 STOPPED = "stopped"
 """The stage name of a sweep trial's partial stage (see the module docstring)."""
 COLUMNS = [
@@ -34,6 +37,7 @@ COLUMNS = [
     "name",
     "params",
     "test_accuracy",
+    "test_miou",
     "pretrain_flops",
     "flops",
     "flops_per_image",
@@ -109,6 +113,7 @@ def gather(out: str) -> list[dict]:
                 "name": str(m.get("name") or ""),
                 "params": "",
                 "test_accuracy": _number(m.get("test_accuracy")),
+                "test_miou": _number(m.get("test_miou")),
                 "pretrain_flops": None,
                 "flops": 0.0 if m.get("adopted") else _number(m.get("flops")),
                 "flops_per_image": _number(m.get("flops_per_image")),
@@ -127,13 +132,14 @@ def gather(out: str) -> list[dict]:
         row["params"] = params[row["run"]]
         if row["stage"] != "finetune":
             continue
-        method = _method(row["name"])
+        base, seed = split_name(row["name"])  # a replicate (seeds=N): method~seedS
+        method = _method(base)
         if method is None:
             continue
         # scratch and init@WEIGHTS: no pretraining here (ImageNet's is not counted)
         row["pretrain_flops"] = 0.0
         if method.distills:
-            pre = manifests.get((row["run"], "distill", method.distill_name), {})
+            pre = manifests.get((row["run"], "distill", stage_name(method.distill_name, seed)), {})
             logits = (
                 manifests.get((row["run"], "logits", method.transfer), {})
                 if pre.get("uses_logits", True)
@@ -194,7 +200,7 @@ def fmt(value, column: str = "") -> str:
     if isinstance(value, float):
         if "flops" in column:
             return f"{value:.3g}"
-        if "accuracy" in column:
+        if "accuracy" in column or "miou" in column:
             return f"{value:.4f}"
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3g}"
     return str(value)
@@ -225,28 +231,29 @@ def plot_accuracy(
     title: str = "",
     xlabel: str = "",
     hlines: dict | None = None,
+    metric: str = "test_accuracy",
 ) -> bytes:
-    """PNG of ``test_accuracy`` against ``x``: one line per ``group`` value, points annotated
-    with ``label``; ``hlines`` = {name: accuracy} reference lines. Log x-axis when ``x`` spans
-    more than a factor of 20."""
+    """PNG of ``metric`` (``test_accuracy``, or ``test_miou`` for segmentation) against ``x``:
+    one line per ``group`` value, points annotated with ``label``; ``hlines`` = {name: value}
+    reference lines. Log x-axis when ``x`` spans more than a factor of 20."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    pts = [p for p in points if p.get(x) is not None and p.get("test_accuracy") is not None]
+    pts = [p for p in points if p.get(x) is not None and p.get(metric) is not None]
     groups: dict = {}
     for p in pts:
         groups.setdefault(p.get(group, "") if group else "", []).append(p)
     for name, gp in groups.items():
         gp = sorted(gp, key=lambda p: p[x])
-        ax.plot([p[x] for p in gp], [p["test_accuracy"] for p in gp], "o-", label=name or None)
+        ax.plot([p[x] for p in gp], [p[metric] for p in gp], "o-", label=name or None)
     if label:
-        for p, dy in zip(*_label_offsets([p for p in pts if p.get(label)], x)):
+        for p, dy in zip(*_label_offsets([p for p in pts if p.get(label)], x, metric)):
             ax.annotate(
                 str(p[label]),
-                (p[x], p["test_accuracy"]),
+                (p[x], p[metric]),
                 fontsize=7,
                 textcoords="offset points",
                 xytext=(4, 4 + dy),
@@ -261,7 +268,7 @@ def plot_accuracy(
     if not pts:
         ax.text(0.5, 0.5, "no finished points", ha="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel or x)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -273,27 +280,39 @@ def plot_accuracy(
     return buf.getvalue()
 
 
-def _label_offsets(points: list[dict], x: str) -> tuple[list[dict], list[int]]:
+def _label_offsets(
+    points: list[dict], x: str, metric: str = "test_accuracy"
+) -> tuple[list[dict], list[int]]:
     """Vertical label offsets (points) so labels of points at (nearly) the same place do not
     overprint: points at one x are stacked in accuracy order, each label 9 points above the
     previous one when their accuracies are within 2% of the plot's accuracy range."""
     if not points:
         return [], []
-    ys = [p["test_accuracy"] for p in points]
+    ys = [p[metric] for p in points]
     close = 0.02 * max(max(ys) - min(ys), 0.05)
     xs = [p[x] for p in points]
     xspan = (max(xs) - min(xs)) or 1.0
-    order = sorted(points, key=lambda p: (p[x], p["test_accuracy"]))
+    order = sorted(points, key=lambda p: (p[x], p[metric]))
     offsets, prev = [], None
     for p in order:
         same = (
             prev is not None
             and abs(p[x] - prev[0][x]) <= 0.01 * xspan
-            and abs(p["test_accuracy"] - prev[0]["test_accuracy"]) <= close
+            and abs(p[metric] - prev[0][metric]) <= close
         )
         offsets.append(prev[1] + 9 if same else 0)
         prev = (p, offsets[-1])
     return order, offsets
+
+
+def report_metric(rows: list[dict]) -> str:
+    """The metric a compute report plots: ``test_miou`` when the rows are a segmentation
+    run's (some have an mIoU, none an accuracy), else ``test_accuracy``."""
+    if any(r.get("test_miou") is not None for r in rows) and not any(
+        r.get("test_accuracy") is not None for r in rows
+    ):
+        return "test_miou"
+    return "test_accuracy"
 
 
 def _mean(values: list) -> float | None:
@@ -312,6 +331,7 @@ def write_report(out: str) -> dict:
     if not rows:
         raise KtrayError(f"no stage manifests under {out}: run a ktray stage, run or sweep first")
     t = totals(rows)
+    metric = report_metric(rows)
     pretrained = [
         dict(r, method=r["name"])
         for r in rows
@@ -323,9 +343,7 @@ def write_report(out: str) -> dict:
     )
     references = [("scratch", "finetune", "scratch"), ("teacher", "teacher", "")]
     for name, stage, method in references + [(n, "finetune", n) for n in inits]:
-        acc = _mean(
-            [r["test_accuracy"] for r in rows if r["stage"] == stage and r["name"] == method]
-        )
+        acc = _mean([r[metric] for r in rows if r["stage"] == stage and r["name"] == method])
         if acc is not None:
             hlines[name] = acc
     png = plot_accuracy(
@@ -333,9 +351,10 @@ def write_report(out: str) -> dict:
         "pretrain_flops",
         group="method",
         label="params",
-        title="accuracy against pretraining compute",
+        title=f"{METRIC_LABELS[metric]} against pretraining compute",
         xlabel="pretraining FLOPs (distillation + teacher over the transfer set)",
         hlines=hlines,
+        metric=metric,
     )
     report = storage.join(out, "report")
     paths = {
@@ -356,10 +375,15 @@ def write_report(out: str) -> dict:
         "pretrain_flops (finetuned students): distillation + the teacher's pass over the "
         "transfer set. `shared`: a sweep trial's view of an output in sweep/shared.",
         "",
-        markdown_table(rows, [c for c in COLUMNS if c != "path"]),
+        markdown_table(rows, [c for c in COLUMNS if c != "path" and c != _other(metric)]),
         "",
-        "![accuracy against pretraining compute](accuracy_vs_compute.png)",
+        f"![{METRIC_LABELS[metric]} against pretraining compute](accuracy_vs_compute.png)",
         "",
     ]
     storage.write_text(paths["md"], "\n".join(md))
-    return {"rows": rows, "totals": t, "outputs": paths}
+    return {"rows": rows, "totals": t, "outputs": paths, "metric": metric}
+
+
+def _other(metric: str) -> str:
+    """The metric column a report leaves out of its markdown (always empty there)."""
+    return "test_accuracy" if metric == "test_miou" else "test_miou"

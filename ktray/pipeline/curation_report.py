@@ -105,7 +105,7 @@ def scores_png(scores: np.ndarray, origins: Sequence[str] | None = None) -> byte
 
 
 def markdown(summary: dict, extra: dict | None = None, leaks: list | None = None) -> str:
-    """The summary of a curation run (as ``ktray.pipeline.curation.summary`` makes it)."""
+    """The summary of a curation run (as ``ktray.pipeline.curation_summary.summary`` makes it)."""
     s = summary
     lines = [
         "# ktray curation",

@@ -29,10 +29,13 @@ class Costs:
     student_train: float
     student_forward: float
     device: str
+    encoder_forward: float | None = None
+    """Curation's encoder at ``curate.img_size`` (None: priced as the teacher's forward)."""
 
 
 def _per_image(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up (allocations, oneDNN primitives)
+    for _ in range(2):  # warm-up: allocations, oneDNN primitives (a training step's first two
+        fn(x)  # calls on CPU take ~10x a steady one)
     start = time.perf_counter()
     for _ in range(repeats):
         fn(x)
@@ -51,7 +54,10 @@ def measure_costs(cfg: Config, num_classes: int, batch: int = 64, repeats: int =
     t, s = cfg.teacher, cfg.student
     teacher = TaskModel(create_backbone(t.backbone, pretrained=False, img_size=t.img_size), 2)
     teacher = teacher.eval().to(device, memory_format=torch.channels_last)
-    student = create_student(s.arch, num_classes, img_size=s.img_size).to(device)
+    # channels_last as the workers train it (a contiguous model fed channels_last images takes
+    # a slow mixed-format path: ~10x a step on CPU)
+    student = create_student(s.arch, num_classes, img_size=s.img_size)
+    student = student.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(student.parameters(), lr=1e-3)
 
     def image(size: int, n: int) -> torch.Tensor:
@@ -71,7 +77,26 @@ def measure_costs(cfg: Config, num_classes: int, batch: int = 64, repeats: int =
     student.eval()
     with torch.inference_mode():
         student_fwd = _per_image(student, image(s.img_size, cfg.eval_batch_size), repeats)
-    return Costs(teacher_fwd, student_train, student_fwd, device.type)
+    encoder_fwd = None
+    if "curated" in method_transfers(cfg):
+        encoder_fwd = _encoder_forward(cfg, device, image, repeats, teacher_fwd)
+    return Costs(teacher_fwd, student_train, student_fwd, device.type, encoder_fwd)
+
+
+def _encoder_forward(cfg: Config, device, image, repeats: int, teacher_fwd: float) -> float:
+    """Per-image time of curation's encoder (``curate.encoder``, default the teacher's
+    backbone) at ``curate.img_size``; a name timm cannot build offline (e.g. an open_clip
+    model) is priced as the teacher's forward scaled by the pixels."""
+    from ktray.models import create_backbone
+
+    c, t = cfg.curate, cfg.teacher
+    try:
+        enc = create_backbone(c.encoder or t.backbone, pretrained=False, img_size=c.img_size)
+    except Exception:  # an estimate must not stop the run
+        return teacher_fwd * (c.img_size / t.img_size) ** 2
+    enc = enc.eval().to(device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _per_image(enc, image(c.img_size, c.batch_size), repeats)
 
 
 def plan(cfg: Config, rows: dict, costs: Costs) -> list[tuple[str, float]]:
@@ -97,21 +122,14 @@ def plan(cfg: Config, rows: dict, costs: Costs) -> list[tuple[str, float]]:
     if "curated" in transfers:
         c = cfg.curate
         crops = 1 + len(c.scales) * c.grid * c.grid
-        queries = (
-            train + test
-        ) * crops  # labeled queries + the test images leaks are checked against
+        # labeled queries + the test images leaks are checked against
+        queries = (train + test) * crops
+        enc = costs.encoder_forward if costs.encoder_forward is not None else costs.teacher_forward
         if c.gallery:  # a user's gallery: its size is not known before it is listed
-            out.append(
-                ("curate (queries only; gallery not counted)", queries * costs.teacher_forward)
-            )
+            out.append(("curate (queries only; gallery not counted)", queries * enc))
         else:  # the in-domain and generic images mixed
             gallery = sizes["in_domain"] + sizes["generic"]
-            out.append(
-                (
-                    "curate (embed gallery crops)",
-                    (gallery * crops + queries) * costs.teacher_forward,
-                )
-            )
+            out.append(("curate (embed gallery crops)", (gallery * crops + queries) * enc))
         sizes["curated"] = c.images_per_query * train
     for transfer in transfers:
         online = d.teacher_mode == "online"
@@ -121,13 +139,17 @@ def plan(cfg: Config, rows: dict, costs: Costs) -> list[tuple[str, float]]:
                 (f"logits[{transfer}]", sizes.get(transfer, 0) * views * costs.teacher_forward)
             )
     ft_eval = test * costs.student_forward
+    # every student stage runs once per seed (seeds=N); the teacher and logits passes once
+    n = max(1, int(getattr(cfg, "seeds", 1)))
+    times = f" x{n} seeds" if n > 1 else ""
     for method in student_methods:
         if parse_method(method)[0] in ("task", "features"):
             per = costs.student_train + (costs.teacher_forward if d.teacher_mode == "online" else 0)
-            out.append((f"distill[{method}]", d.steps * d.batch_size * per + ft_eval))
+            out.append((f"distill[{method}]{times}", n * (d.steps * d.batch_size * per + ft_eval)))
         scratch_steps = getattr(f, "scratch_steps", 0)
         ft_steps = scratch_steps if method == "scratch" and scratch_steps else f.steps
-        out.append((f"finetune[{method}]", ft_steps * f.batch_size * costs.student_train + ft_eval))
+        ft = ft_steps * f.batch_size * costs.student_train + ft_eval
+        out.append((f"finetune[{method}]{times}", n * ft))
     return out
 
 

@@ -22,7 +22,7 @@ def path_name(name: str) -> str:
     path or URI (a transfer set given as ``/data/unl-{000..009}.tar``, or ``task@`` that), a
     short stable name: the last two path parts, cleaned, plus 8 hex digits of the whole name's
     hash (``task@data-unl-_000..009_.tar-1a2b3c4d``)."""
-    if re.fullmatch(r"[\w@.+=-]+", name):
+    if re.fullmatch(r"[\w@.+=~-]+", name):  # (~: a replicate's seed, ``task@x~seed1``)
         return name
     head, sep, rest = name.partition("@") if "@" in name.split("/")[0] else ("", "", name)
     parts = [p for p in rest.split("/") if p and not p.endswith(":")][-2:]

@@ -7,6 +7,7 @@ import io as _io
 from ktray import storage
 from ktray.config import methods as methods_mod
 from ktray.errors import KtrayError
+from ktray.pipeline import replicates
 
 
 def describe(method: str) -> str:
@@ -49,18 +50,35 @@ def policy_text(results: dict) -> str:
     )
     if p["scratch_steps"] != p["steps"]:
         text += f"; `scratch` trains {p['scratch_steps']} steps (finetune.scratch_steps)"
+    if p.get("select"):
+        text += f"; weights kept: {p['select']}"
     return text + "."
+
+
+def budget_text(results: dict) -> str:
+    """The labeled budget, training + validation images per class (empty without validation)."""
+    b = results.get("labeled_budget") or {}
+    if not b.get("val_per_class"):
+        return ""
+    train = b["train_per_class"] if b.get("train_per_class") is not None else "all"
+    where = (
+        "carved out of the labels (data.val_from=labels)"
+        if b.get("val_from") == "labels"
+        else "drawn beyond the labels (data.val_from=extra: a larger budget)"
+    )
+    total = b.get("total_per_class")
+    total = f"{total} labeled images per class: " if total else "Labeled images per class: "
+    return f"{total}{train} to train + {b['val_per_class']} to validate, {where}."
 
 
 def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, m in results["methods"].items():
-        pre = m.get("distill_test_accuracy")
         rows.append(
             [
                 name,
-                f"{m['test_accuracy']:.4f}",
-                f"{pre:.4f}" if pre is not None else "-",
+                replicates.cell(m, "test_accuracy"),  # mean ± sd with seeds > 1
+                replicates.cell(m, "distill_test_accuracy"),
                 f"{m.get('train_seconds', 0):.1f}",
                 f"{m['pretrain_flops'] / 1e12:.2f}" if m.get("pretrain_flops") else "-",
                 describe(name),
@@ -122,10 +140,19 @@ def _text_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def header(results: dict) -> list[str]:
+    """The results table's header; with seeds > 1 it says the cells are mean ± sd."""
+    n = max((m.get("n_seeds", 1) for m in results["methods"].values()), default=1)
+    if n < 2:
+        return HEADER
+    return [HEADER[0], f"test acc (mean ± sd, {n} seeds)"] + HEADER[2:]
+
+
 def format_table(results: dict) -> str:
-    text = _text_table([HEADER] + table_rows(results))
+    text = _text_table([header(results)] + table_rows(results))
     if policy_text(results):
         text += "\n" + policy_text(results).replace("`", "")
+    text += "\n" + "\n".join(replicates.summary(results))
     speed = speed_rows(results)
     if speed:
         text += "\n\nCPU speed (batch 1 latency, batch 32 throughput; same process):\n"
@@ -134,17 +161,20 @@ def format_table(results: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    rows = [HEADER, ["---"] * len(HEADER)] + table_rows(results)
+    rows = [header(results), ["---"] * len(HEADER)] + table_rows(results)
     md = [
         f"# ktray results: {results['task']}",
         "",
         f"{labeled_text(results)}; test set of {results.get('test_images', '?')} images.",
         "",
     ]
+    if budget_text(results):
+        md += [budget_text(results), ""]
     if policy_text(results):
         md += [policy_text(results), ""]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "![accuracy](results.png)", ""]
+    md += [f"- {line}" for line in replicates.summary(results)] + [""]
     speed = speed_rows(results)
     if speed:
         md += [
@@ -172,6 +202,7 @@ def plot(results: dict) -> bytes:
 
     names = list(results["methods"])
     acc = [results["methods"][n]["test_accuracy"] for n in names]
+    sds = [results["methods"][n].get("test_accuracy_std") or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
 
     def color(n: str) -> str:
@@ -182,11 +213,12 @@ def plot(results: dict) -> bytes:
         return "#1f77b4" if n.startswith("task") else "#ff7f0e"
 
     colors = [color(n) for n in names]
-    ax.barh(names, acc, color=colors)
-    for i, a in enumerate(acc):
-        ax.text(a + 0.005, i, f"{a:.3f}", va="center")
+    # error bars: one sample standard deviation over the seeds (none for a single run)
+    ax.barh(names, acc, color=colors, xerr=sds if any(sds) else None, capsize=4)
+    for i, (a, sd) in enumerate(zip(acc, sds)):
+        ax.text(a + sd + 0.005, i, f"{a:.3f}" + (f" ± {sd:.3f}" if sd else ""), va="center")
     lo = max(0.0, min(acc) - 0.1)
-    ax.set_xlim(lo, min(1.0, max(acc) + 0.08))
+    ax.set_xlim(lo, min(1.0, max(a + sd for a, sd in zip(acc, sds)) + (0.12 if any(sds) else 0.08)))
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy")
     kind = results.get("data_kind")

@@ -4,7 +4,8 @@ with ground truth, teacher and student masks side by side (no ray here).
 ``results.json`` has ``"task_type": "segmentation"`` and per method ``test_miou``,
 ``test_pixel_accuracy``, ``per_class_iou`` (and ``distill_test_miou``: the distilled
 student's mIoU before finetuning); ``test_accuracy`` is left out (it means classification
-accuracy everywhere else).
+accuracy everywhere else). With ``export.speed`` the speed table of ``ktray run`` follows
+(the exported dense graphs: logits at the input size).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import io as _io
 import numpy as np
 
 from ktray import storage
-from ktray.pipeline.reporting import describe
+from ktray.pipeline.replicates import cell, summary
+from ktray.pipeline.reporting import SPEED_HEADER, _text_table, describe, speed_rows
 
 HEADER = ["method", "test mIoU", "mIoU before finetune", "pixel acc", "train s", "what it is"]
 
@@ -22,13 +24,12 @@ HEADER = ["method", "test mIoU", "mIoU before finetune", "pixel acc", "train s",
 def table_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, m in results["methods"].items():
-        pre = m.get("distill_test_miou")
         rows.append(
             [
                 name,
-                f"{m['test_miou']:.4f}",
-                f"{pre:.4f}" if pre is not None else "-",
-                f"{m.get('test_pixel_accuracy', 0):.4f}",
+                cell(m, "test_miou"),  # mean ± sd with seeds > 1
+                cell(m, "distill_test_miou"),
+                cell(m, "test_pixel_accuracy"),
                 f"{m.get('train_seconds', 0):.1f}",
                 describe(name),
             ]
@@ -39,7 +40,13 @@ def table_rows(results: dict) -> list[list[str]]:
 def format_table(results: dict) -> str:
     rows = [HEADER] + table_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    text = table + "\n" + "\n".join(summary(results))
+    speed = speed_rows(results)
+    if speed:
+        text += "\n\nCPU speed (batch 1 latency, batch 32 throughput; same process):\n"
+        text += _text_table([SPEED_HEADER] + speed)
+    return text
 
 
 def markdown(results: dict) -> str:
@@ -54,8 +61,22 @@ def markdown(results: dict) -> str:
     md += ["| " + " | ".join(r) + " |" for r in [HEADER, ["---"] * len(HEADER)]]
     md += ["| " + " | ".join(r) + " |" for r in table_rows(results)]
     md += ["", "![mIoU](results.png)", ""]
+    md += [f"- {line}" for line in summary(results)] + [""]
     if results.get("masks_png"):
         md += ["![test masks](masks.png)", ""]
+    speed = speed_rows(results)
+    if speed:
+        md += [
+            "## Speed on this machine's CPU",
+            "",
+            "Latency at batch 1, throughput at batch 32 of the exported graph (logits "
+            "upsampled to the input size), PyTorch (eager) and onnxruntime (fp32, static int8) "
+            "in the same process; the speed-up is the student's onnxruntime throughput over "
+            "the teacher's.",
+            "",
+        ]
+        rows = [SPEED_HEADER, ["---"] * len(SPEED_HEADER)] + speed
+        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     names = results.get("class_names") or []
     if names:
         md += ["## Per-class IoU", ""]

@@ -23,6 +23,9 @@ FORBIDDEN = ("out", "name", "methods", "sweep", "tracking", "ray")
 METRICS = (
     "test_accuracy",
     "distill_test_accuracy",
+    "test_miou",
+    "distill_test_miou",
+    "test_pixel_accuracy",
     "train_seconds",
     "finetune_seconds",
     "distill_seconds",
@@ -40,6 +43,7 @@ TRAIN_SPLIT_KEYS = (
     "data.label_column",
     "data.labels_per_class",
     "data.val_per_class",
+    "data.val_from",
     "data.seed",
 )
 """What decides the labeled train / validation images (not ``data.test_limit`` or the transfer
@@ -152,11 +156,43 @@ def parse(cfg: Config) -> list[Param]:
             )
     methods.check_student_init(cfg)
     # sweep.method / metric / mode / scheduler / counts: checked by SweepConfig itself
+    check_metric(cfg)
     check_config(cfg)
     for p in params:  # e.g. a student arch that does not exist: fail before Ray starts
         for v in p.values if p.kind in ("grid", "choice") else []:
             check_config(apply_overrides(cfg, {p.key: v}))
     return params
+
+
+SEG_METRICS = ("test_miou", "distill_test_miou", "test_pixel_accuracy")
+"""Metrics only segmentation trials report; ``test_accuracy`` / ``distill_test_accuracy``
+only classification trials report."""
+
+
+def task_metric(cfg: Config) -> str:
+    """The test metric of the task: ``test_miou`` (segmentation) or ``test_accuracy``."""
+    from ktray.data.segmentation import is_segmentation
+
+    return "test_miou" if is_segmentation(cfg.data.kind) else "test_accuracy"
+
+
+def check_metric(cfg: Config) -> None:
+    """``sweep.metric`` is one the task's trials report.
+
+    Raises:
+        KtrayError: e.g. ``test_accuracy`` on a segmentation task (its trials report mIoU).
+    """
+    metric, seg = cfg.sweep.metric, task_metric(cfg) == "test_miou"
+    if seg and metric in ("test_accuracy", "distill_test_accuracy"):
+        raise KtrayError(
+            f"sweep.metric={metric} on a segmentation task: its trials report test_miou, "
+            "distill_test_miou and test_pixel_accuracy (e.g. sweep.metric=test_miou)"
+        )
+    if not seg and metric in SEG_METRICS:
+        raise KtrayError(
+            f"sweep.metric={metric} is a segmentation metric; this classification task "
+            "reports test_accuracy and distill_test_accuracy"
+        )
 
 
 def asha_limits(cfg: Config) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """A task = labeled train (+ validation) images, test images and transfer sources.
 
 ``prepare_task(cfg)`` reads the task data, validates it (missing paths, empty class folders,
-labels, unreadable labeled images), draws the labeled subset and writes every split as an image
+labels, unreadable labeled images), draws the labeled subset (and the validation images: out
+of it, or beyond it with ``data.val_from=extra``) and writes every split as an image
 table (``image_id, source, label``) under ``OUT/data/``, so that every later stage, on any node,
 reads the same rows by URI. Its reuse hash covers the ``data`` settings and a fingerprint of
 the listing of ``data.root`` (names, sizes, modification times), so a file added, removed or
@@ -184,15 +185,24 @@ def prepare_task(cfg: Config) -> dict:
     else:
         train_all, test, unlabeled, names = _read_splits(cfg)
         _check_labels(train_all, names, d.root)
+    val = None
     if d.labels_per_class > 0 and not seg:
         train, rest = subsample_per_class(train_all, d.labels_per_class, d.seed)
+        if d.val_per_class > 0 and d.val_from == "extra":
+            # validation beyond the labels: more labeled images, never in the transfer set
+            try:
+                val, rest = subsample_per_class(rest, d.val_per_class, d.seed + 1)
+            except KtrayError as e:
+                raise KtrayError(
+                    f"data.val_from=extra: beyond the {d.labels_per_class} labeled images per "
+                    f"class, {e}"
+                ) from None
         # The train images left unlabeled are the in-domain transfer set (labels dropped).
         extra = _unlabeled(rest)
         unlabeled = extra if unlabeled is None else pa.concat_tables([unlabeled, extra])
     else:
         train = train_all
-    val = None
-    if d.val_per_class > 0 and not seg:
+    if d.val_per_class > 0 and not seg and val is None:  # carved out of the labels
         val, train = subsample_per_class(train, d.val_per_class, d.seed + 1)
     if d.test_limit > 0:
         test = test.slice(0, d.test_limit)

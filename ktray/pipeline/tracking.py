@@ -114,16 +114,19 @@ def log_sweep(
 
 
 def _stage_runs(cfg: Config, method: str) -> list[tuple[str, str]]:
-    """(stage label, stage folder) of the training stages behind a method's result."""
+    """(stage label, stage folder) of the training stages behind a method's result (its first
+    replicate's, ``train.seed``, when ``seeds > 1``)."""
     from ktray.pipeline.manifest import stage_dir
+    from ktray.pipeline.replicates import stage_name
 
     if method == "teacher":
         return [("teacher", stage_dir(cfg.out, "teacher"))]
+    name = stage_name(method, cfg.train.seed)
     if method == "scratch":
-        return [("finetune", stage_dir(cfg.out, "finetune", "scratch"))]
+        return [("finetune", stage_dir(cfg.out, "finetune", name))]
     return [
-        ("distill", stage_dir(cfg.out, "distill", method)),
-        ("finetune", stage_dir(cfg.out, "finetune", method)),
+        ("distill", stage_dir(cfg.out, "distill", name)),
+        ("finetune", stage_dir(cfg.out, "finetune", name)),
     ]
 
 
@@ -209,7 +212,9 @@ def log_student_model(mlflow, cfg: Config, model_dir: str, tmp: str, export_dir:
     return "onnx" if onnx_path else "pytorch"
 
 
-def _register(client, name: str, run, method: str, accuracy: float) -> str | None:
+def _register(
+    client, name: str, run, method: str, accuracy: float, metric: str = "test_accuracy"
+) -> str | None:
     """A new version of registered model ``name`` from the run's ``student/`` artifacts; None
     (and a log line) when the tracking store has no model registry."""
     from mlflow.exceptions import MlflowException
@@ -224,7 +229,7 @@ def _register(client, name: str, run, method: str, accuracy: float) -> str | Non
             name,
             source=f"{run.info.artifact_uri}/student",
             run_id=run.info.run_id,
-            tags={"method": method, "test_accuracy": f"{accuracy:.4f}"},
+            tags={"method": method, metric: f"{accuracy:.4f}"},
             description=f"best student of pipeline run {run.info.run_id}: {method}",
         )
     except Exception as e:  # e.g. a store without a model registry
@@ -254,18 +259,22 @@ def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> s
             with mlflow.start_run(run_name=name, nested=True) as child:
                 mlflow.set_tag("ktray.kind", "method")
                 mlflow.log_params({"method": name, "model": models.get(name, "")})
-                mlflow.log_metrics(_numeric(m))
+                mlflow.log_metrics(_numeric(m))  # the mean over seeds (+ KEY_std, n_seeds)
+                for i, rep in enumerate(m.get("seeds") or []):  # each replicate, step = index
+                    for k, v in _numeric(rep).items():
+                        if k != "seed":
+                            mlflow.log_metric(f"seed/{k}", v, step=i)
                 _log_history(client, child.info.run_id, _histories(cfg, name))
         for path in artifacts.values():
             mlflow.log_artifact(_local_copy(path, tmp))
+        # the task's metric: test mIoU for segmentation (its student logs as a segmenter)
+        key = "test_miou" if results.get("task_type") == "segmentation" else "test_accuracy"
         students = {
-            k: v
-            for k, v in results["methods"].items()
-            if k != "teacher" and v.get("test_accuracy") is not None
+            k: v for k, v in results["methods"].items() if k != "teacher" and v.get(key) is not None
         }
         if students:
-            best, m = max(students.items(), key=lambda kv: kv[1]["test_accuracy"])
-            mlflow.log_metric("best_student_test_accuracy", m["test_accuracy"])
+            best, m = max(students.items(), key=lambda kv: kv[1][key])
+            mlflow.log_metric(f"best_student_{key}", m[key])
             mlflow.set_tag("best_student", best)
             if models.get(best):
                 log_student_model(
@@ -276,9 +285,7 @@ def log_pipeline(cfg: Config, results: dict, artifacts: dict, models: dict) -> s
                     storage.join(cfg.out, "export", best),
                 )
                 name = cfg.tracking.registered_model
-                version = (
-                    _register(client, name, parent, best, m["test_accuracy"]) if name else None
-                )
+                version = _register(client, name, parent, best, m[key], key) if name else None
                 if version is not None:
                     mlflow.set_tags({"registered_model": name, "registered_version": version})
         return parent.info.run_id

@@ -24,13 +24,8 @@ from ktray.retrieval.index import (
     set_nprobe,
     training_size,
 )
-from ktray.retrieval.select import (
-    Candidates,
-    balanced_select,
-    merge_hits,
-    remove_near_duplicates,
-    round_robin,
-)
+from ktray.retrieval.near_duplicates import remove_near_duplicates
+from ktray.retrieval.select import Candidates, balanced_select, merge_hits, round_robin
 
 __all__ = [
     "Candidates",

@@ -33,6 +33,9 @@ def ensure_ray(rc: RayConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # ktray logs every pass's shards and ETA; Ray Data's own "execution finished in N s" line
+    # repeats for every dataset it runs (each cached epoch of a distillation run).
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
 def cluster_has_gpus() -> bool:

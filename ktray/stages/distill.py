@@ -13,6 +13,7 @@ from __future__ import annotations
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
 from ktray.models import read_spec
+from ktray.pipeline import replicates
 from ktray.pipeline.tasks import prepare_task, read_transfer
 from ktray.predict import expand_views
 from ktray.stages import logits as logits_stage
@@ -81,7 +82,8 @@ def run(
         "transfer_rows": n,
         "teacher_mode": spec.teacher_mode,
     }
-    name = name or f"{spec.objective}@{transfer}"
+    # a student trained with train.seed=N>0 (a replicate of seeds=N) gets its own output
+    name = replicates.stage_name(name or f"{spec.objective}@{transfer}", cfg.train.seed)
     # A features-distilled student has an untrained head: its test accuracy means nothing.
     return run_train_stage(
         cfg,

@@ -4,8 +4,9 @@ Writes ``DIR/model.onnx`` (dynamic batch axis), optionally ``DIR/model.int8.onnx
 ``model.json`` (the preprocessing) and, last, ``DIR/manifest.json``: parity with PyTorch (max
 abs logit difference, top-1 agreement), parameters, GFLOPs, MB, CPU latency / throughput of
 PyTorch and onnxruntime measured in the same process and, when a task config is given
-(``--config``), the test accuracy of PyTorch, the fp32 and the int8 ONNX model side by side
-(static int8 is then calibrated on the labeled training images).
+(``--config``), the test accuracy (segmentation: test mIoU) of PyTorch, the fp32 and the int8
+ONNX model side by side (static int8 is then calibrated on the labeled training images).
+Segmentation models export as ``logits [N, C, S, S]`` (see :mod:`ktray.dense_export`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import time
 
 import numpy as np
 
-from ktray import export, storage
+from ktray import dense_export, export, storage
 from ktray.config import Config
 from ktray.data.sources import load_images
 from ktray.data.views import eval_transform
 from ktray.errors import KtrayError
-from ktray.models import read_spec
+from ktray.models import load_model, read_spec
 from ktray.pipeline import manifest
 
 log = logging.getLogger("ktray")
@@ -58,8 +59,6 @@ def normalised(table, spec: dict, limit: int = 0) -> tuple[np.ndarray, np.ndarra
 
 def test_accuracy(model_dir: str, files: dict, table, spec: dict) -> dict:
     """Test accuracy of PyTorch and of each ONNX file, over the same images in chunks."""
-    from ktray.models import load_model
-
     model, _ = load_model(model_dir)
     runners = {"pytorch": lambda x: export.torch_logits(model, x)}
     for name, path in files.items():
@@ -103,7 +102,12 @@ def run(cfg: Config, model_dir: str, with_task: bool = False) -> dict:
             speed_iters=ec.speed_iters,
             calibration=calibration,
         )
-        if test is not None:
+        if test is not None and dense_export.is_dense(spec):  # segmentation: test mIoU
+            model = dense_export.exportable(load_model(model_dir)[0], spec)
+            r["test_miou"] = dense_export.miou_by_backend(
+                model, r["files"], test, spec, cfg.data.ignore_index
+            )
+        elif test is not None:
             r["test_accuracy"] = test_accuracy(model_dir, r["files"], test, spec)
         if storage.is_remote(out):
             for name in os.listdir(local):
@@ -127,7 +131,8 @@ def summary(r: dict) -> str:
     p = r["parity"]
     lines = [
         f"{r['arch']} ({r['kind']}) @ {r['img_size']} px: {r['params'] / 1e6:.2f} M params, "
-        f"{r['gflops']:.3f} GFLOPs, {r['mb']:.1f} MB",
+        f"{r['gflops']:.3f} GFLOPs, {r['mb']:.1f} MB, output logits "
+        f"[{', '.join(str(d) for d in r.get('output_shape') or [])}]",
         f"onnx: {r['files']['onnx']} ({r['file_mb']['onnx']:.1f} MB), max abs logit diff "
         f"{p['onnx']['max_abs_diff']:.2g}, top-1 agreement {p['onnx']['top1_agreement']:.3f}",
     ]
@@ -142,10 +147,12 @@ def summary(r: dict) -> str:
                 f"{name:8s} latency {s['latency_ms']:.2f} ms (batch 1), "
                 f"{s['throughput']:.0f} img/s (batch {r['speed']['batch_size']})"
             )
-    if r.get("test_accuracy"):
-        acc = r["test_accuracy"]
+    for key, what in (("test_accuracy", "test accuracy"), ("test_miou", "test mIoU")):
+        if not r.get(key):
+            continue
+        acc = r[key]
         lines.append(
-            "test accuracy: "
+            f"{what}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in acc.items() if k != "images")
             + f" ({acc['images']} images)"
         )

@@ -5,7 +5,9 @@ init), ``init@imagenet`` (the arch's pretrained weights), ``init@PATH`` (a check
 distilled student (``task@in_domain``, ``task@in_domain+init@imagenet``, ...), distilled first
 when not already done. Every method finetunes under one policy (``finetune.*``: the same
 steps and schedule; ``finetune.lr`` from pretrained weights, ``finetune.scratch_lr`` from
-random init) into ``OUT/finetune/<method>``.
+random init) into ``OUT/finetune/<method>``. With a validation split every method keeps the
+weights ``finetune.select`` chooses (best validation accuracy by default; the manifest names
+the step: ``selected_step``, ``val_accuracy``, ``val_history``).
 The labeled sets are small (tens to thousands of images): they keep a map-style DataLoader
 over images decoded in the worker, which starts at once where a Ray Data pipeline pays its
 start-up every run.
@@ -18,6 +20,7 @@ import hashlib
 from ktray.config import Config, apply_overrides
 from ktray.config import methods as methods_mod
 from ktray.errors import KtrayError
+from ktray.pipeline import replicates
 from ktray.pipeline.tasks import prepare_task
 from ktray.stages import distill as distill_stage
 from ktray.stages.train_stage import run_train_stage, table_fingerprint
@@ -93,4 +96,5 @@ def run(cfg: Config, init: str = "") -> dict:
         "init": init_hash,
     }
     extra = {"method": m.name, "init": m.init or "random"}  # the weights it started from
-    return run_train_stage(cfg, "finetune", m.name, spec, inputs, hash_inputs, extra=extra)
+    name = replicates.stage_name(m.name, cfg.train.seed)  # a replicate's own output (seeds=N)
+    return run_train_stage(cfg, "finetune", name, spec, inputs, hash_inputs, extra=extra)

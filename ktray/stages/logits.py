@@ -136,13 +136,7 @@ def run(
     return manifest.write(
         out,
         {
-            "stage": "logits",
-            "name": transfer,
-            "config_hash": h,
-            "outputs": {"parts": out},
-            "images": len(table),
-            "views": cfg.logits.views,
-            "features": features,
+            **_manifest_head(cfg, transfer, h, out, len(table), features),
             "rows": len(written),
             # an unreadable image skips all its views: views and images counted apart
             "skipped_views": sum(s["skipped"] for s in stats),
@@ -156,6 +150,21 @@ def run(
         },
         cfg,
     )
+
+
+def _manifest_head(
+    cfg: Config, transfer: str, h: str, out: str, images: int, features: bool
+) -> dict:
+    """What every logits manifest starts with (a computed pass or a slice of one)."""
+    return {
+        "stage": "logits",
+        "name": transfer,
+        "config_hash": h,
+        "outputs": {"parts": out},
+        "images": images,
+        "views": cfg.logits.views,
+        "features": features,
+    }
 
 
 def _hash(cfg: Config, transfer: str, teacher: dict, features: bool) -> str:
@@ -249,13 +258,7 @@ def slice_from(
     return manifest.write(
         out,
         {
-            "stage": "logits",
-            "name": transfer,
-            "config_hash": h,
-            "outputs": {"parts": out},
-            "images": len(table),
-            "views": cfg.logits.views,
-            "features": features,
+            **_manifest_head(cfg, transfer, h, out, len(table), features),
             "rows": rows,
             "skipped_views": missing * cfg.logits.views,
             "skipped_images": missing,

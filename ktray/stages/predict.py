@@ -27,6 +27,7 @@ from ktray.data import columns as C
 from ktray.data.readers import read_gallery
 from ktray.errors import KtrayError
 from ktray.pipeline import manifest
+from ktray.stages.shards import map_without_restarts, part_name, rows_with_retries
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 1024
@@ -152,10 +153,6 @@ class PredictWriter:
         return pa.table(stats)
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
 def predictions_dir(cfg: Config) -> str:
     return storage.join(cfg.out, "predictions")
 
@@ -172,6 +169,11 @@ def run(
     if not cfg.out:
         raise KtrayError("ktray predict needs out=DIR")
     spec = read_spec(model_dir)
+    if str(spec.get("kind", "")).startswith("seg_"):
+        raise KtrayError(
+            f"{model_dir} is a segmentation model: ktray predict writes one class per image; "
+            "run its model.onnx from ktray export (logits [N, C, S, S]) instead"
+        )
     out = predictions_dir(cfg)
     h = config_hash(model_dir, input_uri, shard_rows, spec)
     done = manifest.load_finished(out, h)
@@ -202,22 +204,26 @@ def run(
         for s in pending:
             block = table.slice(s * shard_rows, shard_rows)
             blocks.append(block.append_column("shard", pa.array([s] * len(block), pa.int32())))
-        ds = ray.data.from_arrow(blocks).map_batches(
-            PredictWriter,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "model_dir": model_dir,
-                "out_dir": out,
-                "batch_size": batch_size,
-                "threads": max(1, int(ic.cpus_per_actor)),
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ic.actors or 1)),
-            num_cpus=ic.cpus_per_actor,
-            num_gpus=gpus,
-        )
-        for row in ds.iter_rows():
-            stats.append(dict(row))
+
+        def run(todo: list[pa.Table]):
+            return map_without_restarts(
+                ray.data.from_arrow(todo).map_batches,
+                PredictWriter,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_constructor_kwargs={
+                    "model_dir": model_dir,
+                    "out_dir": out,
+                    "batch_size": batch_size,
+                    "threads": max(1, int(ic.cpus_per_actor)),
+                },
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ic.actors or 1)),
+                num_cpus=ic.cpus_per_actor,
+                num_gpus=gpus,
+            )
+
+        for row in rows_with_retries(blocks, run, ("shard",)):
+            stats.append(row)
             log.info(
                 "predict: shard %d done (%d rows, %d skipped, %.1fs)",
                 row["shard"],

@@ -14,8 +14,8 @@ import logging
 import time
 
 from ktray import storage
-from ktray.config import Config
-from ktray.pipeline import accounting, manifest
+from ktray.config import Config, apply_overrides
+from ktray.pipeline import accounting, manifest, replicates
 from ktray.pipeline.reporting import format_table, write_results
 from ktray.pipeline.tasks import prepare_task
 from ktray.pipeline.tracking import log_pipeline, tracking_uri
@@ -33,6 +33,8 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
         "init": m.init or "random",
         "finetune_steps": ft.get("steps"),
         "finetune_lr": cfg.finetune.scratch_lr if m.objective == "scratch" else cfg.finetune.lr,
+        "finetune_selected_step": ft.get("selected_step", ft.get("steps")),
+        "val_accuracy": ft.get("val_accuracy"),
         **_scores(ft),
         "finetune_seconds": ft["train_seconds"],
         "train_seconds": ft["train_seconds"],
@@ -43,7 +45,7 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
     if m.distills:
         transfer = m.transfer
         pre = storage.read_json(
-            storage.join(manifest.stage_dir(cfg.out, "distill", m.distill_name), manifest.MANIFEST)
+            storage.join(manifest.stage_dir(cfg.out, "distill", _name(cfg, m)), manifest.MANIFEST)
         )
         # online / distill.targets runs read no logits pass (uses_logits false): none counted
         logits = (
@@ -68,6 +70,28 @@ def _student_entry(cfg: Config, method: str) -> tuple[dict, str]:
     return entry, ft["outputs"]["model"]
 
 
+def _name(cfg: Config, m) -> str:
+    """The distill output of method ``m`` at this config's ``train.seed``."""
+    return replicates.stage_name(m.distill_name, cfg.train.seed)
+
+
+def _replicated_entry(cfg: Config, method: str) -> tuple[dict, str]:
+    """A student method over ``cfg.seeds`` replicates (``train.seed``, ``+1``, ...): the
+    entry aggregated by :func:`replicates.aggregate`; the model of the first replicate."""
+    runs = []
+    for seed in replicates.train_seeds(cfg.train.seed, cfg.seeds):
+        rcfg = cfg if seed == cfg.train.seed else apply_overrides(cfg, {"train.seed": seed})
+        entry, model = _student_entry(rcfg, method)
+        runs.append((seed, entry, model))
+        if cfg.seeds > 1:
+            log.info("%-22s seed %d: %s", method, seed, replicates.cell(entry, _metric(entry)))
+    return replicates.aggregate(runs), runs[0][2]
+
+
+def _metric(entry: dict) -> str:
+    return "test_miou" if "test_miou" in entry else "test_accuracy"
+
+
 def finetune_policy(cfg: Config) -> dict:
     """The finetuning every student method gets (stated in the results)."""
     f = cfg.finetune
@@ -79,6 +103,37 @@ def finetune_policy(cfg: Config) -> dict:
         "batch_size": f.batch_size,
         "warmup_steps": f.warmup_steps,
         "weight_decay": f.weight_decay,
+        "select": selection_rule(cfg),
+    }
+
+
+def selection_rule(cfg: Config) -> str:
+    """Which step's weights every student keeps (``finetune.select``), in words."""
+    from ktray.data.segmentation import is_segmentation
+
+    f = cfg.finetune
+    if cfg.data.val_per_class <= 0 or f.select == "last" or is_segmentation(cfg.data.kind):
+        return "last step"  # (segmentation tasks have no validation split yet)
+    when = f"every {f.val_every or cfg.train.report_every} steps"
+    stop = f", stopping after {f.patience} evaluations without gain" if f.patience else ""
+    return (
+        f"best validation accuracy of evaluations {when}, step 0 and the last step included "
+        f"(a tie keeps the earlier step){stop}"
+    )
+
+
+def labeled_budget(cfg: Config) -> dict:
+    """Labeled images per class the run used: for training and for validation, and where the
+    validation images came from (``data.val_from``); ``None`` per class = all of them."""
+    d = cfg.data
+    per, val = d.labels_per_class or None, d.val_per_class
+    train = per - val if per and d.val_from == "labels" else per
+    total = per + val if per and d.val_from == "extra" else per
+    return {
+        "train_per_class": train,
+        "val_per_class": val,
+        "val_from": d.val_from,
+        "total_per_class": total,
     }
 
 
@@ -176,10 +231,11 @@ def run(cfg: Config) -> dict:
                 **_scores(r),
                 "train_seconds": r["train_seconds"],
                 "flops_per_image": r.get("flops_per_image"),
+                "n_seeds": 1,  # one teacher, shared by every replicate of the students
             }
             models[method] = r["outputs"]["model"]
         else:
-            methods[method], models[method] = _student_entry(cfg, method)
+            methods[method], models[method] = _replicated_entry(cfg, method)
         methods[method]["wall_seconds"] = time.perf_counter() - t0
         m = methods[method]
         if seg:
@@ -198,11 +254,14 @@ def run(cfg: Config) -> dict:
         "student": cfg.student.arch,
         "student_img_size": cfg.student.img_size,
         "finetune_policy": finetune_policy(cfg),
+        "labeled_budget": labeled_budget(cfg),
         "methods": methods,
         "models": models,
+        "train_seeds": replicates.train_seeds(cfg.train.seed, cfg.seeds),
         "total_seconds": time.perf_counter() - started,
     }
-    if seg:  # ONNX export / speed table of dense models: not supported yet
+    results["comparisons"] = replicates.compare(results)  # wins and ties (seeds > 1)
+    if seg:  # dense models export as logits [N, C, S, S] (ktray.dense_export)
         from ktray.pipeline import seg_report
 
         results.update(
@@ -210,6 +269,8 @@ def run(cfg: Config) -> dict:
             class_names=info["class_names"],
             train_images=info["rows"]["train"],
         )
+        if cfg.export.speed:
+            results["speed"] = speed_table(cfg, models)
         results["masks_png"] = seg_report.write_picture(cfg, info, models)
         artifacts = seg_report.write_results(cfg.out, results)
         table = seg_report.format_table(results)

@@ -10,7 +10,8 @@ A pass cuts its rows into shards; each shard is one Ray Data block and ends as o
 2. **model** (an autoscaling actor pool of :class:`ShardWriter` subclasses, ``infer.actors``,
    one GPU per actor when the cluster has GPUs): the actor checks that it got the whole shard,
    normalises the pixels on the device, runs the model (bf16 on GPU) and writes the part file
-   atomically (temporary name + rename).
+   atomically (temporary name + rename). Ray does not restart a dead actor: the shards it had
+   not finished run again in a new pass (:func:`rows_with_retries`).
 
 :func:`prepare` resumes: a ``spec.json`` beside the parts names what they were made for; parts
 made under another spec are dropped, parts of the same spec are kept untouched and only the
@@ -25,6 +26,8 @@ import logging
 import math
 import os
 import time
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -181,6 +184,12 @@ def actor_threads(inf, cluster_gpus: float, pool: int) -> int:
     return max(1, int(node_cpus // max(1, pool)))
 
 
+DECODE_WORKER_BYTES = 768 * 2**20
+"""Resident memory of a Ray worker process that decodes a shard, its batch aside (Python,
+numpy, PIL, pyarrow and the ktray modules): Ray Data measured 570-750 MiB per decode worker in
+the demo (its issue detector reports the peak)."""
+
+
 def inference(
     cfg: Config,
     ds,
@@ -220,11 +229,13 @@ def inference(
         batch_format="pyarrow",
         num_cpus=inf.decode_cpus,
         concurrency=inf.decode_concurrency or None,
-        # The memory a decode task holds (its batch of pixels, twice: PIL images + array).
-        # It also keeps the stage separate: Ray Data fuses a task stage into the next actor
+        # The memory a decode task holds: the worker process itself plus its batch of pixels
+        # twice (PIL images + array). Declared, so that Ray schedules decode tasks by real
+        # memory (and its issue detector stops warning that they use more than declared). It
+        # also keeps the stage separate: Ray Data fuses a task stage into the next actor
         # stage when their resource requests match, and decoding would then run serially
         # inside the model actor.
-        memory=max(2**20, 2 * decode_bytes),
+        memory=DECODE_WORKER_BYTES + 2 * decode_bytes,
     )
     # Whole blocks (batch_size None: one shard per call) on GPU actors: Ray's public
     # map_batches refuses GPUs without a batch size, and any row count would split shards
@@ -236,7 +247,8 @@ def inference(
         else decoded_ds.map_batches
     )
     pool = pool_size(cfg, gpus, cluster_gpus)
-    return map_actor(
+    return map_without_restarts(
+        map_actor,
         actor,
         fn_constructor_kwargs=dict(actor_kwargs, threads=actor_threads(inf, cluster_gpus, pool)),
         batch_size=batch_size,
@@ -278,19 +290,14 @@ def map_shards(
     old_block = ctx.target_max_block_size
     # one shard = one block = one part file: a larger block must not be split on its way
     ctx.target_max_block_size = max(old_block or 0, int(block_bytes * 1.25) + 2**20)
+
+    def run(todo: list[pa.Table]):
+        args = (decode, decode_kwargs, writer, writer_kwargs, block_bytes)
+        return inference(cfg, ray.data.from_arrow(todo), *args)
+
     try:
-        ds = inference(
-            cfg,
-            ray.data.from_arrow(blocks),
-            decode,
-            decode_kwargs,
-            writer,
-            writer_kwargs,
-            block_bytes,
-        )
         stats, started = [], time.perf_counter()
-        for row in ds.iter_rows():
-            row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in rows_with_retries(blocks, run, (SET, SHARD)):
             stats.append(row)
             done, left = len(stats), len(blocks) - len(stats)
             elapsed = time.perf_counter() - started
@@ -299,3 +306,56 @@ def map_shards(
     finally:
         ctx.target_max_block_size = old_block
     return stats
+
+
+ACTOR_RETRIES = 3
+"""Times :func:`rows_with_retries` runs again the shards whose model actor died."""
+
+
+def map_without_restarts(map_batches, fn, **kwargs):
+    """``map_batches(fn, **kwargs)`` (a Dataset's map method) onto an actor pool whose actors
+    Ray never restarts.
+
+    Ray Data restarts a dead actor by default (``max_restarts=-1``), but it hands every actor
+    its constructor arguments (the map function and the DataContext) through the object store,
+    and Ray core then logs an ERROR line for each restartable actor it creates
+    (ray-project/ray#57733, #53727), whatever the arguments' size. Without restarts there is
+    no such line; a dead actor fails only its own shards, which :func:`rows_with_retries` runs
+    again. Ray 2.60 takes ``max_restarts`` only as an extra remote arg, which it marks
+    deprecated (removed in 2.64): that warning is silenced here, for this call alone.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return map_batches(fn, max_restarts=0, **kwargs)
+
+
+def rows_with_retries(blocks: list[pa.Table], run, key: tuple[str, ...]) -> Iterator[dict]:
+    """The summary rows of ``run(blocks)`` (a Ray Data pass over model actors with one row per
+    shard, ``key`` naming its columns in both the blocks and the rows), as Python values.
+
+    When a model actor dies (an out-of-memory kill, a lost node: the actors are not restarted,
+    see :func:`map_without_restarts`), the blocks with no row yet run again in a new pass, up to
+    :data:`ACTOR_RETRIES` times; the parts already written are kept.
+    """
+    import ray
+
+    todo = list(blocks)
+    for attempt in range(ACTOR_RETRIES + 1):
+        done = set()
+        try:
+            for row in run(todo).iter_rows():
+                row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                done.add(tuple(row[k] for k in key))
+                yield row
+            return
+        except ray.exceptions.RayActorError as e:
+            todo = [b for b in todo if tuple(b[k][0].as_py() for k in key) not in done]
+            if not todo:
+                return
+            if attempt == ACTOR_RETRIES:
+                raise
+            log.warning(
+                "a model actor died (%s); running its %d unfinished shards again",
+                type(e).__name__,
+                len(todo),
+            )

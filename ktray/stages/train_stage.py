@@ -25,7 +25,8 @@ def train_worker(config: dict) -> dict:
     session = RaySession(config.get("tune"))
     metrics = run_training(config, session)
     if session.tune is None:  # (Tune already has the last report)
-        session.report({k: v for k, v in metrics.items() if k != "history"}, None)
+        lists = ("history", "val_history")
+        session.report({k: v for k, v in metrics.items() if k not in lists}, None)
     return metrics
 
 
@@ -114,11 +115,27 @@ def run_train_stage(
         "final_loss": metrics.get("loss"),
         "metrics": metrics,
         "history": history,
+        **_selection(metrics),
         **(extra or {}),
     }
     if evaluate:
         result = _evaluate(result, test_uri, table_fingerprint(test_uri), cfg, info, label)
     return manifest.write(out, result, cfg)
+
+
+def _selection(metrics: dict) -> dict:
+    """Which step's weights were saved (finetuning, ``finetune.select``): ``selected_step``,
+    ``val_accuracy`` of those weights (None without a validation split), ``select`` and
+    ``val_history`` (``[{step, val_accuracy}]``); nothing for the other stages."""
+    if "selected_step" not in metrics:
+        return {}
+    return {
+        "selected_step": metrics["selected_step"],
+        "val_accuracy": metrics.get("selected_val_accuracy"),
+        "select": metrics.get("select"),
+        "val_history": metrics.get("val_history") or [],
+        "stopped_early": bool(metrics.get("stopped_early")),
+    }
 
 
 def _evaluate(

@@ -124,6 +124,7 @@ def train_steps(
     checkpoint_every: int = 50,
     precision: str = "fp32",
     state_module: nn.Module | None = None,
+    selector=None,
 ) -> dict:
     """Train ``module`` for ``steps`` optimizer steps.
 
@@ -142,13 +143,19 @@ def train_steps(
         precision: ``bf16`` runs ``step_fn`` under bf16 autocast; ``fp32`` as is.
         state_module: what a checkpoint holds and restores (default: ``module`` unwrapped);
             distillation passes the student (+ projector) so no teacher is stored.
+        selector: a :class:`ktray.train.select.Selector` (or None): observed at step 0, at
+            each step its ``due(step)`` names, at each report and at the end (its score joins
+            the report); carried in checkpoints; its ``stop`` ends the run early (at a
+            report with a checkpoint); its ``finish()`` loads the chosen weights into
+            ``state_module`` and adds ``selected_step`` etc. to the result.
 
     Returns:
         The last report's metrics: ``step``, ``epoch``, ``loss``, ``images``, ``seconds``,
         plus ``history`` (every report's numeric metrics, carried through checkpoints, so a
         run restored after a failure still has the reports made before it) and
         ``resumed_from`` (the step of the checkpoint this run was restored from; 0 for a
-        fresh run). A restored run continues mid-epoch at its step count.
+        fresh run). A restored run continues mid-epoch at its step count. With a
+        ``selector``, ``step`` is the last step trained (early stopping: before ``steps``).
     """
     target = state_module if state_module is not None else unwrap(module)
     opt = make_optimizer(module.parameters(), lr, weight_decay)
@@ -161,13 +168,20 @@ def train_steps(
         sched.load_state_dict(state["scheduler"])
         step, epoch = state["step"], state["epoch"]
         images, seconds = state.get("images", 0), state.get("seconds", 0.0)
+        if selector is not None and state.get("selector") is not None:
+            selector.load_state_dict(state["selector"])
     history = list(state.get("history", [])) if state is not None else []
     resumed_from = step
     metrics = {"step": step, "epoch": epoch, "images": images, "seconds": seconds}
     last_ckpt = step
     sums: dict[str, torch.Tensor] = {}
     batches = 0
+    if selector is not None and state is None:
+        selector.observe(0)  # the weights before any update can be the best
     module.train()
+
+    def stopping() -> bool:
+        return selector is not None and selector.stop
 
     def report() -> dict:
         nonlocal sums, batches, last_ckpt
@@ -179,6 +193,9 @@ def train_steps(
         if extra_metrics is not None:
             out.update(extra_metrics())
             module.train()
+        if selector is not None:
+            out.update(selector.observe(step))
+            module.train()
         history.append(
             {
                 k: v if isinstance(v, int) else round(float(v), 6)
@@ -187,7 +204,7 @@ def train_steps(
             }
         )
         ckpt = None
-        if step >= steps or step - last_ckpt >= checkpoint_every:
+        if step >= steps or stopping() or step - last_ckpt >= checkpoint_every:
             last_ckpt = step
             ckpt = {
                 "model": target.state_dict(),
@@ -199,6 +216,8 @@ def train_steps(
                 "seconds": seconds,
                 "history": list(history),
             }
+            if selector is not None:
+                ckpt["selector"] = selector.state_dict()
         if session.rank == 0:
             log.info(
                 "  step %d/%d  loss %.4f  %.0f img/s  %s",
@@ -211,7 +230,7 @@ def train_steps(
         session.report(out, ckpt)
         return out
 
-    while step < steps:
+    while step < steps and not stopping():
         if set_epoch is not None:
             set_epoch(epoch)
         start, epoch_batches = time.perf_counter(), 0
@@ -232,14 +251,21 @@ def train_steps(
                 if torch.is_tensor(v) and v.numel() == 1:
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v
-            if step % report_every == 0 or step >= steps:
+            if selector is not None and (selector.due(step) or step >= steps):
+                selector.observe(step)
+                module.train()
+            if step % report_every == 0 or step >= steps or stopping():
                 seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 metrics = report()
-            if step >= steps:
+            if step >= steps or stopping():
                 break
         if epoch_batches == 0:
             raise RuntimeError("the training loader yielded no batch (every image unreadable?)")
         seconds += time.perf_counter() - start
         epoch += 1
-    return dict(metrics, history=history, resumed_from=resumed_from)
+    result = dict(metrics, history=history, resumed_from=resumed_from)
+    if selector is not None:
+        result.update(selector.finish())
+        result["stopped_early"] = bool(result.get("stopped_early")) and step < steps
+    return result

@@ -54,13 +54,15 @@ def _task_type(cfg) -> str:
     return "segmentation" if is_segmentation(cfg.data.kind) else "classification"
 
 
-def _run_kwargs(cfg, seed_offset: int = 0) -> dict:
+def _run_kwargs(cfg, student: bool = False) -> dict:
+    """The shared settings; a student's seed (distill, finetune) adds ``train.seed`` (the
+    replicate seed of ``seeds=N``), the teacher's is ``data.seed`` alone (shared)."""
     t = cfg.train
     seg = _task_type(cfg) == "segmentation"
     return {
         "task_type": _task_type(cfg),
         "ignore_index": cfg.data.ignore_index if seg else 255,
-        "seed": cfg.data.seed + seed_offset,
+        "seed": cfg.data.seed + (t.seed if student else 0),
         "precision": t.precision,
         "compile": bool(t.compile),
         "report_every": t.report_every,
@@ -142,6 +144,8 @@ class DistillSpec(_Run, _Student):
     """Pretraining the student on a transfer set against the teacher's targets."""
 
     kind: str = "distill"
+    seed: int = _k("data.seed", "train.seed")
+    """``data.seed + train.seed``: the student's init, batch order and augmentation."""
     objective: str = _k("distill.objective")
     """``task`` or ``features`` (the method's objective; ``distill.objective`` by default)."""
     teacher_mode: str = _k("distill.teacher_mode")
@@ -182,7 +186,7 @@ class DistillSpec(_Run, _Student):
             loss = d.feature_loss
             temperature = float(d.feature_temperature) if loss == "contrastive" else None
         return cls(
-            **_run_kwargs(cfg),
+            **_run_kwargs(cfg, student=True),
             **_student_kwargs(cfg),
             objective=objective,
             teacher_mode=d.teacher_mode,
@@ -225,6 +229,8 @@ class FinetuneSpec(_Run, _Student):
     """Training the student (distilled or from scratch) on the labeled images."""
 
     kind: str = "finetune"
+    seed: int = _k("data.seed", "train.seed")
+    """``data.seed + train.seed``: the student's init (scratch), batch order and augmentation."""
     scratch: bool = False
     """True for a student from random init (``scratch``): ``finetune.scratch_lr`` and, when
     set, ``finetune.scratch_steps``; every other start uses ``finetune.lr`` / ``steps``."""
@@ -233,12 +239,19 @@ class FinetuneSpec(_Run, _Student):
     weight_decay: float = _k("finetune.weight_decay")
     warmup_steps: int = _k("finetune.warmup_steps")
     batch_size: int = _k("finetune.batch_size")
+    select: str = _k("finetune.select", default="best_val")
+    """With a validation split: keep the ``best_val`` weights or the ``last`` ones."""
+    val_every: int = _k("finetune.val_every", default=25)
+    """With a validation split: evaluate every this many steps (0 = at reports only), plus
+    step 0 and the last step."""
+    patience: int = _k("finetune.patience", default=0)
+    """``best_val``: stop after this many evaluations without improvement (0 = never)."""
 
     @classmethod
     def from_config(cls, cfg, scratch: bool) -> FinetuneSpec:
         f = cfg.finetune
         return cls(
-            **_run_kwargs(cfg),
+            **_run_kwargs(cfg, student=True),
             **_student_kwargs(cfg),
             scratch=bool(scratch),
             steps=(f.scratch_steps or f.steps) if scratch else f.steps,
@@ -246,6 +259,9 @@ class FinetuneSpec(_Run, _Student):
             weight_decay=f.weight_decay,
             warmup_steps=f.warmup_steps,
             batch_size=f.batch_size,
+            select=f.select,
+            val_every=f.val_every,
+            patience=f.patience,
         )
 
 

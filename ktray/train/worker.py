@@ -4,7 +4,8 @@
 (``dataclasses.asdict`` of a :mod:`ktray.train.specs` spec: picklable, so Ray Train ships it to
 every worker), builds the model and data it describes from it and ``config["inputs"]`` (where
 the upstream outputs are), trains with :func:`ktray.train.loop.train_steps` and has rank 0
-save the final model as safetensors.
+save the final model as safetensors (finetuning with a validation split: the weights its
+:class:`ktray.train.select.Selector` chose).
 
 Distillation reads its rows from ``session.dataset("train")``: a Ray Data shard in Ray Train
 (``iter_torch_batches`` with a local shuffle buffer and prefetching), uint8 views decoded by
@@ -36,6 +37,7 @@ from ktray.models import (
 )
 from ktray.models.flops import count_flops
 from ktray.train.loop import Session, train_steps, unwrap
+from ktray.train.select import Selector
 from ktray.train.specs import DistillSpec, FinetuneSpec, TeacherSpec, from_dict, resolve_precision
 
 # channels_last: oneDNN's convolutions on CPU (and tensor cores on GPU) run ~1.3-1.7x faster
@@ -171,6 +173,11 @@ def _classifier_run(
 ) -> dict:
     """Supervised training on labeled images (teacher adaptation and finetuning).
 
+    With a validation split, finetuning keeps the weights ``spec.select`` chooses (best
+    validation accuracy of the evaluations at step 0, every ``spec.val_every`` steps and at
+    the end, or the last step; see :mod:`ktray.train.select`); the teacher reports its
+    validation accuracy at each report and keeps its last step.
+
     A linear probe (frozen backbone) runs the backbone once per cached augmented view and
     trains the head on the cached features: the same optimisation for a fraction of the
     backbone passes of running it at every step.
@@ -195,7 +202,7 @@ def _classifier_run(
         loss = loss_fn(logits.float(), y)
         return {"loss": loss, "n": len(y), "train_acc": (logits.argmax(-1) == y).float().mean()}
 
-    extra = None
+    extra, selector = None, None
     if inputs.get("val_uri"):
         val = storage.read_parquet(inputs["val_uri"])
         val_loader = DataLoader(
@@ -204,9 +211,24 @@ def _classifier_run(
             collate_fn=collate_skip_none,
         )
 
-        def extra():
-            r = evaluate_classifier(full.to(device), val_loader, device)
-            return {"val_accuracy": r["test_accuracy"]}
+        def val_accuracy() -> float:  # the full val set, fp32, in order: deterministic
+            return evaluate_classifier(full.to(device), val_loader, device)["test_accuracy"]
+
+        if isinstance(spec, FinetuneSpec):  # chosen on validation (finetune.select)
+            selector = Selector(
+                val_accuracy,
+                state_module,
+                rank=session.rank,
+                world_size=session.world_size,
+                device=session.device,
+                every=spec.val_every,
+                patience=spec.patience,
+                policy=spec.select,
+            )
+        else:
+
+            def extra():
+                return {"val_accuracy": val_accuracy()}
 
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     metrics = train_steps(
@@ -224,7 +246,10 @@ def _classifier_run(
         checkpoint_every=spec.checkpoint_every,
         precision=_precision(spec, session),
         state_module=state_module,
+        selector=selector,
     )
+    if selector is None:  # no validation split: the last step's weights
+        metrics.update(selected_step=metrics["step"], select="last", val_history=[])
     metrics["trainable_params"] = trainable
     return metrics
 
