@@ -1,12 +1,13 @@
-"""Deployable models: ONNX export, parity check, int8 quantisation, speed (no ray, no Config).
+"""Deployable models: ONNX export, parity check, int8 quantisation (no ray, no Config).
 
 :func:`export_model` turns a checkpoint folder into ``model.onnx`` (dynamic batch axis; timm's
 ``reparameterize_model`` first, which fuses FastViT / MobileOne / RepVGG-style branches),
 checks it against PyTorch with onnxruntime on fixed inputs (max abs logit difference and top-1
-agreement; a difference beyond ``atol`` is a :class:`KtrayError`), optionally writes a dynamic
-int8 copy (``model.int8.onnx``, onnxruntime ``quantize_dynamic``), and measures the model:
+agreement; a difference beyond ``atol`` is a :class:`KtrayError`), optionally writes an int8
+copy (``model.int8.onnx``: onnxruntime static quantisation calibrated on images, or dynamic),
+and measures the model:
 parameters, forward GFLOPs, MB, CPU latency at batch 1 and throughput at batch 32 for PyTorch
-and onnxruntime, in the same process so the ratios compare like with like.
+and onnxruntime, in the same process so the ratios compare like with like (:mod:`ktray.speed`).
 
 Segmentation checkpoints (``seg_student`` / ``seg_teacher``) export as
 ``input [N, 3, S, S] -> logits [N, C, S, S]`` (their logits upsampled to the input size inside
@@ -19,10 +20,8 @@ import copy
 import json
 import logging
 import os
-import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,7 +29,8 @@ from torch import nn
 
 from ktray import dense_export, storage
 from ktray.errors import KtrayError
-from ktray.models import count_flops, load_model
+from ktray.models import load_model
+from ktray.speed import measure_speed, median_seconds, model_stats  # noqa: F401 (public)
 
 log = logging.getLogger("ktray")
 
@@ -247,69 +247,6 @@ def quantize_int8(
 
 def megabytes(path: str) -> float:
     return os.path.getsize(path) / 1e6
-
-
-def model_stats(model: nn.Module, img_size: int) -> dict:
-    """``{"params", "gflops", "mb"}``: parameter count, forward GFLOPs of one image
-    (:func:`ktray.models.count_flops`), fp32 weights + buffers in MB."""
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return {
-        "params": int(sum(p.numel() for p in model.parameters())),
-        "gflops": count_flops(model, img_size) / 1e9,
-        "mb": nbytes / 1e6,
-    }
-
-
-def median_seconds(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn()`` over ``iters`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, iters)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_speed(
-    model: nn.Module,
-    img_size: int,
-    onnx_files: dict[str, str],
-    iters: int = 10,
-    batch_size: int = 32,
-) -> dict:
-    """CPU latency (batch 1, ms) and throughput (batch ``batch_size``, img/s) of the PyTorch
-    model (eager, channels_last as ktray's predictors run it) and of each ONNX file.
-
-    Returns:
-        ``{"pytorch": {"latency_ms", "throughput"}, NAME: {...} for NAME in onnx_files,
-        "threads": torch threads, "iters": iters}``.
-    """
-    x1, xb = fixed_inputs(1, img_size, 1), fixed_inputs(batch_size, img_size, 2)
-    m = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    t1 = torch.from_numpy(x1).contiguous(memory_format=torch.channels_last)
-    tb = torch.from_numpy(xb).contiguous(memory_format=torch.channels_last)
-    out: dict = {}
-    with torch.inference_mode():
-        out["pytorch"] = _row(
-            median_seconds(lambda: m(t1), iters), median_seconds(lambda: m(tb), iters), batch_size
-        )
-    for name, path in onnx_files.items():
-        session = onnx_session(path)
-        run = session.run
-        feed = session.get_inputs()[0].name
-        out[name] = _row(
-            median_seconds(lambda r=run, f=feed: r(None, {f: x1}), iters),
-            median_seconds(lambda r=run, f=feed: r(None, {f: xb}), iters),
-            batch_size,
-        )
-    out.update(threads=torch.get_num_threads(), iters=int(iters), batch_size=batch_size)
-    return out
-
-
-def _row(latency_s: float, batch_s: float, batch_size: int) -> dict:
-    return {"latency_ms": latency_s * 1e3, "throughput": batch_size / batch_s}
 
 
 def export_model(
