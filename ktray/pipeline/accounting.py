@@ -16,12 +16,12 @@ it spent in that stage): the totals include it, so they add up to what the sweep
 
 from __future__ import annotations
 
-import io as _io
 import os
 
 import pyarrow as pa
 
 from ktray import storage
+from ktray.pipeline import figures
 from ktray.pipeline.manifest import MANIFEST, path_name
 from ktray.pipeline.replicates import split_name, stage_name
 
@@ -274,10 +274,7 @@ def plot_accuracy(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig)
 
 
 def _label_offsets(

@@ -4,7 +4,6 @@ a histogram of the selected images' scores, and a markdown summary, written atom
 
 from __future__ import annotations
 
-import io as _io
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,25 +12,14 @@ import pyarrow as pa
 from ktray import storage
 from ktray.data import columns as C
 from ktray.data.sources import load_images
+from ktray.pipeline import figures
 
 THUMB = 64
 LEAK_ROWS = 8
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _png(fig) -> bytes:
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buf.getvalue()
+    return figures.png(fig, dpi=100)
 
 
 def _thumb(img) -> np.ndarray:
@@ -50,7 +38,7 @@ def grid_png(
         queries: ``image_id, source`` of the query images.
         transfer: the transfer set (``source, query_id, rank, score``).
     """
-    plt = _pyplot()
+    plt = figures.pyplot()
     by_query: dict[str, list[tuple[int, str, float]]] = {}
     for q, r, s, src in zip(
         transfer[C.QUERY_ID].to_pylist(),
@@ -85,7 +73,7 @@ def grid_png(
 
 def scores_png(scores: np.ndarray, origins: Sequence[str] | None = None) -> bytes:
     """Histogram of the selected images' scores, stacked by gallery origin when known."""
-    plt = _pyplot()
+    plt = figures.pyplot()
     scores = np.asarray(scores, dtype=np.float32)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if len(scores):

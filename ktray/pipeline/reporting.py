@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io as _io
-
 from ktray import storage
 from ktray.config import methods as methods_mod
 from ktray.errors import KtrayError
-from ktray.pipeline import replicates
+from ktray.pipeline import figures, replicates
 
 
 def describe(method: str) -> str:
@@ -225,16 +223,14 @@ def plot(results: dict) -> bytes:
     task = results["task"] + (f" ({kind} data)" if kind and kind != results["task"] else "")
     ax.set_title(f"{task}: {short_labeled(results)}")
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig)
 
 
-def write_results(out: str, results: dict) -> dict:
-    """Write results.json, results.md and results.png under ``out``; return their URIs."""
+def write_results(out: str, results: dict, plot_fn=None, markdown_fn=None) -> dict:
+    """Write results.json, results.md and results.png under ``out`` (``plot_fn`` /
+    ``markdown_fn``: another task type's figure and text); return their URIs."""
     paths = {k: storage.join(out, f"results.{k}") for k in ("json", "md", "png")}
-    storage.write_bytes(paths["png"], plot(results))
-    storage.write_text(paths["md"], markdown(results))
+    storage.write_bytes(paths["png"], (plot_fn or plot)(results))
+    storage.write_text(paths["md"], (markdown_fn or markdown)(results))
     storage.write_json(paths["json"], results)
     return paths

@@ -10,11 +10,10 @@ accuracy everywhere else). With ``export.speed`` the speed table of ``ktray run`
 
 from __future__ import annotations
 
-import io as _io
-
 import numpy as np
 
 from ktray import storage
+from ktray.pipeline import figures, reporting
 from ktray.pipeline.replicates import cell, summary
 from ktray.pipeline.reporting import SPEED_HEADER, _text_table, describe, speed_rows
 
@@ -116,10 +115,7 @@ def plot(results: dict) -> bytes:
     ax.set_xlabel("test mIoU")
     ax.set_title(f"{results['task']}: segmentation")
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig)
 
 
 def palette(num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -155,19 +151,12 @@ def masks_picture(images: list, columns: dict[str, list[np.ndarray]], pal: np.nd
             if r == 0:
                 axes[r][c].set_title((["image"] + names)[c], fontsize=8)
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig, dpi=90)
 
 
 def write_results(out: str, results: dict) -> dict:
     """Write results.json, results.md and results.png under ``out``; return their URIs."""
-    paths = {k: storage.join(out, f"results.{k}") for k in ("json", "md", "png")}
-    storage.write_bytes(paths["png"], plot(results))
-    storage.write_text(paths["md"], markdown(results))
-    storage.write_json(paths["json"], results)
-    return paths
+    return reporting.write_results(out, results, plot, markdown)
 
 
 def write_picture(cfg, info: dict, models: dict, n: int = 6) -> str:
