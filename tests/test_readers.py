@@ -8,6 +8,7 @@ import io
 import os
 import struct
 import tarfile
+import uuid
 
 import fsspec
 import numpy as np
@@ -251,16 +252,18 @@ def test_read_gallery_dispatch(folder, tmp_path):
 
 
 def test_memory_filesystem_uris():
-    fs = fsspec.filesystem("memory")
+    # fsspec's memory filesystem is one per process: a root of its own, whatever other
+    # tests wrote before
+    fs, root = fsspec.filesystem("memory"), f"ktray-readers-{uuid.uuid4().hex[:8]}"
     for cls in ("a", "b"):
-        fs.pipe(f"/ktray-test/{cls}/x.png", encode(image(ord(cls)), "PNG"))
-    table, names = read_imagefolder("memory://ktray-test")
+        fs.pipe(f"/{root}/{cls}/x.png", encode(image(ord(cls)), "PNG"))
+    table, names = read_imagefolder(f"memory://{root}")
     assert names == ["a", "b"]
     src = table.column("source")[0].as_py()
-    assert src.startswith("memory://") and src.endswith("/ktray-test/a/x.png")
+    assert src.startswith("memory://") and src.endswith(f"/{root}/a/x.png")
     assert all(img is not None for img in load_images(table.column("source").to_pylist()))
-    with fs.open("/ktray-test-pq/part-0.parquet", "wb") as f:
+    with fs.open(f"/{root}-pq/part-0.parquet", "wb") as f:
         pq.write_table(pa.table({"png": [encode(image(5), "PNG")]}), f)
-    rows = read_parquet_images("memory://ktray-test-pq")
+    rows = read_parquet_images(f"memory://{root}-pq")
     assert rows.column("image_id").to_pylist() == ["part-0/0"]
     assert load_images(rows.column("source").to_pylist())[0].size == (32, 32)
