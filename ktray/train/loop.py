@@ -269,3 +269,24 @@ def train_steps(
         result.update(selector.finish())
         result["stopped_early"] = bool(result.get("stopped_early")) and step < steps
     return result
+
+
+def train_spec(
+    module: nn.Module, step_fn, loader: Iterable, session: Session, spec, **kwargs
+) -> dict:
+    """:func:`train_steps` with the schedule of a training spec (``ktray.train.specs``: its
+    ``steps``, ``lr``, ``weight_decay``, ``warmup_steps``, ``report_every`` and
+    ``checkpoint_every``); ``kwargs`` are the run's other arguments."""
+    return train_steps(
+        module,
+        step_fn,
+        loader,
+        session,
+        steps=spec.steps,
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_steps,
+        report_every=spec.report_every,
+        checkpoint_every=spec.checkpoint_every,
+        **kwargs,
+    )

@@ -25,7 +25,7 @@ from ktray.models import load_model, save_model
 from ktray.models.dense import DenseStudent, build_dense_teacher
 from ktray.models.flops import count_flops
 from ktray.seg_metrics import evaluate_segmenter
-from ktray.train.loop import train_steps, unwrap
+from ktray.train.loop import train_spec, unwrap
 from ktray.train.specs import DistillSpec, TeacherSpec, resolve_precision
 
 CL = torch.channels_last
@@ -137,17 +137,12 @@ def _supervised(model, model_spec, spec, inputs: dict, session) -> dict:
         loss = pixel_ce(logits, y, ignore)
         return {"loss": loss, "n": len(y)}
 
-    metrics = train_steps(
+    metrics = train_spec(
         module,
         step,
         loader,
         session,
-        steps=spec.steps,
-        lr=spec.lr,
-        weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps,
-        report_every=spec.report_every,
-        checkpoint_every=spec.checkpoint_every,
+        spec,
         precision=resolve_precision(spec.precision, device.type),
         state_module=trained,
     )
@@ -216,17 +211,12 @@ def _distill(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dic
         out["n"] = len(x)
         return out
 
-    metrics = train_steps(
+    metrics = train_spec(
         module,
         step,
         loader,
         session,
-        steps=spec.steps,
-        lr=spec.lr,
-        weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps,
-        report_every=spec.report_every,
-        checkpoint_every=spec.checkpoint_every,
+        spec,
         precision=precision,
         state_module=net,
     )

@@ -36,7 +36,7 @@ from ktray.models import (
     student_feature_dim,
 )
 from ktray.models.flops import count_flops
-from ktray.train.loop import Session, train_steps, unwrap
+from ktray.train.loop import Session, train_spec, unwrap
 from ktray.train.select import Selector
 from ktray.train.specs import DistillSpec, FinetuneSpec, TeacherSpec, from_dict, resolve_precision
 
@@ -231,19 +231,14 @@ def _classifier_run(
                 return {"val_accuracy": val_accuracy()}
 
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    metrics = train_steps(
+    metrics = train_spec(
         module,
         step,
         loader,
         session,
-        steps=spec.steps,
-        lr=spec.lr,
-        weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps,
+        spec,
         set_epoch=_set_epoch(loader),
         extra_metrics=extra,
-        report_every=spec.report_every,
-        checkpoint_every=spec.checkpoint_every,
         precision=_precision(spec, session),
         state_module=state_module,
         selector=selector,
@@ -334,17 +329,12 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
         out["n"] = len(x)
         return out
 
-    metrics = train_steps(
+    metrics = train_spec(
         module,
         step,
         loader,
         session,
-        steps=spec.steps,
-        lr=spec.lr,
-        weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_steps,
-        report_every=spec.report_every,
-        checkpoint_every=spec.checkpoint_every,
+        spec,
         precision=precision,
         state_module=net,
     )
