@@ -5,12 +5,14 @@ contract; generated chunk by chunk, never all in memory). A worker subprocess th
 stage's own path: :class:`PartStore` (footers only), the index :func:`choose_index` picks
 within ``--budget-gb`` with the build's training sample and part buffers reserved (or
 ``--index``), :func:`build_measured` (training sample from a random subset of parts, every
-part read once to add it and to search it exactly for ``--tune-queries``, nprobe raised
-until recall@10 reaches ``--target-recall``). In the same pass a second, held-out set of
+part read once to add it and to search it exactly for ``--tune-queries``, nprobe and, for
+an index with a ``Refine`` stage, its re-ranking depth ``k_factor`` tuned to the cheapest pair
+reaching ``--target-recall``). In the same pass a second, held-out set of
 ``--eval-queries`` is searched exactly: recall@10 is measured on queries the tuning never saw.
-Then ``--queries`` queries are searched at the chosen nprobe (wall and CPU seconds, all faiss
-threads). Peak RSS (``ru_maxrss``) is the worker's own; the bare worker's (python + numpy +
-faiss + pyarrow imported) is shown beside it. Usage:
+Then ``--queries`` queries are searched at the chosen nprobe and k_factor (wall and CPU
+seconds, all faiss threads; on a shared machine queries per CPU-second is the honest rate).
+Peak RSS (``ru_maxrss``) is the worker's own; the bare worker's (python + numpy + faiss +
+pyarrow imported) is shown beside it. Usage:
 
     python benchmarks/retrieval_bench.py [--n 10000000] [--dim 256] [--queries 100000]
     python benchmarks/retrieval_bench.py --n 1000000 --index IVF4096,PQ64   # no re-ranking
@@ -94,7 +96,13 @@ def _say(msg: str) -> None:
 
 
 def worker(args) -> None:
+    import logging
+
     import faiss
+
+    logging.basicConfig(
+        level=logging.INFO, format="[worker %(asctime)s] %(message)s", datefmt="%H:%M:%S"
+    )
 
     from ktray.retrieval import build_reserve_bytes, choose_index, save_index, search
     from ktray.retrieval.store import PartStore
@@ -136,10 +144,14 @@ def worker(args) -> None:
     path = os.path.join(args.out, "index.faiss")
     save_index(index, path)
     index_mib = os.path.getsize(path) / 2**20
-    os.remove(path)
+    if args.keep_index:
+        os.replace(path, args.keep_index)  # for re-tuning or searching without a rebuild
+    else:
+        os.remove(path)
 
     _say(
-        f"built {factory} in {build_s:.0f}s (nprobe {rep.nprobe}, recall {rep.recall}); "
+        f"built {factory} in {build_s:.0f}s (nprobe {rep.nprobe}, k_factor {rep.k_factor}, "
+        f"recall {rep.recall}); tried [nprobe, k_factor, recall, cost]: {rep.tried_grid}; "
         f"held-out recall {eval_recall:.3f}; searching {args.queries:,} queries"
     )
     chunk = 10_000
@@ -194,6 +206,7 @@ def main() -> None:
     )
     ap.add_argument("--parts", default="", help="reuse (or keep) the parts in this folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-index", default="", help="keep the built index at this path")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -239,25 +252,28 @@ def main() -> None:
         f"{r['threads']}; load average now {os.getloadavg()[0]:.1f}\n"
     )
     print(
-        "| index | nprobe | train s | add s (+exact probes) | tune s | build s (CPU s) "
+        "| index | nprobe | k_factor | train s | add s (+exact probes) | tune s | build s (CPU s) "
         "| recall@10 tuning / held-out | index MiB | peak RSS GiB (bare worker) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {r['factory']} | {rep['nprobe']} | {rep['train_seconds']:.0f} | "
+        f"| {r['factory']} | {rep['nprobe']} | {rep.get('k_factor')} | "
+        f"{rep['train_seconds']:.0f} | "
         f"{rep['add_seconds']:.0f} | {rep['tune_seconds']:.0f} | {r['build_s']:.0f} "
         f"({r['build_cpu']:.0f}) | {rep['recall']:.3f} / {r['eval_recall']:.3f} "
         f"({rep['probe_queries']} / {args.eval_queries} queries) | {r['index_mib']:,.0f} | "
         f"{r['peak_rss']:.2f} ({r['bare_rss']:.2f}) |"
     )
     print(
-        f"\nnprobe -> recall@10 tried: {rep['tried']}; training sample "
+        f"\n[nprobe, k_factor, recall@10, relative cost] tried: {rep.get('tried_grid')}; "
+        f"training sample "
         f"{rep['train_vectors']:,} vectors from {rep['parts_read_for_sample']} parts"
     )
     nq = r["searched"]
     per_cpu = nq / r["search_cpu"]
     print(
-        f"\nsearch: {nq:,} queries, k=10, nprobe {rep['nprobe']}: "
+        f"\nsearch: {nq:,} queries, k=10, nprobe {rep['nprobe']}, k_factor "
+        f"{rep.get('k_factor')}: "
         f"{r['search_s']:.1f} s wall ({nq / r['search_s']:,.0f} q/s), "
         f"{r['search_cpu']:.1f} CPU s ({per_cpu:,.0f} queries per CPU-second)"
     )

@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
             "predict",
             cmd_predict,
             "Batch inference (Ray Data) over an image folder, Parquet "
-            "or tar shards: OUT/predictions/part-*.parquet.",
+            "or tar shards: OUT/predictions/part-*.parquet, a class per image (pred, prob, "
+            "probs), or for a segmentation model a PNG mask per image at its own size (mask, "
+            "width, height, classes).",
         ),
     ):
         model_dir = (

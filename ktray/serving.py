@@ -10,8 +10,8 @@ Output: a DataFrame with ``pred`` (class index), ``prob`` (its probability) and 
 
 The preprocessing repeats ``ktray.data.views.eval_transform`` in numpy + PIL (RGB conversion,
 bilinear resize to S x S, mean / std), so the served model predicts what ktray predicts.
-:func:`pyfunc_model` pickles this module by value: the logged model needs only mlflow,
-numpy, pandas, pillow and onnxruntime, not ktray.
+:func:`log_pyfunc_model` pickles this module and :mod:`ktray.seg_masks` by value: the logged
+model needs only mlflow, numpy, pandas, pillow and onnxruntime, not ktray.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from ktray.seg_masks import logits_to_mask, mask_png
 
 IMAGE_COLUMN = "image"
 
@@ -126,20 +128,8 @@ class ImageSegmenterModel(ImageClassifierModel):
         for i in range(0, len(sizes), 16):
             z = self._logits(np.ascontiguousarray(x[i : i + 16]))  # [b, C, h, w]
             for logits, (w, h) in zip(z, sizes[i : i + 16]):
-                up = np.stack(
-                    [
-                        np.asarray(
-                            Image.fromarray(c.astype(np.float32)).resize(
-                                (w, h), Image.Resampling.BILINEAR
-                            )
-                        )
-                        for c in logits
-                    ]
-                )
-                mask = up.argmax(0).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(mask).save(buf, format="PNG")
-                masks.append(buf.getvalue())
+                mask = logits_to_mask(logits, (h, w))
+                masks.append(mask_png(mask))
                 classes.append(",".join(str(int(v)) for v in np.unique(mask)))
         return pd.DataFrame({"mask": masks, "classes": classes})
 
@@ -195,7 +185,9 @@ def log_pyfunc_model(
         reqs[-1] = f"onnxruntime=={onnxruntime.__version__}" if "onnx" in artifacts else reqs[-1]
     except ImportError:
         pass
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    by_value = [sys.modules[__name__], sys.modules[logits_to_mask.__module__]]
+    for module in by_value:
+        cloudpickle.register_pickle_by_value(module)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, os.path.basename(artifact_path.rstrip("/")))
@@ -211,4 +203,5 @@ def log_pyfunc_model(
                 shutil.copy(src, os.path.join(path, name))
             mlflow_module.log_artifacts(path, artifact_path=artifact_path)
     finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        for module in by_value:
+            cloudpickle.unregister_pickle_by_value(module)

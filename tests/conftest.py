@@ -20,6 +20,7 @@ automatically; a test that starts Ray without the `ray` marker fails (check_ray_
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,21 @@ def check_ray_marker(request):
         pytest.fail(
             f"{request.node.nodeid} started Ray but is not marked @pytest.mark.ray", pytrace=False
         )
+
+
+@pytest.fixture(autouse=True)
+def keep_mlflow_tracking_env():
+    """`mlflow.set_tracking_uri` / `set_experiment` (called by some tests to read results) also
+    write $MLFLOW_TRACKING_URI / $MLFLOW_EXPERIMENT_ID, which ktray and MLflow read as the
+    user's choice: put them back after each test so one test's store never becomes the next's."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

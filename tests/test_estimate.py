@@ -129,3 +129,57 @@ def test_measured_costs_train_the_student_as_the_workers_do(monkeypatch):
     estimate.measure_costs(cfg, num_classes=3)
     w = next(p for p in calls["student"].parameters() if p.dim() == 4)
     assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_segmentation_runs_are_priced_with_the_dense_models(monkeypatch):
+    """A segmentation run's estimate times the dense teacher and the dense student (decoder
+    included), the classes reduced over axis 1 of the [B, C, h, w] logits."""
+    from ktray.models import dense
+
+    built, losses = {}, []
+    real_student, real_teacher = dense.DenseStudent, dense.build_dense_teacher
+
+    def student(*a, **kw):
+        built["student"] = real_student(*a, **kw)
+        return built["student"]
+
+    def teacher(*a, **kw):
+        built["teacher"] = real_teacher(*a, **kw)
+        return built["teacher"]
+
+    real_lse = torch.Tensor.logsumexp
+
+    def lse(self, dim, *a, **kw):
+        losses.append((self.dim(), dim))
+        return real_lse(self, dim, *a, **kw)
+
+    monkeypatch.setattr(dense, "DenseStudent", student)
+    monkeypatch.setattr(dense, "build_dense_teacher", teacher)
+    monkeypatch.setattr(torch.Tensor, "logsumexp", lse)
+    cfg = load_config(
+        "demo_segmentation",
+        [
+            "teacher.backbone=test_resnet",
+            "teacher.img_size=32",
+            "student.arch=test_resnet",
+            "student.img_size=32",
+            "distill.batch_size=4",
+            "eval_batch_size=4",
+        ],
+    )
+    costs = estimate.measure_costs(cfg, num_classes=5, segmentation=True)
+    assert built["student"].head_kind == "fpn" and built["teacher"].num_classes == 5
+    assert (4, 1) in losses  # [B, C, h, w] reduced over classes
+    assert costs.teacher_forward > 0 and costs.student_train > 0
+    text = estimate.describe(
+        cfg, {"train": 40, "test": 100, "unlabeled": 200}, num_classes=5, segmentation=True
+    )
+    assert [ln.split()[0] for ln in text.splitlines()[1:]] == [
+        "teacher",
+        "logits[in_domain]",
+        "finetune[scratch]",
+        "distill[features@in_domain]",
+        "finetune[features@in_domain]",
+        "distill[task@in_domain]",
+        "finetune[task@in_domain]",
+    ]

@@ -1,6 +1,7 @@
 """The tiny pipeline logged to a real MLflow tracking server (sqlite backend, proxied artifacts):
 params, per-report training curves, artifacts and a registered model version."""
 
+import os
 import time
 import uuid
 
@@ -69,3 +70,27 @@ def test_pipeline_logs_to_mlflow_server(mlflow_server, tiny_task, tmp_path, ray_
     assert v.run_id == parent.info.run_id and v.source.endswith("/student")
     assert v.tags["method"] == parent.data.tags["best_student"]
     assert parent.data.tags["registered_version"] == v.version
+
+
+def test_two_runs_in_one_process_log_into_their_own_outs(tmp_path, monkeypatch):
+    """`mlflow.set_tracking_uri` writes $MLFLOW_TRACKING_URI; ktray reads that variable as the
+    user's store, so without care a second run in the same process logs into the first
+    run's OUT (database and artifacts)."""
+    from ktray.config import load_config
+    from ktray.pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uris = []
+    for name in ("first", "second"):
+        cfg = load_config(None, [f"out={tmp_path}/{name}", "tracking.experiment=two-runs"])
+        (tmp_path / name).mkdir()
+        mlflow_ = tracking._mlflow(cfg)
+        with mlflow_.start_run() as run:
+            mlflow_.log_metric("x", 1.0)
+        uris.append((mlflow_.get_tracking_uri(), run.info.artifact_uri))
+    for name, (db, artifacts) in zip(("first", "second"), uris):
+        assert db == "sqlite:///" + str(tmp_path / name / "mlflow.db")
+        assert artifacts.startswith((tmp_path / name / "mlartifacts").as_uri())
+    assert (tmp_path / "second" / "mlflow.db").exists()
+    # and the user's environment is as it was
+    assert not {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"} & set(os.environ)

@@ -130,17 +130,6 @@ def test_segmenter_pyfunc_returns_masks_at_the_image_size(tmp_path):
     assert out["classes"][0] == ",".join(str(v) for v in np.unique(mask))
 
 
-def test_predict_refuses_a_segmentation_model_in_one_line(tmp_path, capsys):
-    from ktray import cli
-
-    _student(tmp_path / "m")
-    args = ["predict", str(tmp_path / "m"), "--input", str(tmp_path), f"out={tmp_path}/p"]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "is a segmentation model: ktray predict writes one class per image" in err[-1]
-    assert not os.path.exists(tmp_path / "p")
-
-
 def test_segmentation_report_shows_the_speed_table():
     from ktray.pipeline import seg_report
 

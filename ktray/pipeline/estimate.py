@@ -44,19 +44,34 @@ def _per_image(fn: Callable[[torch.Tensor], object], x: torch.Tensor, repeats: i
     return (time.perf_counter() - start) / (repeats * len(x))
 
 
-def measure_costs(cfg: Config, num_classes: int, batch: int = 64, repeats: int = 2) -> Costs:
+def measure_costs(
+    cfg: Config,
+    num_classes: int,
+    batch: int = 64,
+    repeats: int = 2,
+    segmentation: bool = False,
+) -> Costs:
     """Time the teacher's forward and the student's training step on random weights, at the
-    run's batch sizes up to ``batch`` (per-image costs of small models fall with the batch)."""
+    run's batch sizes up to ``batch`` (per-image costs of small models fall with the batch).
+    ``segmentation``: the dense teacher (backbone maps + ``teacher.head``) and the dense
+    student (``student.arch`` + ``student.head`` decoder), as the segmentation stages run."""
     from ktray.models import TaskModel, create_backbone
+    from ktray.models.dense import DenseStudent, build_dense_teacher
     from ktray.models.student import create_student
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, s = cfg.teacher, cfg.student
-    teacher = TaskModel(create_backbone(t.backbone, pretrained=False, img_size=t.img_size), 2)
+    if segmentation:
+        teacher = build_dense_teacher(
+            t.backbone, num_classes, t.head, pretrained=False, img_size=t.img_size
+        )
+        student = DenseStudent(s.arch, num_classes, s.head)
+    else:
+        teacher = TaskModel(create_backbone(t.backbone, pretrained=False, img_size=t.img_size), 2)
+        student = create_student(s.arch, num_classes, img_size=s.img_size)
     teacher = teacher.eval().to(device, memory_format=torch.channels_last)
     # channels_last as the workers train it (a contiguous model fed channels_last images takes
     # a slow mixed-format path: ~10x a step on CPU)
-    student = create_student(s.arch, num_classes, img_size=s.img_size)
     student = student.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(student.parameters(), lr=1e-3)
 
@@ -66,7 +81,8 @@ def measure_costs(cfg: Config, num_classes: int, batch: int = 64, repeats: int =
         )
 
     def train_step(x: torch.Tensor) -> None:
-        loss = student(x).float().logsumexp(-1).mean()
+        # over classes: the last axis of [B, C] logits, axis 1 of dense [B, C, h, w] ones
+        loss = student(x).float().logsumexp(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -153,10 +169,10 @@ def plan(cfg: Config, rows: dict, costs: Costs) -> list[tuple[str, float]]:
     return out
 
 
-def describe(cfg: Config, rows: dict, num_classes: int) -> str:
+def describe(cfg: Config, rows: dict, num_classes: int, segmentation: bool = False) -> str:
     """The estimate as printed at the start of a run."""
     started = time.perf_counter()
-    costs = measure_costs(cfg, num_classes)
+    costs = measure_costs(cfg, num_classes, segmentation=segmentation)
     stages = plan(cfg, rows, costs)
     total = sum(s for _, s in stages)
     lines = [

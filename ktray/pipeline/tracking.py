@@ -7,6 +7,7 @@ run per sweep, one nested run per trial.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -47,19 +48,40 @@ def _mlflow(cfg: Config):
     import mlflow
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    if (
-        uri.startswith("sqlite:///")
-        and mlflow.get_experiment_by_name(cfg.tracking.experiment) is None
-    ):
-        # Artifacts beside the database (OUT/mlartifacts), not in ./mlruns of whatever folder
-        # the command ran from; a tracking server keeps its own artifact store.
-        root = os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
-        mlflow.create_experiment(
-            cfg.tracking.experiment, artifact_location=Path(os.path.abspath(root)).as_uri()
-        )
-    mlflow.set_experiment(cfg.tracking.experiment)
+    with _environment_kept(MLFLOW_ENV):
+        mlflow.set_tracking_uri(uri)
+        if (
+            uri.startswith("sqlite:///")
+            and mlflow.get_experiment_by_name(cfg.tracking.experiment) is None
+        ):
+            # Artifacts beside the database (OUT/mlartifacts), not in ./mlruns of whatever
+            # folder the command ran from; a tracking server keeps its own artifact store.
+            root = os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
+            mlflow.create_experiment(
+                cfg.tracking.experiment, artifact_location=Path(os.path.abspath(root)).as_uri()
+            )
+        mlflow.set_experiment(cfg.tracking.experiment)
     return mlflow
+
+
+# MLflow 3's set_tracking_uri / set_experiment also write these into os.environ. ktray reads
+# $MLFLOW_TRACKING_URI as the user's choice (tracking_uri above), so a second run in the same
+# process (tests, a notebook, two configs in one script) would log into the first run's store,
+# artifacts included. The user's own values (or their absence) are put back.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@contextlib.contextmanager
+def _environment_kept(names):
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _numeric(d: dict) -> dict:

@@ -98,7 +98,8 @@ def build_reserve_bytes(n_vectors: int, dim: int, part_rows: int) -> int:
     return int((sample + 3 * part_rows) * dim * 4)
 
 
-REFINE_K_FACTOR = 8
+REFINE_K_FACTOR = 8  # the default re-ranking depth; build_measured tunes it with nprobe
+REFINE_K_FACTORS = (8, 16, 32, 64, 128, 256)  # the depths build_measured tries
 TWO_LEVEL_MIN_NLIST = 8192
 
 
@@ -194,16 +195,33 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Set the lists scanned per query of an IVF index (a no-op for other indexes)."""
+def refine_k_factor(index: faiss.Index) -> int | None:
+    """The re-ranking depth of an index with a ``Refine`` stage (``k_factor`` x k candidates
+    of the base index are re-scored), None for other indexes. faiss saves it with the index."""
+    index = faiss.downcast_index(index)
+    return int(index.k_factor) if isinstance(index, faiss.IndexRefine) else None
+
+
+def set_k_factor(index: faiss.Index, k_factor: int | None) -> None:
+    """Set the re-ranking depth of an index with a ``Refine`` stage (a no-op for other
+    indexes, or when ``k_factor`` is None)."""
+    index = faiss.downcast_index(index)
+    if k_factor is not None and isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(max(1, int(k_factor)))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int | None, k_factor: int | None = None) -> None:
+    """Set the lists scanned per query of an IVF index and, when given, the re-ranking depth
+    of a ``Refine`` index (:func:`set_k_factor`); either is a no-op where it does not apply.
+    The re-ranking depth is left as it is when ``k_factor`` is None (the tuned one travels
+    with the saved index)."""
+    set_k_factor(index, k_factor)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
+    if ivf is None or nprobe is None:
         return
     nprobe = int(min(max(1, nprobe), ivf.nlist))
     params = faiss.ParameterSpace()
     params.set_index_parameter(index, "nprobe", nprobe)
-    if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-        params.set_index_parameter(index, "k_factor_rf", REFINE_K_FACTOR)
     if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
         # The HNSW coarse quantizer must return at least nprobe candidate lists.
         params.set_index_parameter(index, "quantizer_efSearch", max(2 * nprobe, 64))
@@ -215,6 +233,7 @@ def build_index(
     train_sample: np.ndarray | None,
     shards: Iterable[np.ndarray],
     nprobe: int | None = None,
+    k_factor: int | None = None,
 ) -> faiss.Index:
     """Train an inner-product index on a sample and fill it shard by shard.
 
@@ -226,6 +245,8 @@ def build_index(
         shards: iterable of ``[N_i, D]`` unit vectors; only one shard is held at a time, so
             memory stays at the index plus the largest shard. Vector ids follow shard order.
         nprobe: lists scanned per query for IVF indexes (default :func:`default_nprobe`).
+        k_factor: re-ranking depth of ``Refine`` indexes (default ``REFINE_K_FACTOR``; faiss's
+            own default, 1, re-scores only the base index's top k).
 
     Returns:
         The filled index, ``index.ntotal == sum(N_i)``.
@@ -258,6 +279,7 @@ def build_index(
         del sample
     for i, shard in enumerate(shards):
         index.add(as_embeddings(shard, dim, f"shard {i}"))
+    set_k_factor(index, k_factor if k_factor is not None else REFINE_K_FACTOR)
     nlist = parse_nlist(factory)
     if nlist:
         set_nprobe(index, nprobe if nprobe is not None else default_nprobe(nlist))
@@ -303,7 +325,8 @@ def save_index(index: faiss.Index, uri: str) -> None:
 
 
 def load_index(uri: str) -> faiss.Index:
-    """Read an index written by :func:`save_index` (search parameters such as nprobe kept)."""
+    """Read an index written by :func:`save_index` (search parameters kept: nprobe and a
+    ``Refine`` stage's ``k_factor``)."""
     if not storage.exists(uri):
         raise KtrayError(f"index file not found: {uri}")
     if not storage.is_remote(uri):

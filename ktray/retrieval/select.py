@@ -60,8 +60,10 @@ def merge_hits(
     Args:
         scores: ``[C, k]`` scores of the query's C crops, best first.
         ids: ``[C, k]`` gallery vector ids, -1 where the search came back short.
-        gallery_image_of_vector: ``[V]`` gallery image id of every gallery vector.
-        exclude: optional boolean mask over gallery image ids; True images are dropped.
+        gallery_image_of_vector: ``[V]`` gallery image id of every gallery vector (any integer
+            array, e.g. an int32 ``np.memmap``: only the hit rows are read).
+        exclude: optional gallery image ids to drop: a sorted int array (memory ~ the
+            excluded count), or a boolean mask over gallery image ids (True: dropped).
         exhausted: no deeper search is possible (k reached the gallery size or the cap).
     """
     valid = ids >= 0
@@ -73,7 +75,7 @@ def merge_hits(
     img = gallery_image_of_vector[ids[valid]]
     sc = scores[valid]
     if exclude is not None and len(img):
-        keep = ~exclude[img]
+        keep = ~(exclude[img] if exclude.dtype == bool else _in_sorted(img, exclude))
         img, sc = img[keep], sc[keep]
     # Best score per image: sort by (image, -score) and keep each image's first row.
     order = np.lexsort((-sc, img))
@@ -93,6 +95,9 @@ def round_robin(
 ) -> tuple[list[list[int]], list[int]]:
     """Assign distinct images to queries round-robin in a seeded query order.
 
+    Which images are claimed is kept over the distinct images of the candidates (memory ~ the
+    candidates, not ``n_images``, which is only an upper bound on the ids).
+
     Returns:
         ``(picks, starved)``: ``picks[q]`` are indexes into ``candidates[q].images`` in rank
         order; ``starved`` are the queries that ran past their certified entries before
@@ -100,7 +105,9 @@ def round_robin(
     """
     n_q = len(candidates)
     order = np.random.default_rng(seed).permutation(n_q)
-    claimed = np.zeros(n_images, dtype=bool)
+    universe = np.unique(np.concatenate([c.images for c in candidates] or [np.zeros(0, np.int64)]))
+    slots = [np.searchsorted(universe, c.images) for c in candidates]  # image -> claimed row
+    claimed = np.zeros(len(universe), dtype=bool)
     picks: list[list[int]] = [[] for _ in range(n_q)]
     pointer = [0] * n_q
     starved: list[int] = []
@@ -108,13 +115,13 @@ def round_robin(
     for _ in range(images_per_query):
         still = []
         for q in active:
-            cand = candidates[q]
+            cand, slot = candidates[q], slots[q]
             limit = len(cand.images) if cand.final else cand.certified
             p = pointer[q]
-            while p < limit and claimed[cand.images[p]]:
+            while p < limit and claimed[slot[p]]:
                 p += 1
             if p < limit:
-                claimed[cand.images[p]] = True
+                claimed[slot[p]] = True
                 picks[q].append(p)
                 pointer[q] = p + 1
                 still.append(q)
@@ -146,7 +153,9 @@ def balanced_select(
         query_vectors: ``[Nq, D]`` unit embeddings of all query crops.
         query_image_ids: ``[Nq]`` the query image each crop belongs to.
         gallery_image_of_vector: ``[V]`` int gallery image id (0..n_images-1) of every gallery
-            vector, in index id order.
+            vector, in index id order. Any integer dtype; it is not copied, so an int32 array
+            or ``np.memmap`` of one keeps it at 4 bytes per vector (read in chunks for the
+            checks, then only at the hits).
         images_per_query: the quota of distinct images per query image.
         k0: first search depth per crop; doubled for queries that need more.
         max_k: largest search depth (also capped at V).
@@ -163,7 +172,9 @@ def balanced_select(
         (float32), ordered by query (first-appearance order) then rank; ``shortfall`` maps
         each query that got fewer than ``images_per_query`` images to the number missing.
     """
-    gallery_image_of_vector = np.asarray(gallery_image_of_vector, dtype=np.int64)
+    iov = gallery_image_of_vector
+    if not isinstance(iov, np.ndarray) or iov.dtype.kind not in "iu":
+        gallery_image_of_vector = np.asarray(iov, dtype=np.int64)  # integer arrays: not copied
     query_vectors = np.asarray(query_vectors, dtype=np.float32)
     n_vectors = len(gallery_image_of_vector)
     if len(query_vectors) != len(query_image_ids):
@@ -174,13 +185,27 @@ def balanced_select(
         raise KtrayError(
             f"need images_per_query >= 0 and k0, max_k > 0 (got {images_per_query}, {k0}, {max_k})"
         )
-    if n_vectors and gallery_image_of_vector.min() < 0:
+    lo, hi, n_present, ascending = _map_stats(gallery_image_of_vector)
+    if n_vectors and lo < 0:
         raise KtrayError("gallery image ids must be >= 0")
-    n_images = int(gallery_image_of_vector.max()) + 1 if n_vectors else 0
-    exclude = _exclusion_mask(exclude_images, n_images)
-    present = np.zeros(n_images, dtype=bool)
-    present[gallery_image_of_vector] = True
-    n_available = int(np.count_nonzero(present & ~exclude if exclude is not None else present))
+    n_images = hi + 1 if n_vectors else 0
+    exclude = _exclusion_ids(exclude_images, n_images)
+    if not ascending:  # count the distinct images with a mask (1 byte per image id)
+        present = np.zeros(n_images, dtype=bool)
+        for start in range(0, n_vectors, _CHUNK):
+            present[gallery_image_of_vector[start : start + _CHUNK]] = True
+        n_present = int(np.count_nonzero(present))
+        n_excluded = int(np.count_nonzero(present[exclude])) if exclude is not None else 0
+        del present
+    elif exclude is not None and len(exclude):  # present iff found in the sorted map
+        # the ids in the map's dtype (all <= its max): searchsorted would otherwise cast the
+        # whole map to int64
+        ex = exclude.astype(gallery_image_of_vector.dtype)
+        pos = np.minimum(np.searchsorted(gallery_image_of_vector, ex), n_vectors - 1)
+        n_excluded = int(np.count_nonzero(gallery_image_of_vector[pos] == exclude))
+    else:
+        n_excluded = 0
+    n_available = n_present - n_excluded
     if n_available < images_per_query * len(set(query_image_ids)):
         # Shortfall is certain; starved queries will be searched down to max_k (exactly as
         # an unlimited search would assign the images), which costs the deepest searches.
@@ -302,7 +327,35 @@ def _search_into(
         start += n
 
 
-def _exclusion_mask(exclude_images, n_images: int) -> np.ndarray | None:
+_CHUNK = 1 << 20  # map rows read at a time by the checks (4 MiB of int32)
+
+
+def _map_stats(iov: np.ndarray) -> tuple[int, int, int, bool]:
+    """``(min, max, distinct count, ascending)`` of the vector -> image map, read in chunks
+    (no copy of the map). The distinct count is exact only when ascending (each image's
+    vectors consecutive, images in order, as the curate stage writes them); else 0."""
+    lo, hi, changes, ascending, last = 0, -1, 0, True, None
+    for start in range(0, len(iov), _CHUNK):
+        c = np.asarray(iov[start : start + _CHUNK])
+        lo = int(c.min()) if last is None else min(lo, int(c.min()))
+        hi = max(hi, int(c.max()))
+        if ascending:  # boolean temporaries only: 1 byte per row of the chunk
+            ascending = bool((c[1:] >= c[:-1]).all()) and (last is None or c[0] >= last)
+            changes += int(np.count_nonzero(c[1:] != c[:-1])) + int(last is None or c[0] != last)
+        last = c[-1]
+    return lo, hi, changes if ascending else 0, ascending
+
+
+def _in_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """``values`` found in the sorted array ``sorted_ids`` (boolean, like ``np.isin``)."""
+    if not len(sorted_ids):
+        return np.zeros(len(values), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    return sorted_ids[pos] == values
+
+
+def _exclusion_ids(exclude_images, n_images: int) -> np.ndarray | None:
+    """The excluded gallery image ids in range, sorted and unique (None: none given)."""
     if exclude_images is None:
         return None
     ids = (
@@ -310,7 +363,4 @@ def _exclusion_mask(exclude_images, n_images: int) -> np.ndarray | None:
         if isinstance(exclude_images, (set, frozenset, list, tuple))
         else np.asarray(exclude_images, dtype=np.int64)
     )
-    mask = np.zeros(n_images, dtype=bool)
-    ids = ids[(ids >= 0) & (ids < n_images)]
-    mask[ids] = True
-    return mask
+    return np.unique(ids[(ids >= 0) & (ids < n_images)])

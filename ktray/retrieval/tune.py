@@ -4,7 +4,9 @@
 (:meth:`PartStore.sample`), then streams every part once: each part is added to the index
 and, in the same pass, searched exactly by a few probe queries (:class:`ExactTopK`), so the
 exact top-k of the probes costs no second read of the gallery. It then raises ``nprobe``
-(IVF indexes) until recall@k of the index against that exact answer reaches the target, and
+(IVF indexes) until recall@k of the index against that exact answer reaches the target; an
+index with a ``Refine`` stage gets the cheapest ``(nprobe, k_factor)`` pair that does (more
+lists alone cannot recover near-ties the base index misranks below ``k_factor`` x k), and
 measures how far the index's scores fall below the exact cosine of the same hits (the
 margin near-duplicate removal must allow for). Memory: the index, the training sample, one
 part and the probes' ``[P, k]`` results.
@@ -19,7 +21,15 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from ktray.retrieval.index import build_index, default_nprobe, search, set_nprobe, training_size
+from ktray.retrieval.index import (
+    REFINE_K_FACTORS,
+    build_index,
+    default_nprobe,
+    refine_k_factor,
+    search,
+    set_nprobe,
+    training_size,
+)
 from ktray.retrieval.store import PartStore
 
 log = logging.getLogger(__name__)
@@ -79,7 +89,12 @@ class IndexReport:
     score_error: float
     """99th percentile of (exact - index) cosine over the probes' hits found by both."""
     tried: dict = field(default_factory=dict)
-    """nprobe -> recall@k measured while tuning."""
+    """nprobe -> recall@k measured while tuning, at the chosen ``k_factor``."""
+    k_factor: int | None = None
+    """Re-ranking depth of a ``Refine`` index (``k_factor`` x k base candidates re-scored);
+    None for indexes without one."""
+    tried_grid: list = field(default_factory=list)
+    """``[nprobe, k_factor, recall@k, relative search cost]`` of every pair measured."""
     train_seconds: float = 0.0
     add_seconds: float = 0.0
     tune_seconds: float = 0.0
@@ -107,9 +122,12 @@ def build_measured(
             measure recall@``k`` against exact search.
         seed: seeds the training sample and the probe draw.
         target_recall: IVF indexes get the smallest power-of-two ``nprobe`` (from 1, and the
-            default) whose recall reaches this; otherwise the largest tried.
+            default) whose recall reaches this; otherwise the cheapest near the best. Indexes with a
+            ``Refine`` stage get the pair of ``nprobe`` and ``k_factor`` (from
+            ``REFINE_K_FACTORS``) of least :func:`search_cost` that reaches it; otherwise the
+            cheapest pair within ``PLATEAU`` of the best recall measured.
         k: the recall depth.
-        nprobe: a fixed nprobe (no tuning; recall still measured).
+        nprobe: a fixed nprobe (no tuning, k_factor as built; recall still measured).
         max_probes: the most probe queries.
 
     Returns:
@@ -141,32 +159,24 @@ def build_measured(
     del sample
 
     ivf = faiss.try_extract_index_ivf(index)
-    tried: dict[int, float] = {}
+    kf0 = refine_k_factor(index)
+    grid: list[list] = []
 
-    def measure(p: int | None) -> float:
-        if p is not None:
-            set_nprobe(index, p)
+    def measure(p: int | None, kf: int | None) -> float:
+        set_nprobe(index, p, kf)
         _, ids = search(index, probes, exact.k) if len(probes) else (None, exact.ids)
-        r = recall_at_k(ids, exact.ids)
-        if p is not None:
-            tried[p] = round(r, 4)
+        r = round(recall_at_k(ids, exact.ids), 4)
+        grid.append([p, kf, r, search_cost(index, p, kf, exact.k)])
+        log.info("tuning %s: nprobe %s, k_factor %s -> recall@%d %.4f", factory, p, kf, k, r)
         return r
 
-    chosen = None
-    if ivf is not None and nprobe is None:
-        candidates = sorted(
-            {1 << i for i in range(int(np.log2(ivf.nlist)) + 1)} | {default_nprobe(ivf.nlist)}
-        )
-        for p in candidates:
-            chosen = p
-            if measure(p) >= target_recall:
-                break
-        recall = tried[chosen]
+    if nprobe is not None or (ivf is None and kf0 is None):
+        p0 = int(ivf.nprobe) if ivf is not None else None
+        chosen, chosen_kf, recall = p0, kf0, measure(p0, kf0)
     else:
-        chosen = int(ivf.nprobe) if ivf is not None else None
-        recall = measure(chosen)
-    if ivf is not None:
-        set_nprobe(index, chosen)
+        chosen, chosen_kf, recall = _tune(index, ivf, kf0, measure, target_recall, exact.k)
+    set_nprobe(index, chosen, chosen_kf)
+    tried = {p: r for p, kf, r, _ in grid if kf == chosen_kf and p is not None}
     error = _score_error(index, probes, exact)
     report = IndexReport(
         factory=factory,
@@ -175,6 +185,8 @@ def build_measured(
         parts_read_for_sample=sample_reads,
         nprobe=chosen,
         recall=round(recall, 4),
+        k_factor=chosen_kf,
+        tried_grid=grid,
         target_recall=target_recall,
         reached=recall >= target_recall,
         probe_queries=len(probes),
@@ -187,14 +199,76 @@ def build_measured(
     )
     if not report.reached:
         log.warning(
-            "index %s reaches recall@%d %.3f < target %.3f (nprobe %s)",
+            "index %s reaches recall@%d %.3f < target %.3f (nprobe %s, k_factor %s)",
             factory,
             exact.k,
             recall,
             target_recall,
             chosen,
+            chosen_kf,
         )
     return index, report
+
+
+PLATEAU = 0.002
+"""A doubling of nprobe that gains less recall than this ends a walk that has not reached the
+target (a ``Refine`` index: more lists will not get there at this depth)."""
+
+REFINE_COST = 4.0
+"""Cost of re-scoring one candidate per byte of its refine code, relative to scanning one
+byte of a base (PQ) code: a decode plus a random memory access against a table lookup."""
+
+
+def search_cost(index: faiss.Index, nprobe: int | None, k_factor: int | None, k: int) -> float:
+    """Model of one query's search cost, in base-code bytes: the codes of ``nprobe`` average
+    inverted lists (all codes for non-IVF indexes) plus ``REFINE_COST`` x the refine codes of
+    ``k_factor`` x ``k`` candidates. Used only to order pairs, not as a time."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        scanned = (nprobe or ivf.nprobe) * index.ntotal / ivf.nlist * ivf.code_size
+    else:
+        scanned = index.ntotal * index.sa_code_size()
+    refined = 0.0
+    ref = faiss.downcast_index(index)
+    if k_factor is not None and isinstance(ref, faiss.IndexRefine):
+        refined = REFINE_COST * k_factor * k * ref.refine_index.sa_code_size()
+    return float(scanned + refined)
+
+
+def _tune(index, ivf, kf0, measure, target_recall: float, k: int):
+    """The cheapest (by :func:`search_cost`) ``(nprobe, k_factor)`` reaching the target.
+
+    Depths are tried deepest first: for each, nprobe rises by powers of two (and the default)
+    until the target is reached, the pair costs at least the cheapest found so far, or (for
+    ``Refine`` indexes) a doubling gains less than ``PLATEAU``. Without a pair that reaches
+    the target, the cheapest within ``PLATEAU`` of the best recall measured is chosen."""
+    ps = [None]
+    if ivf is not None:
+        ps = sorted(
+            {1 << i for i in range(int(np.log2(ivf.nlist)) + 1)} | {default_nprobe(ivf.nlist)}
+        )
+    kfs = [None] if kf0 is None else sorted(set(REFINE_K_FACTORS) | {kf0}, reverse=True)
+    best = None  # (cost, nprobe, k_factor, recall) of the cheapest pair reaching the target
+    seen = []  # (recall, -cost, nprobe, k_factor) of every pair measured
+    for kf in kfs:
+        prev = None
+        for p in ps:
+            cost = search_cost(index, p, kf, k)
+            if best is not None and cost >= best[0]:
+                break
+            r = measure(p, kf)
+            seen.append((r, -cost, p, kf))
+            if r >= target_recall:
+                best = (cost, p, kf, r)
+                break
+            if kf0 is not None and prev is not None and r - prev < PLATEAU:
+                break
+            prev = r
+    if best is not None:
+        return best[1], best[2], best[3]
+    top = max(r for r, *_ in seen)
+    r, _, p, kf = max((t for t in seen if t[0] >= top - PLATEAU), key=lambda t: t[1])
+    return p, kf, r
 
 
 def _score_error(index: faiss.Index, probes: np.ndarray, exact: ExactTopK) -> float:

@@ -87,7 +87,8 @@ def run(cfg: Config) -> dict:
     # placed by its resources; then balanced selection searching in per-node actors.
     res = build_and_scan(cfg, out, query_vecs, protected_vecs, parts, image_of_vector)
     t0 = time.perf_counter()
-    with SearchPool(cfg, res["index_uri"], res["index"].get("nprobe")) as pool:
+    idx = res["index"]
+    with SearchPool(cfg, res["index_uri"], idx.get("nprobe"), idx.get("k_factor")) as pool:
         res.update(
             curation_index.select(
                 cfg,
@@ -133,7 +134,8 @@ def run(cfg: Config) -> dict:
             "encoder": f"{encoder.name} @ {encoder.img_size}px",
             "crops per image": query_scheme.crops_per_image(),
             "index": f"{factory}, {crops['gallery']} gallery crops, "
-            f"nprobe {res['index']['nprobe']}, recall@10 "
+            f"nprobe {res['index']['nprobe']}, re-ranking k_factor "
+            f"{res['index'].get('k_factor')}, recall@10 "
             f"{res['index']['recall']} (target {cur.target_recall})",
             "index build memory": f"peak RSS {mem['peak_rss_gib']} GiB, index "
             f"{mem['index_gib']} GiB (curate.memory_budget_gb {mem['budget_gb']})",

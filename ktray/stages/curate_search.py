@@ -80,15 +80,17 @@ def _build_in_worker(cfg, out, query_vecs, protected_vecs, parts, image_of_vecto
 
 
 class SearchActor:
-    """Holds the gallery index once and answers top-k searches of query crop batches."""
+    """Holds the gallery index once and answers top-k searches of query crop batches at the
+    tuned ``nprobe`` and re-ranking depth ``k_factor`` (None: as saved with the index)."""
 
-    def __init__(self, index_uri: str, nprobe: int | None, threads: int):
+    def __init__(
+        self, index_uri: str, nprobe: int | None, threads: int, k_factor: int | None = None
+    ):
         import faiss
 
         faiss.omp_set_num_threads(max(1, threads))
         self.index = load_index(index_uri)
-        if nprobe:
-            set_nprobe(self.index, nprobe)
+        set_nprobe(self.index, nprobe or None, k_factor)
 
     def search(self, vectors: np.ndarray, k: int):
         return search(self.index, vectors, k)
@@ -101,7 +103,9 @@ class SearchPool:
 
     MIN_CHUNK = 256
 
-    def __init__(self, cfg: Config, index_uri: str, nprobe: int | None):
+    def __init__(
+        self, cfg: Config, index_uri: str, nprobe: int | None, k_factor: int | None = None
+    ):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -114,7 +118,7 @@ class SearchPool:
             for _ in range(cur.search_actors):
                 opts = {"num_cpus": cpus, "scheduling_strategy": "SPREAD"}
                 self.actors.append(
-                    actor.options(**opts).remote(index_uri, nprobe, max(1, int(cpus)))
+                    actor.options(**opts).remote(index_uri, nprobe, max(1, int(cpus)), k_factor)
                 )
         else:
             for n in nodes:
@@ -122,7 +126,7 @@ class SearchPool:
                 strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
                 self.actors.append(
                     actor.options(num_cpus=cpus, scheduling_strategy=strategy).remote(
-                        index_uri, nprobe, max(1, int(cpus))
+                        index_uri, nprobe, max(1, int(cpus)), k_factor
                     )
                 )
         self._ray = ray

@@ -6,8 +6,12 @@ images, Parquet shards of encoded bytes or webdataset ``.tar`` shards, local or 
 images are cut into shards of ``shard_rows``; a pool of :class:`PredictWriter` actors
 (``infer.actors``, ``infer.cpus_per_actor``, ``infer.gpus_per_actor``) predicts each shard and
 writes ``OUT/predictions/part-NNNNN.parquet`` atomically (``image_id, source, pred,
-prob, probs``; unreadable images are skipped and counted). A rerun computes only the shards
-whose part file is missing; ``manifest.json`` is written last.
+prob, probs``; unreadable images are skipped and counted). A segmentation model (``seg_*``
+checkpoint or its export) writes ``image_id, source, mask, width, height, classes`` instead:
+``mask`` is PNG bytes of the class index per pixel at the image's own size (logits resized
+bilinearly, then argmax: :func:`ktray.seg_masks.logits_to_mask`), ``classes`` the ids present.
+A rerun computes only the shards whose part file is missing; ``manifest.json`` (with
+``task_type``) is written last.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ktray.stages.shards import map_without_restarts, part_name, rows_with_retri
 log = logging.getLogger("ktray")
 SHARD_ROWS = 1024
 PRED, PROB, PROBS = "pred", "prob", "probs"
+MASK, WIDTH, HEIGHT, CLASSES = "mask", "width", "height", "classes"
 
 
 def schema(num_classes: int) -> pa.Schema:
@@ -42,6 +47,24 @@ def schema(num_classes: int) -> pa.Schema:
             (PRED, pa.int32()),
             (PROB, pa.float32()),
             (PROBS, pa.list_(pa.float32(), num_classes)),
+        ]
+    )
+
+
+def is_segmentation(spec: dict) -> bool:
+    """Whether a checkpoint / export spec is a segmentation model (``seg_*`` kind)."""
+    return str(spec.get("kind", "")).startswith("seg_")
+
+
+def seg_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            (C.IMAGE_ID, pa.string()),
+            (C.SOURCE, pa.string()),
+            (MASK, pa.binary()),
+            (WIDTH, pa.int32()),
+            (HEIGHT, pa.int32()),
+            (CLASSES, pa.list_(pa.int32())),
         ]
     )
 
@@ -82,36 +105,58 @@ class Classifier:
         parts = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows.slice(start, self.batch_size)
-            x, keep = _inputs(chunk, self.spec)
+            x, keep, sizes = _inputs(chunk, self.spec)
             if not len(keep):
                 continue
-            z = self.logits(x)
-            p = np.exp(z - z.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
             kept = chunk.take(pa.array(keep, pa.int64()))
             parts.append(
                 pa.table(
-                    {
-                        C.IMAGE_ID: kept[C.IMAGE_ID],
-                        C.SOURCE: kept[C.SOURCE],
-                        PRED: pa.array(p.argmax(1), pa.int32()),
-                        PROB: pa.array(p.max(1), pa.float32()),
-                        PROBS: pa.FixedSizeListArray.from_arrays(
-                            pa.array(p.astype(np.float32).ravel()), p.shape[1]
-                        ),
-                    }
+                    {C.IMAGE_ID: kept[C.IMAGE_ID], C.SOURCE: kept[C.SOURCE]}
+                    | self._columns(self.logits(x), sizes)
                 )
             )
-        out = (
-            pa.concat_tables(parts).cast(schema(self.spec["num_classes"]))
-            if parts
-            else schema(self.spec["num_classes"]).empty_table()
-        )
+        out_schema = self.schema()
+        out = pa.concat_tables(parts).cast(out_schema) if parts else out_schema.empty_table()
         return out, len(rows) - len(out)
 
+    def schema(self) -> pa.Schema:
+        return schema(self.spec["num_classes"])
 
-def _inputs(chunk: pa.Table, spec: dict) -> tuple[np.ndarray | None, list[int]]:
-    """Model inputs of a chunk's readable images, and their row numbers."""
+    def _columns(self, z: np.ndarray, sizes: list[tuple[int, int]]) -> dict:
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return {
+            PRED: pa.array(p.argmax(1), pa.int32()),
+            PROB: pa.array(p.max(1), pa.float32()),
+            PROBS: pa.FixedSizeListArray.from_arrays(
+                pa.array(p.astype(np.float32).ravel()), p.shape[1]
+            ),
+        }
+
+
+class Segmenter(Classifier):
+    """A ``seg_*`` checkpoint or its export folder mapping image rows to masks: the logits
+    (the model's grid, or S x S from ``model.onnx``) resized bilinearly to each image's own
+    size, then the argmax (:func:`ktray.seg_masks.logits_to_mask`, what ktray evaluates and
+    the MLflow segmenter serves), stored as PNG bytes."""
+
+    def schema(self) -> pa.Schema:
+        return seg_schema()
+
+    def _columns(self, z: np.ndarray, sizes: list[tuple[int, int]]) -> dict:
+        from ktray.seg_masks import logits_to_mask, mask_png
+
+        masks = [logits_to_mask(zi, (h, w)) for zi, (w, h) in zip(z, sizes)]
+        return {
+            MASK: pa.array([mask_png(m) for m in masks], pa.binary()),
+            WIDTH: pa.array([w for w, _ in sizes], pa.int32()),
+            HEIGHT: pa.array([h for _, h in sizes], pa.int32()),
+            CLASSES: pa.array([np.unique(m).tolist() for m in masks], pa.list_(pa.int32())),
+        }
+
+
+def _inputs(chunk: pa.Table, spec: dict) -> tuple[np.ndarray | None, list[int], list]:
+    """Model inputs of a chunk's readable images, their row numbers and ``(width, height)``."""
     from ktray.data.sources import load_images
     from ktray.data.views import eval_transform
 
@@ -127,7 +172,7 @@ def _inputs(chunk: pa.Table, spec: dict) -> tuple[np.ndarray | None, list[int]]:
         if keep
         else None
     )
-    return x, keep
+    return x, keep, [images[i].size for i in keep]
 
 
 class PredictWriter:
@@ -138,7 +183,10 @@ class PredictWriter:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.classifier = Classifier(model_dir, batch_size)
+        from ktray.models import read_spec
+
+        cls = Segmenter if is_segmentation(read_spec(model_dir)) else Classifier
+        self.classifier = cls(model_dir, batch_size)
         self.out_dir = out_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -169,11 +217,6 @@ def run(
     if not cfg.out:
         raise KtrayError("ktray predict needs out=DIR")
     spec = read_spec(model_dir)
-    if str(spec.get("kind", "")).startswith("seg_"):
-        raise KtrayError(
-            f"{model_dir} is a segmentation model: ktray predict writes one class per image; "
-            "run its model.onnx from ktray export (logits [N, C, S, S]) instead"
-        )
     out = predictions_dir(cfg)
     h = config_hash(model_dir, input_uri, shard_rows, spec)
     done = manifest.load_finished(out, h)
@@ -243,6 +286,8 @@ def run(
             "outputs": {"parts": out},
             "model": model_dir,
             "input": input_uri,
+            "task_type": "segmentation" if is_segmentation(spec) else "classification",
+            **({"class_names": spec["class_names"]} if spec.get("class_names") else {}),
             "images": len(table),
             "rows": rows,
             "skipped": len(table) - rows,

@@ -213,10 +213,11 @@ def run(cfg: Config) -> dict:
     finetune_stage.check_inits(cfg, cfg.methods)  # every init@ weights file, before any work
     started = time.perf_counter()
     info = prepare_task(cfg)
-    if cfg.estimate and info.get("task_type") != "segmentation":
+    if cfg.estimate:
         from ktray.pipeline.estimate import describe
 
-        log.info(describe(cfg, info["rows"], info["num_classes"]))
+        seg = info.get("task_type") == "segmentation"
+        log.info(describe(cfg, info["rows"], info["num_classes"], segmentation=seg))
     if any(parse_method(m)[1] == "curated" for m in cfg.methods):
         from ktray.stages import curate as curate_stage
 
