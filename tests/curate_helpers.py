@@ -92,3 +92,15 @@ def tar_gallery(path: str, imgs: list[Image.Image]) -> str:
                 info.size = len(blob)
                 tar.addfile(info, _io.BytesIO(blob))
     return path
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 50, sigma: float = 0.08) -> np.ndarray:
+    """``[n, dim]`` unit vectors around ``clusters`` fixed random centres (noise ``sigma``)."""
+    from ktray.retrieval import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    centres = l2_normalize(np.random.default_rng(99).standard_normal((clusters, dim)))
+    return l2_normalize(
+        centres[rng.integers(0, clusters, n)]
+        + sigma * rng.standard_normal((n, dim)).astype(np.float32)
+    )

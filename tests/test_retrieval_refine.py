@@ -6,20 +6,16 @@ import json
 
 import faiss
 import numpy as np
+from curate_helpers import clustered
 
-from ktray.retrieval import build_index, l2_normalize, save_index, search
+from ktray.retrieval import build_index, save_index, search
 from ktray.retrieval.index import REFINE_K_FACTOR, refine_k_factor, set_nprobe
 from ktray.retrieval.store import PartStore
 from ktray.retrieval.tune import build_measured, recall_at_k
 
 
-def _clustered(n: int, dim: int, seed: int, clusters: int = 50, sigma: float = 0.25):
-    rng = np.random.default_rng(seed)
-    centres = l2_normalize(np.random.default_rng(99).standard_normal((clusters, dim)))
-    return l2_normalize(
-        centres[rng.integers(0, clusters, n)]
-        + sigma * rng.standard_normal((n, dim)).astype(np.float32)
-    )
+def _clustered(n: int, dim: int, seed: int, sigma: float = 0.25):
+    return clustered(n, dim, seed, sigma=sigma)
 
 
 def _parts(tmp_path, vecs, rows):

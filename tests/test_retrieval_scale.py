@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from curate_helpers import clustered
 
 from ktray.config import load_config
 from ktray.pipeline import curation_index
@@ -22,13 +23,8 @@ from ktray.retrieval.tune import ExactTopK, build_measured
 
 
 # ----------------------------------------------------------------------------- vectors
-def _clustered(n: int, dim: int, seed: int, clusters: int = 50, sigma: float = 0.08):
-    rng = np.random.default_rng(seed)
-    centres = l2_normalize(np.random.default_rng(99).standard_normal((clusters, dim)))
-    return l2_normalize(
-        centres[rng.integers(0, clusters, n)]
-        + sigma * rng.standard_normal((n, dim)).astype(np.float32)
-    )
+def _clustered(n: int, dim: int, seed: int, sigma: float = 0.08):
+    return clustered(n, dim, seed, sigma=sigma)
 
 
 def _parts(tmp_path, vecs: np.ndarray, rows: int, dtype=pa.float16()) -> list[str]:
