@@ -109,3 +109,44 @@ def test_memmap_map_is_not_copied(tmp_path, monkeypatch):
     monkeypatch.setattr(select_mod.np, "asarray", real)
     assert not big and not shortfall and len(table[IMAGE_ID]) == 20
     assert not {0, 7} & set(table[IMAGE_ID].tolist())
+
+
+def test_curate_stage_reads_its_map_as_int32(tmp_path):
+    """The stage's vector -> image map is int32 (half of int64 at 100M crops), the ids intact,
+    and the selection's helpers keep it so (no int64 copy)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ktray.data import columns as C
+    from ktray.pipeline.curation_index import leak_summary
+    from ktray.retrieval.dedup import first_vectors
+    from ktray.retrieval.select import id_map, map_dtype
+    from ktray.stages.curate_embed import read_embeddings
+
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(3 * 4, np.float32)), 4)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "g").mkdir()
+    box = {b: [0.0, 0.0, 0.0] for b in C.BOX}
+    pq.write_table(
+        pa.table({C.IMAGE_ID: ["a", "b", "c"], **box, C.EMBEDDING: emb}),
+        tmp_path / "q" / "part-00000.parquet",
+    )
+    iov = [[0, 0, 1], [1, 2, 2]]
+    for i, ids in enumerate(iov):
+        pq.write_table(
+            pa.table({"gallery_index": pa.array(ids, pa.int64()), C.EMBEDDING: emb}),
+            tmp_path / "g" / f"part-{i:05d}.parquet",
+        )
+    sets = {"queries": (["a", "b", "c"], None), "protected": ([], None), "gallery": ([0] * 3, None)}
+    dirs = {"queries": str(tmp_path / "q"), "gallery": str(tmp_path / "g")}
+    _, _, parts, image_of_vector, crops, skipped = read_embeddings(dirs, sets)
+    assert image_of_vector.dtype == np.int32 and len(parts) == 2
+    assert image_of_vector.tolist() == [0, 0, 1, 1, 2, 2]
+    assert crops["gallery"] == 6 and skipped["gallery"] == 0
+    assert id_map(image_of_vector) is image_of_vector
+    assert id_map([3, 4]).dtype == np.int64
+    assert map_dtype(2**31 - 1) == np.int32 and map_dtype(2**31) == np.int64
+    assert first_vectors(image_of_vector).tolist() == [0, 2, 4]
+    cfg = type("C", (), {"curate": type("K", (), {"dedup_threshold": 0.9})()})()
+    excluded, leak = leak_summary(cfg, np.array([[0, 3]]), np.array([0.95]), image_of_vector, 6)
+    assert excluded == {1} and leak["images"] == 1

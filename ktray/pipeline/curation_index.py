@@ -28,6 +28,7 @@ from ktray.retrieval import (
 )
 from ktray.retrieval.dedup import first_vectors, gallery_duplicates
 from ktray.retrieval.near_duplicates import best_pairs, scan_near_duplicates
+from ktray.retrieval.select import id_map
 from ktray.retrieval.store import PartStore
 from ktray.retrieval.tune import build_measured
 
@@ -193,7 +194,7 @@ LEAK_EXAMPLES = 20
 def leak_summary(cfg, pairs, cos, image_of_vector, vectors: int) -> tuple[set[int], dict]:
     """The exact leak check's result: gallery images to exclude, and the manifest's
     ``leak_check`` (pairs found, images removed, the best pairs as examples)."""
-    iov = np.asarray(image_of_vector, dtype=np.int64)
+    iov = id_map(image_of_vector)
     excluded = {int(i) for i in np.unique(iov[pairs[:, 1]])} if len(pairs) else set()
     return excluded, {
         "method": "exact scan",

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from ktray.retrieval.index import search
+from ktray.retrieval.select import id_map
 
 
 def first_vectors(gallery_image_of_vector: np.ndarray) -> np.ndarray:
@@ -53,7 +54,7 @@ def gallery_duplicates(
     Returns:
         ``(dropped image ids, groups)``: ``groups`` is the number of duplicate groups.
     """
-    iov = np.asarray(gallery_image_of_vector, dtype=np.int64)
+    iov = id_map(gallery_image_of_vector)
     is_first = np.zeros(len(iov), dtype=bool)
     is_first[first_vectors(iov)] = True
     k = int(min(k, max(1, index.ntotal)))

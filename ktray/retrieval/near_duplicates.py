@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from ktray.retrieval.index import as_embeddings, search, set_nprobe
+from ktray.retrieval.select import id_map
 
 
 def remove_near_duplicates(
@@ -63,7 +64,7 @@ def remove_near_duplicates(
     Returns:
         The set of gallery image ids to exclude.
     """
-    gallery_image_of_vector = np.asarray(gallery_image_of_vector, dtype=np.int64)
+    gallery_image_of_vector = id_map(gallery_image_of_vector)
     if len(protected_vectors) == 0:
         return set()
     dim = gallery.d if isinstance(gallery, faiss.Index) else np.shape(gallery)[1]

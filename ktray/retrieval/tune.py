@@ -122,10 +122,10 @@ def build_measured(
             measure recall@``k`` against exact search.
         seed: seeds the training sample and the probe draw.
         target_recall: IVF indexes get the smallest power-of-two ``nprobe`` (from 1, and the
-            default) whose recall reaches this; otherwise the cheapest near the best. Indexes with a
+            default) whose recall reaches this; otherwise the best for its cost. Indexes with a
             ``Refine`` stage get the pair of ``nprobe`` and ``k_factor`` (from
             ``REFINE_K_FACTORS``) of least :func:`search_cost` that reaches it; otherwise the
-            cheapest pair within ``PLATEAU`` of the best recall measured.
+            pair of best recall for its cost (``RECALL_PER_DOUBLING``).
         k: the recall depth.
         nprobe: a fixed nprobe (no tuning, k_factor as built; recall still measured).
         max_probes: the most probe queries.
@@ -214,6 +214,11 @@ PLATEAU = 0.002
 """A doubling of nprobe that gains less recall than this ends a walk that has not reached the
 target (a ``Refine`` index: more lists will not get there at this depth)."""
 
+RECALL_PER_DOUBLING = 0.01
+"""Without a pair reaching the target, the pair of most ``recall - RECALL_PER_DOUBLING x
+log2(cost)`` is chosen: one point of recall@k is worth a doubling of search cost, no more
+(0.846 -> 0.894 at 100x the cost is not; 0.767 -> 0.843 at 2x is)."""
+
 REFINE_COST = 4.0
 """Cost of re-scoring one candidate per byte of its refine code, relative to scanning one
 byte of a base (PQ) code: a decode plus a random memory access against a table lookup."""
@@ -241,7 +246,7 @@ def _tune(index, ivf, kf0, measure, target_recall: float, k: int):
     Depths are tried deepest first: for each, nprobe rises by powers of two (and the default)
     until the target is reached, the pair costs at least the cheapest found so far, or (for
     ``Refine`` indexes) a doubling gains less than ``PLATEAU``. Without a pair that reaches
-    the target, the cheapest within ``PLATEAU`` of the best recall measured is chosen."""
+    the target, the pair that best trades recall for cost (``RECALL_PER_DOUBLING``)."""
     ps = [None]
     if ivf is not None:
         ps = sorted(
@@ -266,8 +271,7 @@ def _tune(index, ivf, kf0, measure, target_recall: float, k: int):
             prev = r
     if best is not None:
         return best[1], best[2], best[3]
-    top = max(r for r, *_ in seen)
-    r, _, p, kf = max((t for t in seen if t[0] >= top - PLATEAU), key=lambda t: t[1])
+    r, _, p, kf = max(seen, key=lambda t: t[0] - RECALL_PER_DOUBLING * np.log2(max(-t[1], 1.0)))
     return p, kf, r
 
 

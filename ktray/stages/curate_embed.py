@@ -25,6 +25,7 @@ from ktray.retrieval.embed import (
     decode_crops,
     vectors,
 )
+from ktray.retrieval.select import map_dtype
 from ktray.stages import shards
 
 log = logging.getLogger("ktray")
@@ -120,9 +121,13 @@ def read_embeddings(dirs: dict, sets: dict):
         else None
     )
     parts = shards.list_parts(dirs["gallery"])
+    # int32 ids while the gallery has < 2^31 images (each part cast before the concatenation:
+    # no int64 copy of the whole map)
+    dtype = map_dtype(len(sets["gallery"][0]))
     image_of_vector = np.concatenate(
-        [_read_part(f, GALLERY_INDEX)[GALLERY_INDEX].to_numpy() for f in parts]
-    ).astype(np.int64)
+        [_read_part(f, GALLERY_INDEX)[GALLERY_INDEX].to_numpy().astype(dtype) for f in parts]
+        or [np.zeros(0, dtype)]
+    )
     crops = {
         "queries": len(q),
         "protected": len(p) if p is not None else 0,
