@@ -270,6 +270,15 @@ def build_index(
             # index_factory turns on polysemous training (a Hamming-distance permutation of
             # the PQ codes); it is costly and only serves polysemous filtering, unused here.
             ivf.do_polysemous_training = False
+        hnsw = _hnsw_quantizer(ivf)
+        if hnsw is not None and not hnsw.ntotal:
+            # faiss's defaults (efConstruction 40, efSearch 16) assign 17% of 10M clustered
+            # vectors to a list other than their nearest (greedy search trapped in another
+            # cluster's region of the graph): those are out of reach of any sane nprobe and
+            # PQ-encoded against the wrong centroid. A denser-searched graph (+4 s for 16k
+            # centroids) and efSearch 32 while training and adding: 99.8% assigned right.
+            hnsw.hnsw.efConstruction = QUANTIZER_EF_CONSTRUCTION
+            hnsw.hnsw.efSearch = QUANTIZER_EF_ADD
         if ivf is not None and ivf.nlist >= TWO_LEVEL_MIN_NLIST and not ivf.quantizer.ntotal:
             # Flat k-means costs sample x nlist x dim per iteration (16k lists on 1M vectors:
             # ~15 min on 2 cores); two levels cost sample x 2*sqrt(nlist) x dim. faiss then
@@ -277,6 +286,9 @@ def build_index(
             ivf.quantizer.add(two_level_centroids(sample, ivf.nlist))
         index.train(sample)
         del sample
+    hnsw = _hnsw_quantizer(faiss.try_extract_index_ivf(index))
+    if hnsw is not None:
+        hnsw.hnsw.efSearch = max(int(hnsw.hnsw.efSearch), QUANTIZER_EF_ADD)
     for i, shard in enumerate(shards):
         index.add(as_embeddings(shard, dim, f"shard {i}"))
     set_k_factor(index, k_factor if k_factor is not None else REFINE_K_FACTOR)
@@ -284,6 +296,22 @@ def build_index(
     if nlist:
         set_nprobe(index, nprobe if nprobe is not None else default_nprobe(nlist))
     return index
+
+
+QUANTIZER_EF_CONSTRUCTION = 200
+QUANTIZER_EF_ADD = 32
+"""HNSW coarse quantizer: graph build depth, and search depth while vectors are assigned to
+lists. Measured on 16,384 two-level k-means centroids of 10M clustered 256-d vectors (share
+of 50k vectors put in their nearest list): efConstruction 40 (faiss's default) with efSearch
+16 / 32 / 64: 0.828 / 0.939 / 0.988; efConstruction 200: 0.982 / 0.998 / 0.9995."""
+
+
+def _hnsw_quantizer(ivf) -> faiss.Index | None:
+    """The HNSW coarse quantizer of an IVF index (``IVF{n}_HNSW32``), else None."""
+    if ivf is None:
+        return None
+    q = faiss.downcast_index(ivf.quantizer)
+    return q if isinstance(q, faiss.IndexHNSW) else None
 
 
 def search(
