@@ -119,7 +119,7 @@ def test_leak_protection_exact_recheck_under_pq(tmp_path):
 
 
 @pytest.mark.slow
-def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
+def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path, monkeypatch):
     gallery, test, planted = _leak_setup(tmp_path)
     parts = _parts(tmp_path, gallery, 1000)
     # queries: the test images' own cluster neighbours, so the planted copies rank high
@@ -155,12 +155,26 @@ def test_index_and_select_keeps_test_copies_out_of_the_transfer_set(tmp_path):
     assert res["index"]["factory"] == LOSSY
     assert res["dedup_margin"] == pytest.approx(0.1 + res["index"]["score_error"])
     assert os.path.exists(os.path.join(out, "index.faiss"))
-    # the same call again reuses the index (and its report)
+    # the same call again reuses the index (and its report): nothing is built ...
+    built = []
+    real_build = curation_index.build_measured
+    monkeypatch.setattr(
+        curation_index, "build_measured", lambda *a, **k: built.append(1) or real_build(*a, **k)
+    )
     again = curation_index.index_and_select(
         cfg, out, queries, [f"q{i}" for i in range(60)], test, parts, np.arange(len(gallery))
     )
+    assert not built
     assert again["index"]["tried"] == json.loads(json.dumps(res["index"]["tried"]))
     assert again["index"]["recall"] == res["index"]["recall"]
+    # ... unless the build recipe changed since (an index built by an older ktray)
+    from ktray.retrieval import index as index_mod
+
+    monkeypatch.setattr(index_mod, "INDEX_RECIPE", index_mod.INDEX_RECIPE + 1)
+    curation_index.index_and_select(
+        cfg, out, queries, [f"q{i}" for i in range(60)], test, parts, np.arange(len(gallery))
+    )
+    assert built == [1]
     # leak protection is an exact scan: it reports what it found, with exact cosines
     leak = res["leak_check"]
     assert leak["method"] == "exact scan" and leak["images"] == len(planted)

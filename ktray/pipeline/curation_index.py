@@ -26,6 +26,7 @@ from ktray.retrieval import (
     save_index,
     search,
 )
+from ktray.retrieval import index as index_mod
 from ktray.retrieval.dedup import first_vectors, gallery_duplicates
 from ktray.retrieval.near_duplicates import best_pairs, scan_near_duplicates
 from ktray.retrieval.select import id_map
@@ -257,7 +258,12 @@ def _gallery_index(
     fs = storage.fs_and_path(store.parts[0])[0] if store.parts else None
     sizes = [fs.info(storage.fs_and_path(f)[1]).get("size") for f in store.parts]
     key = config_hash(
-        [os.path.basename(f) for f in store.parts], sizes, factory, target_recall, seed
+        [os.path.basename(f) for f in store.parts],
+        sizes,
+        factory,
+        target_recall,
+        seed,
+        index_mod.INDEX_RECIPE,  # read at call time: a new build recipe rebuilds
     )
     if storage.exists(uri) and storage.exists(meta_uri):
         meta = storage.read_json(meta_uri)

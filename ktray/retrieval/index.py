@@ -298,6 +298,11 @@ def build_index(
     return index
 
 
+INDEX_RECIPE = 2
+"""Version of what :func:`build_index` builds from a factory string; part of the key under
+which the curate stage reuses a saved index (2: the HNSW quantizer's build and assignment
+depths below; an index built before them is rebuilt, not reused)."""
+
 QUANTIZER_EF_CONSTRUCTION = 200
 QUANTIZER_EF_ADD = 32
 """HNSW coarse quantizer: graph build depth, and search depth while vectors are assigned to
