@@ -255,6 +255,16 @@ def build_index(
         index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise KtrayError(f"bad faiss factory string {factory!r}: {str(e).splitlines()[-1]}")
+    hnsw = _hnsw_quantizer(faiss.try_extract_index_ivf(index))
+    if hnsw is not None:
+        # faiss's defaults (efConstruction 40, efSearch 16) assign 17% of 10M clustered
+        # vectors to a list other than their nearest (greedy search trapped in another
+        # cluster's region of the graph): those are out of reach of any sane nprobe and
+        # PQ-encoded against the wrong centroid. A denser-searched graph (+4 s for 16k
+        # centroids) and efSearch 32 while training and adding: 99.8% assigned right.
+        if not hnsw.ntotal:
+            hnsw.hnsw.efConstruction = QUANTIZER_EF_CONSTRUCTION
+        hnsw.hnsw.efSearch = max(int(hnsw.hnsw.efSearch), QUANTIZER_EF_ADD)
     if not index.is_trained:
         if train_sample is None:
             raise KtrayError(f"index {factory!r} needs a training sample")
@@ -270,15 +280,6 @@ def build_index(
             # index_factory turns on polysemous training (a Hamming-distance permutation of
             # the PQ codes); it is costly and only serves polysemous filtering, unused here.
             ivf.do_polysemous_training = False
-        hnsw = _hnsw_quantizer(ivf)
-        if hnsw is not None and not hnsw.ntotal:
-            # faiss's defaults (efConstruction 40, efSearch 16) assign 17% of 10M clustered
-            # vectors to a list other than their nearest (greedy search trapped in another
-            # cluster's region of the graph): those are out of reach of any sane nprobe and
-            # PQ-encoded against the wrong centroid. A denser-searched graph (+4 s for 16k
-            # centroids) and efSearch 32 while training and adding: 99.8% assigned right.
-            hnsw.hnsw.efConstruction = QUANTIZER_EF_CONSTRUCTION
-            hnsw.hnsw.efSearch = QUANTIZER_EF_ADD
         if ivf is not None and ivf.nlist >= TWO_LEVEL_MIN_NLIST and not ivf.quantizer.ntotal:
             # Flat k-means costs sample x nlist x dim per iteration (16k lists on 1M vectors:
             # ~15 min on 2 cores); two levels cost sample x 2*sqrt(nlist) x dim. faiss then
@@ -286,9 +287,6 @@ def build_index(
             ivf.quantizer.add(two_level_centroids(sample, ivf.nlist))
         index.train(sample)
         del sample
-    hnsw = _hnsw_quantizer(faiss.try_extract_index_ivf(index))
-    if hnsw is not None:
-        hnsw.hnsw.efSearch = max(int(hnsw.hnsw.efSearch), QUANTIZER_EF_ADD)
     for i, shard in enumerate(shards):
         index.add(as_embeddings(shard, dim, f"shard {i}"))
     set_k_factor(index, k_factor if k_factor is not None else REFINE_K_FACTOR)
