@@ -30,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scale_bench import make_images, make_logits  # noqa: E402
 
+BARE_ROWS = 4096
+"""Rows per sample of the bare rate (its median of >= 5 samples is the ceiling's core)."""
+
 
 def noop_worker(config: dict) -> dict:
     """Consume the shard like the distill loop does, with a no-op model."""
@@ -66,6 +69,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="transfer-set rows (one epoch)")
     ap.add_argument("--images", type=int, default=3000, help="JPEGs the rows point at")
     ap.add_argument(
+        "--part-rows",
+        type=int,
+        default=2048,
+        help="rows per Parquet part (2,048: what the logits stage writes)",
+    )
+    ap.add_argument(
         "--measure", type=int, default=0, help="images to deliver per run (0: the whole epoch)"
     )
     ap.add_argument("--batch", type=int, default=128)
@@ -92,15 +101,16 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="ktray-input-")
     try:
-        uri = make_logits(work, make_images(work, args.images, side=args.side), args.rows)
+        images = make_images(work, args.images, side=args.side)
+        uri = make_logits(work, images, args.rows, part_rows=args.part_rows)
         info = describe_targets(uri, "logits")
         # bare: one core decoding and cropping the same rows, no Ray (warm file cache)
         decode = DecodeViews({"x": args.size}, ["logits"])
-        table = pq.read_table(uri, columns=info["columns"]).slice(0, 2048)
+        table = pq.read_table(uri, columns=info["columns"]).slice(0, BARE_ROWS)
         decode(table.slice(0, 256))
 
         def bare_rate() -> float:
-            """One core decoding + cropping 2,048 rows (~0.5-2 s), file cache warm."""
+            """One core decoding + cropping BARE_ROWS rows (~1-10 s), file cache warm."""
             sources.clear_cache()
             t = time.perf_counter()
             for i in range(0, len(table), 256):
@@ -120,7 +130,7 @@ def main() -> None:
         spec = DistillSpec.from_config(cfg, "task")
         # the ceiling: one core, measured before Ray starts (Ray's own processes and a
         # finished run's lingering workers take CPU from it afterwards)
-        rates = [bare_rate() for _ in range(args.repeat)]
+        rates = [bare_rate() for _ in range(max(5, args.repeat))]
         bare = sorted(rates)[len(rates) // 2]
         ensure_ray(cfg.ray)
         runs = []

@@ -5,8 +5,12 @@ logits table of N rows x 1,000 classes (float16) whose rows point at those image
 the distill stage's own input path (``ktray.stages.train_data.view_dataset`` ->
 ``TorchTrainer(datasets=...)`` -> ``iter_torch_batches``) with a tiny student for a fixed
 number of steps, each N in a fresh process. Prints the peak RSS of the driver and of the
-training process (the same process in Train V2 local mode, ``--workers 0``) and the delivered
-img/s. Goal: peak RSS at 1M <= 1.25 x at 50k. Usage:
+training process (the same process in Train V2 local mode, ``--workers 0``), the peak of Ray's
+object store (plasma) use sampled every 0.5 s with what was spilled to disk, and the
+delivered img/s. Goal: peak RSS at 1M <= 1.25 x at 50k; the object store must not grow with
+N either (a barrier in the input path,
+such as ``randomize_block_order`` on the Parquet read, puts the whole table there first).
+Usage:
 
     python benchmarks/scale_bench.py [--sizes 50000,1000000] [--steps 40] [--workers 0]
 """
@@ -54,15 +58,15 @@ def make_images(work: str, n: int = 3000, side: int = 48, shards: int = 3) -> li
     return sources
 
 
-def make_logits(work: str, sources: list[str], rows: int) -> str:
-    """``rows`` view rows over ``sources`` with float16 logits, in parts of 50k rows."""
+def make_logits(work: str, sources: list[str], rows: int, part_rows: int = PART_ROWS) -> str:
+    """``rows`` view rows over ``sources`` with float16 logits, in parts of ``part_rows``."""
     out = os.path.join(work, f"logits-{rows}")
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(1)
-    block = rng.standard_normal((PART_ROWS, CLASSES), dtype=np.float32).astype(np.float16)
+    block = rng.standard_normal((part_rows, CLASSES), dtype=np.float32).astype(np.float16)
     src = np.asarray(sources, dtype=object)
-    for p in range(-(-rows // PART_ROWS)):
-        n = min(PART_ROWS, rows - p * PART_ROWS)
+    for p in range(-(-rows // part_rows)):
+        n = min(part_rows, rows - p * part_rows)
         idx = rng.integers(0, len(src), n)
         x0 = rng.uniform(0, 0.3, n).astype(np.float32)
         y0 = rng.uniform(0, 0.3, n).astype(np.float32)
@@ -91,6 +95,39 @@ def make_logits(work: str, sources: list[str], rows: int) -> str:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class PlasmaPeak:
+    """Samples this Ray node's object store use (``memory_summary``) in a thread: the peak
+    MiB in plasma and the most spilled to disk."""
+
+    def __init__(self, every: float = 0.5):
+        import threading
+
+        self.every, self.peak, self.spilled = every, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import re
+
+        from ray._private.internal_api import memory_summary
+
+        while not self._stop.is_set():
+            text = memory_summary(stats_only=True)
+            used = re.search(r"Plasma memory usage (\d+) MiB", text)
+            spilled = re.search(r"Spilled (\d+) MiB", text)
+            self.peak = max(self.peak, float(used.group(1)) if used else 0.0)
+            self.spilled = max(self.spilled, float(spilled.group(1)) if spilled else 0.0)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PlasmaPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def bench_worker(config: dict) -> dict:
@@ -137,13 +174,14 @@ def child(args) -> dict:
         "rows": info["rows"],
     }
     start = time.perf_counter()
-    m = fit(
-        cfg,
-        f"scale-{args.child}",
-        bench_worker,
-        {"spec": dataclasses.asdict(spec), "inputs": inputs},
-        datasets={"train": ds},
-    )
+    with PlasmaPeak() as plasma:
+        m = fit(
+            cfg,
+            f"scale-{args.child}",
+            bench_worker,
+            {"spec": dataclasses.asdict(spec), "inputs": inputs},
+            datasets={"train": ds},
+        )
     wall = time.perf_counter() - start
     return {
         "rows": info["rows"],
@@ -152,6 +190,8 @@ def child(args) -> dict:
         "wall_s": wall,
         "driver_gib": peak_rss_gib(),
         "worker_gib": m["worker_peak_rss_gib"],
+        "plasma_mib": plasma.peak,
+        "spilled_mib": plasma.spilled,
     }
 
 
@@ -212,13 +252,15 @@ def main() -> None:
         )
         print(
             f"{'rows':>9s} {'logits GiB':>10s} {'driver peak GiB':>15s} "
-            f"{'train proc peak GiB':>19s} {'vs first':>8s} {'img/s':>7s} {'wall s':>7s}"
+            f"{'train proc peak GiB':>19s} {'vs first':>8s} {'plasma peak MiB':>15s} "
+            f"{'spilled MiB':>11s} {'img/s':>7s} {'wall s':>7s}"
         )
         for r in rows:
             print(
                 f"{r['rows']:9d} {r['rows'] * CLASSES * 2 / 2**30:10.2f} "
                 f"{r['driver_gib']:15.2f} {r['worker_gib']:19.2f} "
                 f"{r['worker_gib'] / base['worker_gib']:8.2f} "
+                f"{r['plasma_mib']:15.0f} {r['spilled_mib']:11.0f} "
                 f"{r['images'] / r['loop_s']:7.1f} {r['wall_s']:7.1f}"
             )
     finally:

@@ -272,10 +272,11 @@ class TrainConfig:
     """Distillation input: decode tasks at once at most; 0 = as many as free CPUs allow (a
     GPU student wants ~4-8 cores of JPEG decoding per GPU)."""
     decode_batch: int = setting(256, ge=1)
-    """Distillation input: rows per decode task call."""
+    """Distillation input: rows a decode task decodes at a time (its output comes in blocks of
+    about this many rows or 8 MiB)."""
     shuffle_buffer: int = setting(2048, ge=0)
-    """Distillation input: rows in each worker's local shuffle buffer (after the block order
-    is randomised every epoch); 0 = none."""
+    """Distillation input: rows in each worker's local shuffle buffer (after the Parquet
+    files' order is shuffled every epoch); 0 = none."""
     prefetch_batches: int = setting(4, ge=0)
     """Distillation input: batches each worker prefetches ahead of the training step."""
     cache_decoded_mb: int = setting(1024, ge=0)
