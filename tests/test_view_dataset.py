@@ -9,11 +9,10 @@ from PIL import Image
 
 from ktray.config import load_config
 from ktray.data import columns as C
-from ktray.data.datasets import DecodeViews
-from ktray.stages.train_data import DecodeBlocks, view_dataset
+from ktray.stages.train_data import view_dataset
 from ktray.train.specs import DistillSpec
 
-FILES, PER_FILE = 24, 4
+FILES, PER_FILE = 64, 2
 
 
 def _parts(tmp_path):
@@ -42,19 +41,7 @@ def _parts(tmp_path):
     return str(d), table
 
 
-def test_decode_blocks_decodes_a_whole_block_a_few_rows_at_a_time(tmp_path):
-    _, table = _parts(tmp_path)
-    decode = DecodeViews({"x": 8}, [C.LOGITS])
-    chunks = list(DecodeBlocks(decode, 5)(table.slice(0, 13)))
-    assert [len(c["x"]) for c in chunks] == [5, 5, 3]
-    whole = decode(table.slice(0, 13))
-    assert np.array_equal(np.concatenate([c["x"] for c in chunks]), whole["x"])
-    assert np.array_equal(np.concatenate([c[C.LOGITS] for c in chunks]), whole[C.LOGITS])
-
-
-def test_parquet_views_stream_in_a_new_file_order_each_epoch_read_and_decoded_in_one_task(
-    tmp_path, ray_local
-):
+def test_parquet_views_stream_in_a_new_file_order_each_epoch_without_a_barrier(tmp_path, ray_local):
     uri, _ = _parts(tmp_path)
     cfg = load_config(
         None, [f"out={tmp_path}/out", "train.decode_concurrency=1", "train.decode_batch=4"]
@@ -70,15 +57,15 @@ def test_parquet_views_stream_in_a_new_file_order_each_epoch_read_and_decoded_in
         files = list(dict.fromkeys((rows // PER_FILE).tolist()))  # order of first appearance
         assert sorted(files) == list(range(FILES))
         orders.append(files)
-    # the files come in a random order: the order a plain read gives (name order, permuted
-    # only locally by the reader's threads) keeps its rank correlation with the name order
-    # near 1; a shuffle's is near 0 (|rho| > 0.7 has probability ~1e-4 for 24 files)
+    # the files come in a random order: without the shuffle the reader's threads permute the
+    # name order only locally (rank correlation 0.9-0.98 from the second epoch on, 0.48 at
+    # worst in a first epoch); a shuffle's is ~N(0, 0.13) (|rho| > 0.5: p ~ 1e-4 for 64 files)
     for files in orders:
         rho = np.corrcoef(np.arange(FILES), files)[0, 1]
-        assert abs(rho) < 0.7, (rho, files)
+        assert abs(rho) < 0.5, (rho, files)
     assert orders[0] != orders[1]  # and reshuffled for the next epoch
     stats = ds.stats()
-    # one fused stage reads and decodes; no block-order barrier (it would read the whole
-    # table into the object store before the first batch)
-    assert "ReadFilesParquetV2->MapBatches(DecodeBlocks)" in stats
+    # the read streams into the decode stage: no block-order barrier between them (it would
+    # read the whole table into the object store before the first batch)
+    assert "ReadFilesParquetV2" in stats and "MapBatches(DecodeViews)" in stats
     assert "RandomizeBlockOrder" not in stats

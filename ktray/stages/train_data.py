@@ -2,24 +2,21 @@
 
 ``view_dataset`` reads a table of views (the logits stage's parts, a ``distill.targets`` table,
 or the views of an online run) with its file order shuffled every epoch, and decodes + crops
-the views in the same CPU tasks that read them (``train.decode_cpus`` per task, at most
-``train.decode_concurrency`` at once): Ray Data fuses the read and the decode, so there is no
-barrier and no per-block task hand-over between them. The read streams: the first batch does
-not wait for the table to be read, and the object store holds the blocks in flight, not the
-transfer set (``randomize_block_order`` on a Parquet read would read the whole table into the
-object store before the first batch: 26 s at 1M rows here, ~20 GB at 10M). Only the columns
-the run needs are read: source, box, flip and the one target column (logits for the task
-objective, features for the features objective, none online).
-``TorchTrainer(datasets={"train": ds})`` splits it over the workers, which consume it with
-``iter_torch_batches`` (local shuffle buffer, prefetching): a worker holds the blocks in
+the views in a CPU ``map_batches`` stage (``train.decode_cpus`` per task, at most
+``train.decode_concurrency`` at once; one task per read block of up to 8 MiB). The read
+streams: the first batch does not wait for the table to be read, and the object store holds
+the blocks in flight, not the transfer set. (``randomize_block_order`` after the read, the
+previous release's shuffle, is a barrier in Ray Data: every block of the table went into the
+object store before the first batch, 2 GiB at 1M rows of 1,000 float16 logits, ~20 GB spilled
+to disk at 10M.) Only the columns the run needs are read: source, box, flip and the one
+target column (logits for the task objective, features for the features objective, none
+online). ``TorchTrainer(datasets={"train": ds})`` splits it over the workers, which consume it
+with ``iter_torch_batches`` (local shuffle buffer, prefetching): a worker holds the blocks in
 flight, never the transfer set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -91,22 +88,6 @@ def decoded_mib(rows: int, sizes: dict[str, int], target_dim: int = 0) -> float:
     return rows * (sum(3 * s * s for s in sizes.values()) + 2 * target_dim) / 2**20
 
 
-class DecodeBlocks:
-    """A Ray Data block in, its decoded views out ``rows`` rows at a time (a generator UDF).
-
-    It takes whole blocks (``map_batches(batch_size=None)``) so that Ray Data fuses it with the
-    Parquet read: a batch size on the read's consumer keeps them apart, and each decode task
-    then handles one ~4k-row block and waits between blocks (~10% of the decode cores idle on
-    2 CPUs). Decoding ``rows`` at a time keeps a task's output blocks small."""
-
-    def __init__(self, decode: DecodeViews, rows: int):
-        self.decode, self.rows = decode, rows
-
-    def __call__(self, block: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(0, block.num_rows, self.rows):
-            yield self.decode(block.slice(i, self.rows))
-
-
 def view_dataset(
     source: str | pa.Table,
     columns: list[str],
@@ -139,7 +120,6 @@ def view_dataset(
 def _view_dataset(ray, source, columns, sizes, spec, seed):
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
-    decode = DecodeBlocks(DecodeViews(sizes, target, fresh_scale=fresh), spec.decode_batch)
     if isinstance(source, pa.Table):  # in memory already: its block order is free to shuffle
         source = source.select(columns)
         ds = ray.data.from_arrow(
@@ -147,19 +127,11 @@ def _view_dataset(ray, source, columns, sizes, spec, seed):
         ).randomize_block_order(seed=seed)
     else:  # the file order is shuffled as the read starts (per epoch): a stream, no barrier
         shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
-        ds = ray.data.read_parquet(
-            parquet_files(source),
-            columns=columns,
-            shuffle=shuffle,
-            num_cpus=spec.decode_cpus,
-            concurrency=spec.decode_concurrency or None,
-        )
-    # Ray Data fuses the read and the decode into one task when their CPUs and concurrency
-    # match and the decode takes whole blocks (a batch size on a read's consumer prevents it)
+        ds = ray.data.read_parquet(parquet_files(source), columns=columns, shuffle=shuffle)
     return ds.map_batches(
-        decode,
+        DecodeViews(sizes, target, fresh_scale=fresh),
         batch_format="pyarrow",
-        batch_size=None,
+        batch_size=spec.decode_batch,
         compute=ray.data.TaskPoolStrategy(size=spec.decode_concurrency or None),
         num_cpus=spec.decode_cpus,
     )
