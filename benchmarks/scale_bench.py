@@ -8,9 +8,8 @@ number of steps, each N in a fresh process. Prints the peak RSS of the driver an
 training process (the same process in Train V2 local mode, ``--workers 0``), the peak of Ray's
 object store (plasma) use sampled every 0.5 s with what was spilled to disk, and the
 delivered img/s. Goal: peak RSS at 1M <= 1.25 x at 50k; the object store must not grow with
-N either (a barrier in the input path,
-such as ``randomize_block_order`` on the Parquet read, puts the whole table there first).
-Usage:
+N either (a barrier in the input path, such as ``randomize_block_order`` on the Parquet read,
+puts the whole table there first). Usage:
 
     python benchmarks/scale_bench.py [--sizes 50000,1000000] [--steps 40] [--workers 0]
 """
