@@ -122,6 +122,7 @@ def main() -> None:
                 info["columns"],
                 {"x": args.size},
                 spec,
+                seed=spec.seed,
                 rows=info["rows"] if cached else 0,
                 target_dim=10,
             )

@@ -3,9 +3,11 @@ pass, and distill.targets=URI trains on any table following the logits contract.
 
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ktray.config import load_config
 from ktray.errors import KtrayError
@@ -67,3 +69,70 @@ def test_consistent_fresh_views_online(tiny_task, tmp_path, ray_local):
         load_config("tiny", base + ["distill.augment=consistent"])
     with pytest.raises(KtrayError, match="mixup needs distill.teacher_mode=online"):
         load_config("tiny", base + ["distill.mixup=0.2"])
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    found = [
+        os.path.join(r, "model.safetensors")
+        for r, _, fs in os.walk(out)
+        if "model.safetensors" in fs
+    ]
+    assert len(found) == 1, found
+    return load_file(found[0])
+
+
+def test_a_seeded_distillation_trains_the_same_student_twice(tiny_task, tmp_path, ray_local):
+    """train.reproducible (default): the file order, the block order and the shuffle buffer
+    are seeded and the blocks reach the loop in that order, so the same seed trains the same
+    weights (local mode, CPU) although the decode tasks finish in any order."""
+    unl = sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(os.path.join(tiny_task, "unlabeled")) for f in fs
+    )
+    rng = np.random.default_rng(0)
+    rows = [(i, unl[i % len(unl)]) for i in range(96)]
+    parts = tmp_path / "targets"
+    parts.mkdir()
+    for k in range(0, len(rows), 4):  # 24 parts: blocks decoded by tasks in parallel
+        chunk = rows[k : k + 4]
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": [f"v{i}" for i, _ in chunk],
+                    "source": [s for _, s in chunk],
+                    "flip": [bool(i % 2) for i, _ in chunk],
+                    "logits": pa.array(
+                        rng.normal(0, 3, (len(chunk), 3)).astype(np.float16).tolist(),
+                        pa.list_(pa.float16()),
+                    ),
+                }
+            ),
+            parts / f"part-{k:05d}.parquet",
+        )
+
+    def run(name, *more):
+        out = str(tmp_path / name)
+        cfg = load_config(
+            "tiny",
+            [
+                f"data.root={tiny_task}",
+                f"out={out}",
+                f"distill.targets={parts}",
+                "distill.steps=8",  # 2 epochs of 48
+                "distill.batch_size=12",
+                "train.decode_batch=2",
+                "train.shuffle_buffer=16",
+                "train.cache_decoded_mb=0",  # stream: the decode order is live every epoch
+                *more,
+            ],
+        )
+        distill_stage.run(cfg, "in_domain", "task")
+        return _weights(out)
+
+    a, b = run("a"), run("b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c = run("c", "train.seed=1")
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from PIL import Image
 
 from ktray.config import load_config
@@ -69,3 +70,30 @@ def test_parquet_views_stream_in_a_new_file_order_each_epoch_without_a_barrier(t
     # read the whole table into the object store before the first batch)
     assert "ReadFilesParquetV2" in stats and "MapBatches(DecodeViews)" in stats
     assert "RandomizeBlockOrder" not in stats
+
+
+def test_a_seeded_reproducible_dataset_keeps_its_order_through_ray_train(tmp_path, ray_local):
+    """Ray Train workers read a dataset under Train's ingest options, which drop the
+    dataset's ``preserve_order``: ``fit`` passes a DataConfig that keeps it (verified end to
+    end with ``ray.num_workers=1``: without it two seeded runs train different weights)."""
+    from ktray.stages.common import dataset_config
+
+    uri, _ = _parts(tmp_path)
+    cfg = load_config(None, [f"out={tmp_path}/out"])
+    spec = DistillSpec.from_config(cfg, "task")
+    seeded = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3)
+    free = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=None)
+    assert seeded.context.execution_options.preserve_order
+    assert not free.context.execution_options.preserve_order
+    conf = dataset_config({"train": seeded, "val": free})
+    # what Train applies to each dataset before splitting it over the workers
+    assert conf._resolve_execution_options("train").preserve_order
+    assert not conf._resolve_execution_options("val").preserve_order
+    assert dataset_config({"train": free}) is None
+    off = DistillSpec.from_config(
+        load_config(None, [f"out={tmp_path}/o", "train.reproducible=false"]), "task"
+    )
+    unordered = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, off, seed=3)
+    assert not unordered.context.execution_options.preserve_order
+    # the process's own context is left as it was
+    assert not ray.data.DataContext.get_current().execution_options.preserve_order

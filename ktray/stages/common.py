@@ -185,6 +185,27 @@ class RaySession:
         return state
 
 
+def dataset_config(datasets: dict | None):
+    """Train's ingest options for ``datasets``: Ray's defaults (this process's DataContext),
+    with ``preserve_order`` kept where a dataset's own context asks for it. Ray Train workers
+    read a dataset under Train's ingest options, which would drop it (local mode reads the
+    dataset as it is). None when no dataset asks."""
+    import copy
+
+    import ray.data
+    import ray.train
+
+    datasets = datasets or {}
+    ordered = {n for n, ds in datasets.items() if ds.context.execution_options.preserve_order}
+    if not ordered:
+        return None
+    options = {}
+    for name in datasets:
+        options[name] = copy.copy(ray.data.DataContext.get_current().execution_options)
+        options[name].preserve_order = name in ordered
+    return ray.train.DataConfig(execution_options=options)
+
+
 def fit(
     cfg: Config, name: str, worker: Callable[[dict], dict], spec: dict, datasets: dict | None = None
 ) -> dict:
@@ -236,6 +257,7 @@ def fit(
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets or None,
+        dataset_config=dataset_config(datasets),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -95,6 +95,8 @@ def run(
         evaluate=spec.objective == "task",
         extra=extra,
         datasets=lambda: {
-            "train": view_dataset(source, columns, sizes, spec, rows=n, target_dim=target_dim)
+            "train": view_dataset(
+                source, columns, sizes, spec, seed=spec.seed, rows=n, target_dim=target_dim
+            )
         },
     )

@@ -17,6 +17,8 @@ flight, never the transfer set.
 
 from __future__ import annotations
 
+import copy
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -99,22 +101,39 @@ def view_dataset(
 ):
     """The Ray Data dataset of decoded views (``x`` [+ ``xt``] uint8 NHWC, + the target).
 
+    ``seed`` fixes the file and block order of every epoch (each epoch its own); with
+    ``spec.reproducible`` the blocks also leave in that order (``preserve_order``, kept by
+    :func:`ktray.stages.common.fit`), so a seeded run's batches are the same every time.
+
     A set whose decoded views take less than ``spec.cache_decoded_mb`` (``rows`` and
     ``target_dim`` give its size) is decoded once and materialised in the object store, so
     its many epochs re-read memory instead of re-decoding; a larger one streams, and so does
     a run on fresh views (``distill.augment=consistent``: new random views every epoch)."""
     import ray
 
+    ordered = spec.reproducible and seed is not None
     ctx = ray.data.DataContext.get_current()
-    saved, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    saved = ctx.target_max_block_size, ctx.execution_options
+    ctx.target_max_block_size = BLOCK_BYTES
+    if ordered:  # blocks leave in the (seeded) order of their inputs, not as decoded
+        ctx.execution_options = copy.copy(ctx.execution_options)
+        ctx.execution_options.preserve_order = True
     try:  # a Dataset keeps a copy of the context it was made under
         ds = _view_dataset(ray, source, columns, sizes, spec, seed)
         fresh = spec.augment == "consistent"  # new views every epoch: nothing to cache
         if not fresh and rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
-            ds = ds.materialize().randomize_block_order(seed=seed)
+            ds = ds.materialize().randomize_block_order(seed=_epoch_seed(ray, seed))
         return ds
     finally:
-        ctx.target_max_block_size = saved
+        ctx.target_max_block_size, ctx.execution_options = saved
+
+
+def _epoch_seed(ray, seed: int | None):
+    """A block-order seed that differs every epoch (execution) and is fixed by ``seed``
+    (a plain int would give every epoch the same order)."""
+    if seed is None:
+        return None
+    return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
 def _view_dataset(ray, source, columns, sizes, spec, seed):
@@ -124,9 +143,13 @@ def _view_dataset(ray, source, columns, sizes, spec, seed):
         source = source.select(columns)
         ds = ray.data.from_arrow(
             [source.slice(i, BLOCK_ROWS) for i in range(0, max(1, source.num_rows), BLOCK_ROWS)]
-        ).randomize_block_order(seed=seed)
+        ).randomize_block_order(seed=_epoch_seed(ray, seed))
     else:  # the file order is shuffled as the read starts (per epoch): a stream, no barrier
-        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
+        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)  # per epoch
+        # One decode task per read block of up to 8 MiB: 4k rows of 1,000 float16 logits, but
+        # ~80k rows of 10 (one task on one core for them). Ray Data's streaming repartition
+        # (target_num_rows_per_block) would cut them, but it let the read run ahead into
+        # the object store: 2 GiB at 1M rows, as the barrier this path removed.
         ds = ray.data.read_parquet(parquet_files(source), columns=columns, shuffle=shuffle)
     return ds.map_batches(
         DecodeViews(sizes, target, fresh_scale=fresh),

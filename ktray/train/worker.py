@@ -264,9 +264,18 @@ class _ShardBatches:
     """Re-iterable batches of a Ray Data shard (or :class:`ktray.data.datasets.ViewStream`):
     one ``iter_torch_batches`` pass per epoch, on the host (pinned when training on a GPU)."""
 
-    def __init__(self, shard, spec: DistillSpec, drop_last: bool, pin: bool, world_size: int = 1):
+    def __init__(
+        self,
+        shard,
+        spec: DistillSpec,
+        drop_last: bool,
+        pin: bool,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         self.shard, self.spec, self.drop_last, self.pin = shard, spec, drop_last, pin
         self.batch_size = worker_batch(spec.batch_size, world_size)  # spec's is global
+        self.rank, self.epoch = rank, 0
 
     def __iter__(self):
         kw = dict(
@@ -276,6 +285,10 @@ class _ShardBatches:
             prefetch_batches=self.spec.prefetch_batches,
             device="cpu",
         )
+        if self.spec.reproducible and self.spec.shuffle_buffer:  # its own draw every epoch
+            key = [self.spec.seed, self.rank, self.epoch]
+            kw["local_shuffle_seed"] = int(np.random.SeedSequence(key).generate_state(1)[0])
+        self.epoch += 1
         if self.pin:
             kw["pin_memory"] = True
         return iter(self.shard.iter_torch_batches(**kw))
@@ -311,6 +324,7 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
         drop_last=rows >= 2 * spec.batch_size,
         pin=device.type == "cuda",
         world_size=session.world_size,
+        rank=session.rank,
     )
     mean, std = model_spec["mean"], model_spec["std"]
     target = spec.target_column
