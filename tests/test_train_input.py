@@ -202,3 +202,46 @@ def test_no_host_sync_per_step_and_bf16_autocast_on_cpu(monkeypatch):
         model, step, data, LocalSession("cpu"), steps=2, lr=1e-2, weight_decay=0.0, precision="fp32"
     )
     assert seen == [False, False]
+
+
+def test_a_workers_distillation_batches_share_the_global_batch_and_seed_their_shuffle(tmp_path):
+    """shard_batches (classification and segmentation): each of N workers takes 1/N of the
+    global distill.batch_size; the shuffle buffer's seed is fixed by (seed, rank, epoch)."""
+    from types import SimpleNamespace
+
+    from ktray.train.worker import shard_batches
+
+    calls = []
+
+    class Shard:
+        def iter_torch_batches(self, **kw):
+            calls.append(kw)
+            return iter(())
+
+    def session(rank, world):
+        return SimpleNamespace(
+            dataset=lambda name: Shard(),
+            world_size=world,
+            rank=rank,
+            device=torch.device("cpu"),
+        )
+
+    def spec(*more):
+        over = [f"out={tmp_path}", "distill.batch_size=10", "train.shuffle_buffer=8", *more]
+        return DistillSpec.from_config(load_config(None, over), "task")
+
+    two = shard_batches(session(1, 2), spec(), rows=100)
+    list(two), list(two)  # two epochs
+    assert [c["batch_size"] for c in calls] == [5, 5]  # 10 over 2 workers
+    assert calls[0]["drop_last"] and calls[0]["local_shuffle_buffer_size"] == 8
+    first, second = calls[0]["local_shuffle_seed"], calls[1]["local_shuffle_seed"]
+    assert first != second  # a new draw every epoch
+    list(shard_batches(session(1, 2), spec(), rows=100))
+    assert calls[2]["local_shuffle_seed"] == first  # the same (seed, rank, epoch): the same
+    list(shard_batches(session(0, 2), spec(), rows=100))
+    assert calls[3]["local_shuffle_seed"] != first  # another rank
+    list(shard_batches(session(1, 2), spec("train.seed=1"), rows=100))
+    assert calls[4]["local_shuffle_seed"] != first  # another seed
+    list(shard_batches(session(0, 1), spec("train.reproducible=false"), rows=15))
+    assert calls[5]["batch_size"] == 10 and not calls[5]["drop_last"]  # < 2 batches: keep all
+    assert "local_shuffle_seed" not in calls[5]

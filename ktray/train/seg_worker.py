@@ -158,7 +158,7 @@ def _supervised(model, model_spec, spec, inputs: dict, session) -> dict:
 
 
 def _distill(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dict:
-    from ktray.train.worker import _ShardBatches  # the shared Ray Data batch iterator
+    from ktray.train.worker import shard_batches  # the shared Ray Data batch iterator
 
     device = session.device
     precision = resolve_precision(spec.precision, device.type)
@@ -187,13 +187,8 @@ def _distill(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dic
         module.teacher_bf16()
     net = module.net
     module.wrap_net(session.prepare_model)
-    rows = int(inputs.get("rows") or 0)
-    loader = _ShardBatches(
-        session.dataset("train"),
-        spec,
-        drop_last=rows >= 2 * spec.batch_size * session.world_size,
-        pin=device.type == "cuda",
-    )
+    # distill.batch_size is global: each of N workers takes 1/N of it (as classification)
+    loader = shard_batches(session, spec, int(inputs.get("rows") or 0))
     mean, std = model_spec["mean"], model_spec["std"]
     s, f = spec.dense_size, spec.dense_feature_size
 

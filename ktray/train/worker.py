@@ -294,6 +294,20 @@ class _ShardBatches:
         return iter(self.shard.iter_torch_batches(**kw))
 
 
+def shard_batches(session, spec: DistillSpec, rows: int) -> _ShardBatches:
+    """This worker's distillation batches (classification and segmentation alike): its share
+    of the global ``spec.batch_size``, the shuffle seeded by ``spec.seed`` and its rank, the
+    last partial batch dropped unless the set is smaller than two global batches."""
+    return _ShardBatches(
+        session.dataset("train"),
+        spec,
+        drop_last=rows >= 2 * spec.batch_size,
+        pin=session.device.type == "cuda",
+        world_size=session.world_size,
+        rank=session.rank,
+    )
+
+
 def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dict:
     device, precision = session.device, _precision(spec, session)
     teacher, teacher_spec, teacher_fpi = None, None, 0.0
@@ -317,15 +331,7 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
         module.teacher_bf16()
     net = module.net  # what checkpoints hold: student (+ projector), never the teacher
     module.wrap_net(lambda m: session.prepare_model(_compiled(m, spec)))
-    rows = int(inputs.get("rows") or 0)
-    loader = _ShardBatches(
-        session.dataset("train"),
-        spec,
-        drop_last=rows >= 2 * spec.batch_size,
-        pin=device.type == "cuda",
-        world_size=session.world_size,
-        rank=session.rank,
-    )
+    loader = shard_batches(session, spec, int(inputs.get("rows") or 0))
     mean, std = model_spec["mean"], model_spec["std"]
     target = spec.target_column
 
