@@ -26,10 +26,14 @@ import numpy as np
 OUT = os.environ.get("GPU_CHECK_OUT", "/tmp/ktray-gpu-check")
 IMAGES = int(os.environ.get("GPU_CHECK_IMAGES", "20000"))
 SECONDS = float(os.environ.get("GPU_CHECK_SECONDS", "8"))  # each bare baseline's timed loop
+RESULTS = os.environ.get("GPU_CHECK_RESULTS", os.path.join(OUT, "results.jsonl"))
 UNIQUE = 4000
 SIZE = 224
 MODELS = {"vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224"}
 STUDENT = "fastvit_s12"
+if os.environ.get("GPU_CHECK_DRY"):  # rehearse the orchestration on a CPU machine, tiny models
+    MODELS = {"vit_b": "test_vit", "vit_l": "test_vit"}
+    STUDENT = "test_resnet"
 
 
 def record(
@@ -44,7 +48,7 @@ def record(
         "goal": goal,
         "note": note,
     }
-    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+    with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
 
@@ -82,7 +86,54 @@ def part_data() -> None:
             os.path.join(root, f"unlabeled-{f:03d}.parquet"),
             row_group_size=512,
         )
+    # What the logits pass's CPU stage can deliver: one process decoding and resizing to the
+    # teacher's size (a view crop is about the same work), times the machine's cores.
+    start = time.perf_counter()
+    for data in jpegs[:400]:
+        Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    one = 400 / (time.perf_counter() - start)
+    cores = os.cpu_count() or 1
+    record("JPEG decode + resize", "1 process (x cores = the CPU ceiling)", one)
+    record("JPEG decode + resize", f"x {cores} cores (ceiling, not measured)", one * cores)
     open(os.path.join(root, "done"), "w").close()
+
+
+def part_targets() -> None:
+    """A precomputed-logits table over the IMAGES transfer rows (the logits contract: image_id,
+    source, box, flip, 10 float16 logits), in parts of 2,048 rows as the logits stage writes
+    them: ``distill targets`` trains on it without a logits pass first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = os.path.join(OUT, "targets")
+    if os.path.exists(os.path.join(out, "done")):
+        return
+    os.makedirs(out, exist_ok=True)
+    root = os.path.join(OUT, "data")
+    per_file, part_rows = 5000, 2048
+    sources = [
+        f"{root}/unlabeled-{i // per_file:03d}.parquet#{i % per_file}" for i in range(IMAGES)
+    ]
+    rng = np.random.default_rng(1)
+    for p in range(-(-IMAGES // part_rows)):
+        src = sources[p * part_rows : (p + 1) * part_rows]
+        n = len(src)
+        x0 = rng.uniform(0, 0.2, n).astype(np.float32)
+        logits = rng.standard_normal((n, 10)).astype(np.float16)
+        table = pa.table(
+            {
+                "image_id": [f"t{p}-{i}" for i in range(n)],
+                "source": src,
+                "x0": x0,
+                "y0": x0,
+                "x1": x0 + 0.8,
+                "y1": x0 + 0.8,
+                "flip": rng.random(n) < 0.5,
+                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), 10),
+            }
+        )
+        pq.write_table(table, os.path.join(out, f"part-{p:05d}.parquet"))
+    open(os.path.join(out, "done"), "w").close()
 
 
 def teacher_dir(key: str) -> str:
@@ -158,7 +209,25 @@ def part_logits(key: str) -> None:
             ]
         ),
     )
+    compute, timed = logits_stage._compute, {}
+
+    def timed_compute(*args, **kwargs):  # the Ray Data pass alone (planning, actors, run)
+        start = time.perf_counter()
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            timed["seconds"] = time.perf_counter() - start
+
+    logits_stage._compute = timed_compute
     m = logits_stage.run(cfg, "in_domain", shard_rows=512, features=False)
+    if timed:
+        record(
+            f"teacher {key}",
+            "ktray logits pass, Ray Data execution (actor start incl.)",
+            m["rows"] / timed["seconds"],
+            "bare bf16 forward (batch 256)",
+            0.9,
+        )
     actors = max(1, int(os.environ.get("GPU_CHECK_GPUS", "1")))
     record(
         f"teacher {key}",
@@ -214,13 +283,23 @@ def part_bare_train() -> None:
     )
 
 
+LABELS = {
+    "targets": "precomputed logits",
+    "precomputed": "logits from the pass",
+    "online": "online ViT-B teacher",
+}
+
+
 def part_distill(mode: str) -> None:
+    """``mode``: ``targets`` (precomputed logits from the ``targets`` part's table),
+    ``precomputed`` (from the ``logits vit_b`` part's pass) or ``online`` (ViT-B teacher)."""
     import torch
 
     from ktray.config import load_config
     from ktray.stages import distill as distill_stage
 
-    steps = int(os.environ.get("GPU_CHECK_STEPS", "200"))
+    steps = int(os.environ.get("GPU_CHECK_STEPS", "600"))
+    every = max(1, steps // 6)
     cfg = load_config(
         "imagefolder",
         cfg_args(
@@ -233,10 +312,11 @@ def part_distill(mode: str) -> None:
                 f"student.img_size={SIZE}",
                 f"distill.steps={steps}",
                 "distill.batch_size=128",
-                f"distill.teacher_mode={mode}",
+                f"distill.teacher_mode={'online' if mode == 'online' else 'precomputed'}",
+                *([f"distill.targets={os.path.join(OUT, 'targets')}"] if mode == "targets" else []),
                 "ray.num_workers=1",
                 f"ray.use_gpu={str(torch.cuda.is_available()).lower()}",
-                f"train.report_every={steps}",
+                f"train.report_every={every}",
                 f"train.checkpoint_every={steps}",
             ]
         ),
@@ -245,18 +325,28 @@ def part_distill(mode: str) -> None:
     m = distill_stage.run(cfg, "in_domain", "task")
     wall = time.perf_counter() - started
     base = "bare PyTorch bf16 KD loop (batch 128, ready tensors)"
+    history = [h for h in m.get("history") or [] if "images" in h and "seconds" in h]
+    if len(history) >= 3:  # after the first report: the input pipeline is full
+        first, last = history[0], history[-1]
+        record(
+            f"student {STUDENT}",
+            f"ktray distill, {LABELS[mode]}: steady (after 1st report)",
+            (last["images"] - first["images"]) / (last["seconds"] - first["seconds"]),
+            base,
+            0.95 if mode != "online" else 0.0,
+        )
     metrics = m.get("metrics") or {}
     if metrics.get("images") and metrics.get("seconds"):  # the training loop's own clock
         record(
             f"student {STUDENT}",
-            f"ktray distill, {mode} teacher (ViT-B): training loop",
+            f"ktray distill, {LABELS[mode]}: training loop",
             metrics["images"] / metrics["seconds"],
             base,
-            0.95 if mode == "precomputed" else 0.0,
+            0.0,
         )
     record(
         f"student {STUDENT}",
-        f"ktray distill, {mode} teacher (ViT-B): stage end to end",
+        f"ktray distill, {LABELS[mode]}: stage end to end",
         steps * 128 / wall,
         base,
         0.0,
@@ -265,7 +355,7 @@ def part_distill(mode: str) -> None:
 
 
 def table() -> None:
-    path = os.path.join(OUT, "results.jsonl")
+    path = RESULTS
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     base = {(r["what"], r["path"]): r["img_s"] for r in rows}
     print(f"\n{'what':22s} {'path':62s} {'img/s':>8s} {'ratio':>6s} {'goal':>5s}")
@@ -280,6 +370,7 @@ if __name__ == "__main__":
     part, args = sys.argv[1], sys.argv[2:]
     {
         "data": part_data,
+        "targets": part_targets,
         "bare": part_bare,
         "logits": part_logits,
         "bare_train": part_bare_train,

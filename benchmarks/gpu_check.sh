@@ -16,20 +16,27 @@
 # they are skipped with a line saying so. Environment: GPU_CHECK_OUT (work folder, default
 # /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 20000), GPU_CHECK_SECONDS
 # (each bare baseline's timed loop, default 8), GPU_CHECK_STEPS (distillation steps, default
-# 200). Make .whl/ with benchmarks/gpu_wheels.sh where pip reaches PyPI.
+# 480), GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
+# parts share one Ray head started here (token authentication on), so each pays no Ray
+# start-up. GPU_CHECK_ONLY="data bare_train ..." runs only the parts named (first words).
+# GPU_CHECK_DRY=1 rehearses everything but the bare GPU parts on a CPU machine with
+# tiny models. Make .whl/ with benchmarks/gpu_wheels.sh where pip reaches PyPI.
 set -u
 cd "$(dirname "$0")/.."
 export GPU_CHECK_OUT="${GPU_CHECK_OUT:-/tmp/ktray-gpu-check}"
+export GPU_CHECK_IMAGES="${GPU_CHECK_IMAGES:-60000}" GPU_CHECK_STEPS="${GPU_CHECK_STEPS:-480}"
+export GPU_CHECK_RESULTS="${GPU_CHECK_RESULTS:-$GPU_CHECK_OUT/results.jsonl}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 PY="${PYTHON:-python3}"
-rm -f "$GPU_CHECK_OUT/results.jsonl"
+rm -f "$GPU_CHECK_RESULTS"
 mkdir -p "$GPU_CHECK_OUT"
 START=$(date +%s)
 
 note() { echo "gpu_check: $*" >&2; }
 part() {  # part SECONDS ARGS...: one part in its own process, bounded in time
     local limit=$1; shift
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $1 "* ]]; then return; fi
     local t0=$(date +%s)
     if ! timeout "$limit" "$PY" benchmarks/gpu_check.py "$@"; then
         note "part '$*' failed or ran past ${limit}s (skipped in the table)"
@@ -38,10 +45,12 @@ part() {  # part SECONDS ARGS...: one part in its own process, bounded in time
 }
 
 "$PY" - <<'EOF' || { echo "gpu_check: needs torch with CUDA, timm, pyarrow, PIL"; exit 1; }
-import torch, timm, pyarrow, PIL  # noqa: F401,E401
-assert torch.cuda.is_available(), "no CUDA device"
-print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, "
-      f"timm {timm.__version__}, {torch.cuda.device_count()} GPU(s)")
+import os, torch, timm, pyarrow, PIL  # noqa: F401,E401
+dry = bool(os.environ.get("GPU_CHECK_DRY"))
+assert dry or torch.cuda.is_available(), "no CUDA device"
+name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (dry run)"
+print(f"gpu_check: {name}, torch {torch.__version__}, timm {timm.__version__}, "
+      f"{torch.cuda.device_count()} GPU(s), {os.cpu_count()} CPUs")
 EOF
 export GPU_CHECK_GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 
@@ -61,17 +70,28 @@ fi
 [ "$HAVE_RAY" = 1 ] && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$GPU_CHECK_OUT/auth_token" \
     && { [ -s "$RAY_AUTH_TOKEN_PATH" ] || (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH"); }
 
-# Time limits add up to 480 s. On one H100 (first run): data 8 s, bare parts 23/31/38 s,
-# logits passes 50/67 s (mostly Ray start-up); the distillation parts ran past 85/80 s.
-part 30 data
-part 35 bare vit_b
-part 40 bare vit_l
-part 40 bare_train
+# Time limits add up to 550 s. On one H100 (first run, 20,000 images, a Ray start per part):
+# data 8 s, bare parts 23/31/38 s, logits passes 50/67 s; distillation ran past 85/80 s. On
+# one H200 (60,000 images, one Ray head): data 8 s, bare 24/31/36 s, logits 50 s / 70 s (the
+# ViT-L part printed its rows, then its driver's Ray shutdown hung until the limit), both
+# distillation parts past 115 s (one decode task fed the student; fixed since).
+part 45 data
+part 30 targets
+if [ -z "${GPU_CHECK_DRY:-}" ]; then
+    part 35 bare vit_b
+    part 40 bare vit_l
+    part 40 bare_train
+fi
 if [ "$HAVE_RAY" = 1 ]; then
+    RAY=("$PY" -m ray.scripts.scripts)
+    "${RAY[@]}" start --head --disable-usage-stats --include-dashboard=false \
+        --num-gpus "$GPU_CHECK_GPUS" > "$GPU_CHECK_OUT/ray-start.log" 2>&1 \
+        && export RAY_ADDRESS=auto || note "ray start failed: each part starts its own Ray"
     part 60 logits vit_b
-    part 65 logits vit_l
-    part 110 distill precomputed
-    part 100 distill online
+    part 70 logits vit_l
+    part 115 distill targets
+    part 115 distill online
+    "${RAY[@]}" stop --force > /dev/null 2>&1
 else
     note "SKIPPED the logits and distillation passes: no ray (and no .whl/ray-*.whl to install)"
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,10 +68,42 @@ def test_parquet_views_stream_in_a_new_file_order_each_epoch_without_a_barrier(t
         assert abs(rho) < 0.5, (rho, files)
     assert orders[0] != orders[1]  # and reshuffled for the next epoch
     stats = ds.stats()
-    # the read streams into the decode stage: no block-order barrier between them (it would
-    # read the whole table into the object store before the first batch)
-    assert "ReadFilesParquetV2" in stats and "MapBatches(DecodeViews)" in stats
-    assert "RandomizeBlockOrder" not in stats
+    # each decode task reads its own rows: no read stage before it whose blocks a shuffle
+    # would hold (a block-order barrier after a read holds the whole table in the object
+    # store before the first batch); the order is shuffled on the range list alone
+    assert "MapBatches(ReadDecodeRanges)" in stats
+    assert "ReadParquet" not in stats and "ReadFiles" not in stats
+    assert _tasks(stats, "MapBatches(ReadDecodeRanges)") == FILES  # a range per file (last epoch)
+
+
+def _tasks(stats: str, op: str) -> int:
+    """Tasks an operator ran in the stats text of a dataset (its last execution)."""
+    found = re.findall(re.escape(op) + r": (\d+) tasks executed", stats)
+    assert found, stats
+    return sum(int(n) for n in found)
+
+
+def test_a_few_class_table_is_decoded_by_many_tasks_not_one_per_8_mib(
+    tmp_path, ray_local, monkeypatch
+):
+    """A 10-class table is ~100 bytes a row: a reader cutting 8 MiB blocks gives ~80k rows
+    one task on one core. The input cuts row ranges instead (``task_rows`` rows each: fewer
+    for larger views, so that a task's decoded views stay ~64 MiB)."""
+    import ktray.stages.train_data as td
+
+    assert td.task_rows({"x": 32}) == 4096  # the most rows a task takes
+    assert td.task_rows({"x": 224}) == 445  # 64 MiB of 224 px views
+    assert td.task_rows({"x": 224, "xt": 224}) == 256  # the fewest (online: two sizes)
+    monkeypatch.setattr(td, "task_rows", lambda sizes: 16)
+    _, table = _parts(tmp_path)
+    one = tmp_path / "one.parquet"
+    pq.write_table(table, one)  # 128 rows in one file, one row group
+    spec = DistillSpec.from_config(load_config(None, [f"out={tmp_path}/out"]), "task")
+    ds = view_dataset(str(one), [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=1)
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    rows = np.concatenate([b[C.LOGITS][:, 0] for b in batches]).astype(int)
+    assert sorted(rows.tolist()) == list(range(FILES * PER_FILE))
+    assert _tasks(ds.stats(), "MapBatches(ReadDecodeRanges)") == FILES * PER_FILE // 16
 
 
 def test_a_seeded_reproducible_dataset_keeps_its_order_through_ray_train(tmp_path, ray_local):

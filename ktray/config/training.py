@@ -272,8 +272,9 @@ class TrainConfig:
     """Distillation input: decode tasks at once at most; 0 = as many as free CPUs allow (a
     GPU student wants ~4-8 cores of JPEG decoding per GPU)."""
     decode_batch: int = setting(256, ge=1)
-    """Distillation input: rows per decode call (a decode task takes one read block of up to
-    8 MiB and decodes it this many rows at a time)."""
+    """Distillation input: rows per decode call (a decode task reads one row range of the view
+    table, at most 4,096 rows or ~64 MiB of decoded views, and decodes it this many rows at a
+    time)."""
     shuffle_buffer: int = setting(2048, ge=0)
     """Distillation input: rows in each worker's local shuffle buffer (after the Parquet
     files' order is shuffled every epoch); 0 = none."""

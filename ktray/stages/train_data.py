@@ -1,18 +1,22 @@
 """Distillation input through Ray Data: view rows -> decoded uint8 views + targets.
 
-``view_dataset`` reads a table of views (the logits stage's parts, a ``distill.targets`` table,
-or the views of an online run) with its file order shuffled every epoch, and decodes + crops
-the views in a CPU ``map_batches`` stage (``train.decode_cpus`` per task, at most
-``train.decode_concurrency`` at once; one task per read block of up to 8 MiB). The read
-streams: the first batch does not wait for the table to be read, and the object store holds
-the blocks in flight, not the transfer set. (``randomize_block_order`` after the read, the
-previous release's shuffle, is a barrier in Ray Data: every block of the table went into the
-object store before the first batch, 2 GiB at 1M rows of 1,000 float16 logits, ~20 GB spilled
-to disk at 10M.) Only the columns the run needs are read: source, box, flip and the one
-target column (logits for the task objective, features for the features objective, none
-online). ``TorchTrainer(datasets={"train": ds})`` splits it over the workers, which consume it
-with ``iter_torch_batches`` (local shuffle buffer, prefetching): a worker holds the blocks in
-flight, never the transfer set.
+``view_dataset`` cuts a table of views (the logits stage's parts, a ``distill.targets`` table)
+into row ranges from its Parquet footers (:mod:`ktray.data.row_ranges`; at most
+``BLOCK_ROWS`` rows or ``TASK_BYTES`` of decoded views each), shuffles the ranges' order every
+epoch, and runs one CPU ``map_batches`` task per range (``train.decode_cpus`` each, at most
+``train.decode_concurrency`` at once) that reads its rows and decodes + crops their views,
+``train.decode_batch`` rows at a time. Rows, not bytes, cut the work: Ray Data's Parquet reader
+coalesces files into 8 MiB blocks, ~80k rows of a 10-class table, which one task on one core
+decoded. Nothing but the range list is read before the first batch, and the object store
+holds the decoded blocks in flight, not the transfer set. (``randomize_block_order`` after a
+read, an earlier release's shuffle, is a barrier in Ray Data: every block of the table went
+into the object store before the first batch, 2 GiB at 1M rows of 1,000 float16 logits.) Only
+the columns the run needs are read: source, box, flip and the one target column (logits for
+the task objective, features for the features objective, none online); the views of an online
+run come as an in-memory table cut into blocks of the same size. ``TorchTrainer(datasets=
+{"train": ds})`` splits it over the workers, which consume it with ``iter_torch_batches``
+(local shuffle buffer, prefetching): a worker holds the blocks in flight, never the transfer
+set.
 """
 
 from __future__ import annotations
@@ -25,11 +29,26 @@ import pyarrow.parquet as pq
 from ktray import storage
 from ktray.data import columns as C
 from ktray.data.datasets import DecodeViews
+from ktray.data.row_ranges import ReadDecodeRanges, row_ranges
 from ktray.errors import KtrayError
 from ktray.train.specs import DistillSpec
 
 BLOCK_ROWS = 4096
-"""Rows per block of an in-memory view table (online runs)."""
+"""Rows per decode task at most: a range of a Parquet view table, or a block of an in-memory
+one (online runs); fewer for large views (:func:`task_rows`)."""
+TASK_BYTES = 64 * 2**20
+"""Decoded bytes per decode task at most: 4,096 views at 64 px, 445 at 224 px (a 4,096-row
+task at 224 px would put 600 MB of views into the object store at once; on a 16 GiB node
+Ray's object store is ~5 GB, so few such tasks could run side by side)."""
+MIN_TASK_ROWS = 256
+
+
+def task_rows(sizes: dict[str, int]) -> int:
+    """Rows per decode task for views of ``sizes`` (uint8 pixels at each size)."""
+    per_row = sum(3 * s * s for s in sizes.values())
+    return max(MIN_TASK_ROWS, min(BLOCK_ROWS, TASK_BYTES // max(1, per_row)))
+
+
 BLOCK_BYTES = 8 * 2**20
 """Target block size of this dataset (Ray's default is 128 MiB): small blocks reach the
 trainer as soon as they are decoded (a 128 MiB block of decoded views is ~10k images decoded
@@ -141,20 +160,33 @@ def _view_dataset(ray, source, columns, sizes, spec, seed):
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
     if isinstance(source, pa.Table):  # in memory already: its block order is free to shuffle
         source = source.select(columns)
+        n = task_rows(sizes)
         ds = ray.data.from_arrow(
-            [source.slice(i, BLOCK_ROWS) for i in range(0, max(1, source.num_rows), BLOCK_ROWS)]
+            [source.slice(i, n) for i in range(0, max(1, source.num_rows), n)]
         ).randomize_block_order(seed=_epoch_seed(ray, seed))
-    else:  # the file order is shuffled as the read starts (per epoch): a stream, no barrier
-        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)  # per epoch
-        # One decode task per read block of up to 8 MiB: 4k rows of 1,000 float16 logits, but
-        # ~80k rows of 10 (one task on one core for them). Ray Data's streaming repartition
-        # (target_num_rows_per_block) would cut them, but it let the read run ahead into
-        # the object store: 2 GiB at 1M rows, as the barrier this path removed.
-        ds = ray.data.read_parquet(parquet_files(source), columns=columns, shuffle=shuffle)
+        return ds.map_batches(
+            DecodeViews(sizes, target, fresh_scale=fresh),
+            batch_format="pyarrow",
+            batch_size=spec.decode_batch,
+            compute=ray.data.TaskPoolStrategy(size=spec.decode_concurrency or None),
+            num_cpus=spec.decode_cpus,
+        )
+    # A Parquet table: one decode task per range of ~task_rows rows (cut from the footers),
+    # the ranges in a new (seeded) order each epoch. The tasks read their own rows: nothing
+    # but the range list (a few KB) is read before the first batch, and the object store
+    # holds decoded blocks in flight, not the table. (Ray Data's Parquet reader cuts blocks by
+    # bytes, 8 MiB here: ~80k rows of a 10-class table, one task on one core for them; its
+    # streaming repartition by rows let the read run ahead into the object store, 2 GiB at 1M
+    # rows; ``randomize_block_order`` after a read is a barrier that reads the whole table.)
+    ranges = row_ranges(parquet_files(source), task_rows(sizes))
+    if not ranges:
+        raise KtrayError(f"the view table {source} has no rows")
+    ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
+    ds = ds.randomize_block_order(seed=_epoch_seed(ray, seed))
     return ds.map_batches(
-        DecodeViews(sizes, target, fresh_scale=fresh),
+        ReadDecodeRanges(columns, DecodeViews(sizes, target, fresh_scale=fresh), spec.decode_batch),
         batch_format="pyarrow",
-        batch_size=spec.decode_batch,
+        batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=spec.decode_concurrency or None),
         num_cpus=spec.decode_cpus,
     )

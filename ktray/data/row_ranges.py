@@ -1,0 +1,96 @@
+"""Row ranges of Parquet view tables: the unit of work of the distillation input.
+
+A view table (the logits stage's parts, a ``distill.targets`` table) is cut into ranges of
+about ``rows`` rows from the files' footers alone; each decode task reads one range and decodes
+its views. The work is so cut by rows, not by bytes: a reader that cuts by bytes (Ray Data's
+Parquet reader coalesces files into 8 MiB blocks) gives a 10-class table ~80k rows per block,
+one decode task on one core for them, while a GPU student needs a whole node's cores.
+
+A range is consecutive rows of one file: whole small row groups merged, or a piece of a large
+one. Every piece of a row group reads the whole group, so a group is cut into no more pieces
+than keeps that re-reading small next to decoding the piece's images (``READ_BYTES_PER_ROW``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ktray import storage
+
+READ_BYTES_PER_ROW = 64 * 2**10
+"""A piece of a row group has at least group bytes / this many rows: re-reading a 64 KiB
+share of Parquet per row is small next to decoding the row's image (~2 ms)."""
+
+
+def row_ranges(files: Sequence[str], rows: int) -> list[dict]:
+    """Ranges of about ``rows`` rows over ``files``, in file and row order:
+    ``{"path", "first_group", "last_group", "offset", "rows"}`` = rows ``[offset, offset +
+    rows)`` of row groups ``first_group..last_group`` of ``path`` read together."""
+    if rows < 1:
+        raise ValueError(f"rows per range must be >= 1, got {rows}")
+    out: list[dict] = []
+    for uri in files:
+        fs, path = storage.fs_and_path(uri)
+        with fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        out.extend(_file_ranges(uri, meta, rows))
+    return out
+
+
+def _file_ranges(uri: str, meta: pq.FileMetaData, rows: int) -> list[dict]:
+    out: list[dict] = []
+    run: list[int] = []  # whole small groups waiting to be merged
+    run_rows = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        n = group.num_rows
+        if n == 0:
+            continue
+        if run and (n > rows or run_rows + n > rows):
+            out.append(_range(uri, run[0], run[-1], 0, run_rows))
+            run, run_rows = [], 0
+        if n > rows:  # a large group: its own pieces
+            piece = max(rows, math.ceil(group.total_byte_size / READ_BYTES_PER_ROW))
+            pieces = max(1, round(n / piece))
+            bounds = [n * k // pieces for k in range(pieces + 1)]
+            out.extend(_range(uri, g, g, a, b - a) for a, b in zip(bounds, bounds[1:]))
+            continue
+        run.append(g)
+        run_rows += n
+    if run:
+        out.append(_range(uri, run[0], run[-1], 0, run_rows))
+    return out
+
+
+def _range(path: str, first: int, last: int, offset: int, rows: int) -> dict:
+    return {"path": path, "first_group": first, "last_group": last, "offset": offset, "rows": rows}
+
+
+def read_range(r: dict, columns: Sequence[str]) -> pa.Table:
+    """The rows of one range (a dict of :func:`row_ranges`), ``columns`` only."""
+    fs, path = storage.fs_and_path(r["path"])
+    with fs.open(path, "rb") as fh:
+        groups = list(range(int(r["first_group"]), int(r["last_group"]) + 1))
+        table = pq.ParquetFile(fh).read_row_groups(groups, columns=list(columns))
+    return table.slice(int(r["offset"]), int(r["rows"]))
+
+
+class ReadDecodeRanges:
+    """Ranges -> decoded views, ``batch_rows`` rows per output: reads each range of the input
+    batch (a table of :func:`row_ranges` dicts) and decodes it with ``decode`` (a
+    :class:`ktray.data.datasets.DecodeViews`) in slices, yielding one output per slice."""
+
+    def __init__(self, columns: Sequence[str], decode, batch_rows: int):
+        self.columns = list(columns)
+        self.decode = decode
+        self.batch_rows = int(batch_rows)
+
+    def __call__(self, batch: pa.Table) -> Iterator[dict]:
+        for r in batch.to_pylist():
+            table = read_range(r, self.columns)
+            for i in range(0, table.num_rows, self.batch_rows):
+                yield self.decode(table.slice(i, self.batch_rows))

@@ -1,0 +1,75 @@
+"""Row ranges of Parquet view tables (``ktray.data.row_ranges``): the distillation input's
+unit of work."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ktray.data import row_ranges as rr
+
+
+def _file(path, ids, group_rows):
+    pq.write_table(
+        pa.table({"image_id": ids, "v": list(range(len(ids)))}), path, row_group_size=group_rows
+    )
+    return str(path)
+
+
+def test_ranges_merge_small_row_groups_cut_large_ones_and_cover_every_row_once(tmp_path):
+    a = _file(tmp_path / "a.parquet", [f"a{i}" for i in range(20)], 5)  # 4 groups of 5
+    b = _file(tmp_path / "b.parquet", [f"b{i}" for i in range(36)], 36)  # 1 group of 36
+    c = _file(tmp_path / "c.parquet", [f"c{i}" for i in range(7)], 7)
+    ranges = rr.row_ranges([a, b, c], 12)
+    shape = [(r["path"], r["first_group"], r["last_group"], r["offset"], r["rows"]) for r in ranges]
+    assert shape == [
+        (a, 0, 1, 0, 10),  # two groups of 5 merged (a third would pass 12)
+        (a, 2, 3, 0, 10),
+        (b, 0, 0, 0, 12),  # one group of 36 cut into 3 pieces of 12
+        (b, 0, 0, 12, 12),
+        (b, 0, 0, 24, 12),
+        (c, 0, 0, 0, 7),  # ranges never span files
+    ]
+    read = [rr.read_range(r, ["image_id"]) for r in ranges]
+    assert [t.column_names for t in read] == [["image_id"]] * len(ranges)
+    ids = [i for t in read for i in t["image_id"].to_pylist()]
+    assert ids == [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(36)] + [
+        "c0",
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+        "c5",
+        "c6",
+    ]
+
+
+def test_a_large_row_group_is_cut_no_finer_than_its_reread_allows(tmp_path, monkeypatch):
+    path = _file(tmp_path / "big.parquet", [f"x{i:04d}" for i in range(1000)], 1000)
+    group_bytes = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
+    assert len(rr.row_ranges([path], 100)) == 10
+    # each piece re-reads the whole group: at most group bytes / READ_BYTES_PER_ROW pieces'
+    # worth of rows... here a piece must hold >= 250 rows, so 4 pieces, not 10
+    monkeypatch.setattr(rr, "READ_BYTES_PER_ROW", group_bytes / 250)
+    ranges = rr.row_ranges([path], 100)
+    assert [r["rows"] for r in ranges] == [250] * 4
+    assert [r["offset"] for r in ranges] == [0, 250, 500, 750]
+
+
+def test_reading_and_decoding_a_range_yields_batches_of_the_asked_rows(tmp_path):
+    path = _file(tmp_path / "p.parquet", [f"p{i}" for i in range(30)], 30)
+    ranges = rr.row_ranges([path], 15)
+    seen = []
+    read = rr.ReadDecodeRanges(["v"], lambda t: {"v": t["v"].to_pylist()}, batch_rows=4)
+    outs = list(read(pa.Table.from_pylist(ranges[1:])))  # the second range: rows 15..29
+    assert [len(o["v"]) for o in outs] == [4, 4, 4, 3]
+    seen = [v for o in outs for v in o["v"]]
+    assert seen == list(range(15, 30))
+
+
+def test_rows_per_range_must_be_positive(tmp_path):
+    path = _file(tmp_path / "p.parquet", ["a"], 1)
+    with pytest.raises(ValueError, match="rows per range"):
+        rr.row_ranges([path], 0)
+    assert rr.row_ranges([_file(tmp_path / "e.parquet", [], 1)], 4) == []
