@@ -73,3 +73,11 @@ def test_rows_per_range_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="rows per range"):
         rr.row_ranges([path], 0)
     assert rr.row_ranges([_file(tmp_path / "e.parquet", [], 1)], 4) == []
+
+
+def test_footers_are_read_in_file_order_by_a_thread_pool(tmp_path, monkeypatch):
+    files = [_file(tmp_path / f"f{i:02d}.parquet", ["x"] * (i % 7 + 1), 4) for i in range(40)]
+    monkeypatch.setattr(rr, "FOOTER_THREADS", 8)
+    metas = rr.footers(files)
+    assert [m.num_rows for m in metas] == [i % 7 + 1 for i in range(40)]
+    assert [m.num_row_groups for m in metas] == [-(-(i % 7 + 1) // 4) for i in range(40)]

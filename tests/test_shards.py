@@ -105,6 +105,25 @@ def test_writer_refuses_a_partial_shard_and_writes_whole_ones(tmp_path):
     assert not (tmp_path / "part-00002.parquet").exists()
 
 
+def test_a_batch_of_one_whole_shard_reaches_the_model_uncopied(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    seen = []
+
+    class Spy(shards.ShardWriter):
+        def process(self, part):
+            seen.append(part[shards.PIXELS])
+            return pa.table({"v": part["v"]}), 0
+
+    cols = {shards.SET: np.array(["a"] * 3), shards.SHARD: np.array([4] * 3), "v": np.arange(3)}
+    one = shards.decoded(cols, np.ones((3, 2, 2, 3), np.uint8), np.ones(3, bool))
+    stats = Spy({"a": str(tmp_path)})(one)
+    assert stats["rows"].tolist() == [3] and stats["shard"].tolist() == [4]
+    assert seen[0] is one[shards.PIXELS]  # (a boolean-mask copy took 10-15 ms per 512 views)
+    assert pq.read_table(tmp_path / "part-00004.parquet")["v"].to_pylist() == [0, 1, 2]
+
+
 def test_logits_pass_on_a_gpu_cluster_keeps_whole_shards(tiny_task, tmp_path, ray_local):
     """On a cluster with GPUs the model actors ask for one each (``infer.gpus_per_actor=-1``)
     and still take one whole shard per call (Ray's public map_batches refuses GPUs without a
@@ -121,6 +140,15 @@ def test_logits_pass_on_a_gpu_cluster_keeps_whole_shards(tiny_task, tmp_path, ra
         d = logits_stage.logits_dir(cfg, "in_domain")
         parts = sorted(f for f in os.listdir(d) if f.startswith("part-"))
         assert [pq.read_metadata(os.path.join(d, f)).num_rows for f in parts] == [8, 8, 8]
+        # with GPUs an actor runs two shards at once (shards.actor_calls), each in its own
+        # thread: the same parts as one call at a time
+        assert shards.actor_calls(cfg.infer, cluster_gpus=1) == 2
+        one = _cfg(tiny_task, tmp_path / "one", "logits.views=1", "infer.calls_per_actor=1")
+        logits_stage.run(one, "in_domain", shard_rows=8)
+        d1 = logits_stage.logits_dir(one, "in_domain")
+        for f in parts:
+            a, b = pq.read_table(os.path.join(d, f)), pq.read_table(os.path.join(d1, f))
+            assert a.equals(b), f
     finally:
         ray_local.shutdown()
         start_ray()
@@ -143,3 +171,7 @@ def test_model_actor_threads_follow_the_cluster(monkeypatch):
     assert shards.actor_threads(InferConfig(), cluster_gpus=0, pool=3) == 5
     assert shards.actor_threads(InferConfig(cpus_per_actor=4), cluster_gpus=2, pool=2) == 4
     assert shards.actor_threads(InferConfig(threads_per_actor=3), cluster_gpus=0, pool=1) == 3
+    # shards an actor works on at once: two with GPUs (host work overlaps the GPU), one on CPU
+    assert shards.actor_calls(InferConfig(), cluster_gpus=0) == 1
+    assert shards.actor_calls(InferConfig(), cluster_gpus=4) == 2
+    assert shards.actor_calls(InferConfig(calls_per_actor=3), cluster_gpus=0) == 3

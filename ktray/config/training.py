@@ -183,6 +183,11 @@ class InferConfig:
     """GPUs per model actor; -1 = one when the cluster has GPUs, else 0."""
     cpus_per_actor: float = setting(1.0, gt=0)
     """CPUs reserved per model actor (Ray's scheduling request)."""
+    calls_per_actor: int = setting(0, ge=0)
+    """Shards a model actor works on at once, each in its own thread, so that one shard's host
+    work (its batch from the object store, pinning, copying out, the Parquet write) overlaps
+    another's GPU work; 0 = 2 on a cluster with GPUs, 1 without (there the model's torch
+    threads use the actor's cores already)."""
     threads_per_actor: int = setting(0, ge=0)
     """Torch threads of a model actor on a CPU-only cluster; 0 = a node's CPUs divided among
     the pool's actors (the model is the slow part: the decode tasks share those cores). On GPU

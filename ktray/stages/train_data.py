@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ktray import storage
 from ktray.data import columns as C
 from ktray.data.datasets import DecodeViews
-from ktray.data.row_ranges import ReadDecodeRanges, row_ranges
+from ktray.data.row_ranges import ReadDecodeRanges, footers, row_ranges
 from ktray.errors import KtrayError
 from ktray.train.specs import DistillSpec
 
@@ -71,16 +71,15 @@ def describe_targets(uri: str, target: str | None) -> dict:
     files = parquet_files(uri)
     if not files:
         raise KtrayError(f"no .parquet files at {uri}")
-    fs, _ = storage.fs_and_path(files[0])
-    rows, schema, dim = 0, None, 0
-    for f in files:
-        with fs.open(storage.fs_and_path(f)[1], "rb") as fh:
-            meta = pq.ParquetFile(fh)
-            rows += meta.metadata.num_rows
-            schema = schema or meta.schema_arrow
-            if target == C.FEATURES and not dim and meta.metadata.num_rows:
-                col = meta.read_row_group(0, columns=[C.FEATURES]).column(0)
-                dim = len(col[0].as_py())
+    metas = footers(files)
+    rows, schema, dim = sum(m.num_rows for m in metas), metas[0].schema.to_arrow_schema(), 0
+    if target == C.FEATURES and C.FEATURES in schema.names:
+        first = next((f for f, m in zip(files, metas) if m.num_rows), None)
+        if first is not None:
+            fs, path = storage.fs_and_path(first)
+            with fs.open(path, "rb") as fh:
+                col = pq.ParquetFile(fh).read_row_group(0, columns=[C.FEATURES]).column(0)
+            dim = len(col[0].as_py())
     needed = [C.IMAGE_ID, C.SOURCE] + ([target] if target else [])
     missing = [c for c in needed if c not in schema.names]
     if missing:
