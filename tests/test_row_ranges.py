@@ -81,3 +81,16 @@ def test_footers_are_read_in_file_order_by_a_thread_pool(tmp_path, monkeypatch):
     metas = rr.footers(files)
     assert [m.num_rows for m in metas] == [i % 7 + 1 for i in range(40)]
     assert [m.num_row_groups for m in metas] == [-(-(i % 7 + 1) // 4) for i in range(40)]
+
+
+def test_a_piece_of_a_large_row_group_is_streamed_out_of_it(tmp_path, monkeypatch):
+    """Pieces of one group read through record batches (never the whole group at once): cut
+    across batch boundaries, they still give every row once, in order."""
+    path = _file(tmp_path / "g.parquet", [f"g{i:03d}" for i in range(100)], 100)
+    monkeypatch.setattr(rr, "READ_BATCH_ROWS", 7)
+    ranges = rr.row_ranges([path], 30)
+    assert [(r["offset"], r["rows"]) for r in ranges] == [(0, 33), (33, 33), (66, 34)]
+    ids = [i for r in ranges for i in rr.read_range(r, ["image_id"])["image_id"].to_pylist()]
+    assert ids == [f"g{i:03d}" for i in range(100)]
+    read = rr.read_range(ranges[1], ["v", "image_id"])
+    assert read.column_names == ["v", "image_id"] and read["v"].to_pylist() == list(range(33, 66))

@@ -87,13 +87,36 @@ def _range(path: str, first: int, last: int, offset: int, rows: int) -> dict:
     return {"path": path, "first_group": first, "last_group": last, "offset": offset, "rows": rows}
 
 
+READ_BATCH_ROWS = 8192
+"""Rows per record batch when a piece of a large row group is read: the piece's rows are kept,
+the group is streamed past, never held (a 1M-row group of 1,000 float16 logits is ~2 GB)."""
+
+
 def read_range(r: dict, columns: Sequence[str]) -> pa.Table:
     """The rows of one range (a dict of :func:`row_ranges`), ``columns`` only."""
     fs, path = storage.fs_and_path(r["path"])
+    first, last = int(r["first_group"]), int(r["last_group"])
+    offset, rows = int(r["offset"]), int(r["rows"])
     with fs.open(path, "rb") as fh:
-        groups = list(range(int(r["first_group"]), int(r["last_group"]) + 1))
-        table = pq.ParquetFile(fh).read_row_groups(groups, columns=list(columns))
-    return table.slice(int(r["offset"]), int(r["rows"]))
+        pf = pq.ParquetFile(fh)
+        if first == last and rows < pf.metadata.row_group(first).num_rows:  # a piece
+            return _read_piece(pf, first, offset, rows, list(columns))
+        table = pf.read_row_groups(list(range(first, last + 1)), columns=list(columns))
+    return table.slice(offset, rows)
+
+
+def _read_piece(pf: pq.ParquetFile, group: int, offset: int, rows: int, columns) -> pa.Table:
+    kept, start = [], 0
+    for batch in pf.iter_batches(READ_BATCH_ROWS, row_groups=[group], columns=columns):
+        end = start + batch.num_rows
+        lo, hi = max(start, offset), min(end, offset + rows)
+        if hi > lo:
+            kept.append(batch.slice(lo - start, hi - lo))
+        start = end
+        if start >= offset + rows:
+            break  # the rest of the group is not read
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    return pa.Table.from_batches(kept, schema=schema)
 
 
 class ReadDecodeRanges:
