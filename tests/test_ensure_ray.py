@@ -20,3 +20,9 @@ def test_a_local_ray_for_worker_groups_starts_the_dashboard_its_state_api_needs(
     ensure_ray(RayConfig(num_cpus=2, num_workers=2))
     assert [c["include_dashboard"] for c in calls] == [False, True]
     assert [c["num_cpus"] for c in calls] == [2, 2]
+    # a new local Ray even when `ray start` left a cluster on this machine (plain ray.init()
+    # would join that one)
+    assert [c["address"] for c in calls] == ["local", "local"]
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    ensure_ray(RayConfig(num_cpus=2))
+    assert calls[-1]["address"] == "ray://head:10001" and "num_cpus" not in calls[-1]

@@ -95,7 +95,8 @@ class CurateConfig:
 class RayConfig:
     address: str = ""
     """Ray address; empty = connect to a running cluster if RAY_ADDRESS is set, else start a
-    local one."""
+    new local one (also when a ``ray start`` cluster runs on this machine: join that one
+    with ``auto``)."""
     num_cpus: int = setting(0, ge=0)
     """CPUs of a locally started Ray (0 = all)."""
     num_workers: int = setting(0, ge=0)

@@ -32,7 +32,14 @@ def ensure_ray(rc: RayConfig) -> None:
             # polls for a worker-group run: without it the cleaner cannot work and logs "State
             # API may be temporarily unavailable" every second or so (19 lines in a 25-s run).
             # Local mode (num_workers=0) has no worker group and keeps the ~0.9 GiB it costs.
-            ray.init(num_cpus=rc.num_cpus or None, include_dashboard=rc.num_workers > 0, **kwargs)
+            # address="local": a new Ray, as documented. Plain ray.init() would join the last
+            # cluster `ray start` left on this machine (a stale one failed with its token).
+            ray.init(
+                address="local",
+                num_cpus=rc.num_cpus or None,
+                include_dashboard=rc.num_workers > 0,
+                **kwargs,
+            )
     # per process: a sweep trial's process (already in Ray) gets quiet Ray Data too
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
