@@ -46,13 +46,18 @@ def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local):
     m2 = distill_stage.run(own, "in_domain", "task")
     assert m2["steps"] == 3 and m2["transfer_rows"] == len(unl) and not m2["uses_logits"]
     assert not os.path.exists(os.path.join(f"{out}-own", "logits"))
+    bad = load_config("tiny", base + [f"distill.targets={uri}", f"out={out}-bad"])
     pq.write_table(table.drop(["logits"]), uri)
     with pytest.raises(KtrayError, match="lacks column.*logits"):
-        distill_stage.run(
-            load_config("tiny", base + [f"distill.targets={uri}", f"out={out}-bad"]),
-            "in_domain",
-            "task",
-        )
+        distill_stage.run(bad, "in_domain", "task")
+    # the wrong class count, and no rows: one-line errors before Ray starts any work
+    wide = pa.array([[0.0] * 4] * len(unl), pa.list_(pa.float32()))
+    pq.write_table(table.set_column(2, "logits", wide), uri)
+    with pytest.raises(KtrayError, match="4 logits per row, but the task has 3 classes"):
+        distill_stage.run(bad, "in_domain", "task")
+    pq.write_table(table.slice(0, 0), uri)
+    with pytest.raises(KtrayError, match="has no rows"):
+        distill_stage.run(bad, "in_domain", "task")
 
 
 def test_consistent_fresh_views_online(tiny_task, tmp_path, ray_local):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
+from ktray.errors import KtrayError
 from ktray.models import read_spec
 from ktray.pipeline import replicates
 from ktray.pipeline.tasks import prepare_task, read_transfer
@@ -67,6 +68,13 @@ def run(
             uri = logits["outputs"]["parts"]
             hash_inputs = {"logits": logits["config_hash"]}
         info = describe_targets(uri, spec.target_column)
+        if spec.target_column == C.LOGITS and not spec.dense_size:
+            classes = prepare_task(cfg)["num_classes"]
+            if info["target_width"] != classes:
+                raise KtrayError(
+                    f"targets table {uri}: {info['target_width']} logits per row, but the task "
+                    f"has {classes} classes"
+                )
         source, columns, n = uri, info["columns"], info["rows"]
         inputs["feature_dim"] = info["feature_dim"]
     inputs["rows"] = n

@@ -67,19 +67,15 @@ def parquet_files(uri: str) -> list[str]:
 
 def describe_targets(uri: str, target: str | None) -> dict:
     """Check a view table against the logits contract and measure it: ``{"files", "rows",
-    "columns", "feature_dim"}``. Raises KtrayError naming a missing column."""
+    "columns", "feature_dim", "target_width"}`` (values per row of the target column).
+    Raises KtrayError naming a missing column, or on a table without rows."""
     files = parquet_files(uri)
     if not files:
         raise KtrayError(f"no .parquet files at {uri}")
     metas = footers(files)
-    rows, schema, dim = sum(m.num_rows for m in metas), metas[0].schema.to_arrow_schema(), 0
-    if target == C.FEATURES and C.FEATURES in schema.names:
-        first = next((f for f, m in zip(files, metas) if m.num_rows), None)
-        if first is not None:
-            fs, path = storage.fs_and_path(first)
-            with fs.open(path, "rb") as fh:
-                col = pq.ParquetFile(fh).read_row_group(0, columns=[C.FEATURES]).column(0)
-            dim = len(col[0].as_py())
+    rows, schema = sum(m.num_rows for m in metas), metas[0].schema.to_arrow_schema()
+    if not rows:
+        raise KtrayError(f"targets table {uri} has no rows")
     needed = [C.IMAGE_ID, C.SOURCE] + ([target] if target else [])
     missing = [c for c in needed if c not in schema.names]
     if missing:
@@ -94,12 +90,23 @@ def describe_targets(uri: str, target: str | None) -> dict:
         and not pa.types.is_fixed_size_list(schema.field(target).type)
     ):
         raise KtrayError(f"targets table {uri}: column {target} must be a list of floats")
+    width = 0  # values per row of the target column
+    if target and pa.types.is_fixed_size_list(schema.field(target).type):
+        width = schema.field(target).type.list_size
+    elif target:  # a variable list: its first row's length
+        first = next(f for f, m in zip(files, metas) if m.num_rows)
+        fs, path = storage.fs_and_path(first)
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            g = next(i for i in range(pf.num_row_groups) if pf.metadata.row_group(i).num_rows)
+            width = len(pf.read_row_group(g, columns=[target]).column(0)[0].as_py())
     columns = [C.SOURCE] + [c for c in (*C.BOX, C.FLIP) if c in schema.names]
     return {
         "files": files,
         "rows": rows,
         "columns": columns + ([target] if target else []),
-        "feature_dim": dim,
+        "feature_dim": width if target == C.FEATURES else 0,
+        "target_width": width,
     }
 
 
