@@ -47,7 +47,7 @@ def _bare_init(uri: str, columns: list[str], size: int) -> None:
     """A bare process: the rows it decodes, read once (the file cache stays warm)."""
     import pyarrow.parquet as pq
 
-    from ktray.data.datasets import DecodeViews
+    from ktray.data.decode import DecodeViews
 
     _bare["decode"] = DecodeViews({"x": size}, ["logits"])
     _bare["table"] = pq.read_table(uri, columns=columns).slice(0, BARE_ROWS)
@@ -193,7 +193,9 @@ def main() -> None:
         for r in range(args.repeat):  # each run: a fresh dataset and trainer
             wait_idle()
             before = ceiling.sample()
-            ds = view_dataset(uri, info["columns"], {"x": args.size}, spec, seed=spec.seed)
+            ds = view_dataset(
+                uri, info["columns"], {"x": args.size}, spec, seed=spec.seed, described=info
+            )
             start = time.perf_counter()
             m = fit(
                 cfg,

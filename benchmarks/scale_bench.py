@@ -166,7 +166,9 @@ def child(args) -> dict:
     spec = DistillSpec.from_config(cfg, "task")
     uri = os.path.join(args.work, f"logits-{args.child}")
     info = describe_targets(uri, "logits")
-    ds = view_dataset(uri, info["columns"], {"x": spec.student_img_size}, spec, seed=spec.seed)
+    ds = view_dataset(
+        uri, info["columns"], {"x": spec.student_img_size}, spec, seed=spec.seed, described=info
+    )
     inputs = {
         "out_dir": os.path.join(args.work, f"model-{args.child}"),
         "num_classes": CLASSES,

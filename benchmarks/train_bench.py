@@ -125,6 +125,7 @@ def main() -> None:
                 seed=spec.seed,
                 rows=info["rows"] if cached else 0,
                 target_dim=10,
+                described=info,
             )
             start = time.perf_counter()
             m = fit(

@@ -234,7 +234,7 @@ def test_fresh_views_are_new_each_call_and_shared_by_teacher_and_student(tmp_pat
     import pyarrow as pa
     from PIL import Image
 
-    from ktray.data.datasets import DecodeViews
+    from ktray.data.decode import DecodeViews
 
     rng = np.random.default_rng(0)
     paths = []

@@ -14,7 +14,7 @@ from ktray.errors import KtrayError
 from ktray.stages import distill as distill_stage
 
 
-def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local):
+def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local, monkeypatch):
     out = str(tmp_path / "out")
     base = [f"data.root={tiny_task}", f"out={out}", "distill.steps=3", "distill.batch_size=8"]
     m = distill_stage.run(
@@ -43,7 +43,19 @@ def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local):
     uri = str(tmp_path / "mine.parquet")
     pq.write_table(table, uri)
     own = load_config("tiny", base + [f"distill.targets={uri}", f"out={out}-own"])
+    from ktray.data import row_ranges
+    from ktray.stages import train_data
+
+    reads = []  # the table's footers are read once: checked, then cut into ranges
+
+    def footers(files, _read=row_ranges.footers):
+        reads.append(list(files))
+        return _read(files)
+
+    monkeypatch.setattr(row_ranges, "footers", footers)
+    monkeypatch.setattr(train_data, "footers", footers)
     m2 = distill_stage.run(own, "in_domain", "task")
+    assert reads == [[uri]]
     assert m2["steps"] == 3 and m2["transfer_rows"] == len(unl) and not m2["uses_logits"]
     assert not os.path.exists(os.path.join(f"{out}-own", "logits"))
     bad = load_config("tiny", base + [f"distill.targets={uri}", f"out={out}-bad"])

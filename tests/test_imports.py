@@ -86,3 +86,34 @@ def test_architecture_lists_every_module():
         and m.replace(".", "/") + ".py" not in text
     ]
     assert not missing, f"ARCHITECTURE.md does not list: {missing}"
+
+
+def test_a_decode_task_never_imports_torch(tmp_path):
+    """A Ray Data decode worker unpickles the distillation input's task (``ReadDecodeRanges``
+    around ``DecodeViews``) and runs it: neither may import torch, which cost each fresh
+    worker ~1.3 s of CPU and a few hundred MiB before its first row."""
+    import pickle
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ktray.data.decode import DecodeViews
+    from ktray.data.row_ranges import ReadDecodeRanges, row_ranges
+
+    img = tmp_path / "a.jpg"
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(img)
+    table = tmp_path / "views.parquet"
+    pq.write_table(pa.table({"source": [str(img)] * 3, "logits": [[0.5, 1.0]] * 3}), table)
+    task = ReadDecodeRanges(["source", "logits"], DecodeViews({"x": 8}, ["logits"]), 2)
+    payload = pickle.dumps((task, pa.Table.from_pylist(row_ranges([str(table)], 4))))
+    code = (
+        "import pickle, sys\n"
+        f"task, ranges = pickle.loads({payload!r})\n"
+        "out = list(task(ranges))\n"
+        "assert [o['x'].shape for o in out] == [(2, 8, 8, 3), (1, 8, 8, 3)], out\n"
+        "assert 'torch' not in sys.modules, 'the decode task imported torch'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -94,3 +94,19 @@ def test_a_piece_of_a_large_row_group_is_streamed_out_of_it(tmp_path, monkeypatc
     assert ids == [f"g{i:03d}" for i in range(100)]
     read = rr.read_range(ranges[1], ["v", "image_id"])
     assert read.column_names == ["v", "image_id"] and read["v"].to_pylist() == list(range(33, 66))
+
+
+def test_footers_read_once_serve_the_ranges_without_reading_the_files_again(tmp_path):
+    """``describe_targets`` reads the footers of a view table; ``view_dataset`` cuts the
+    ranges from those, not from a second read (thousands of s3 round trips at 10M rows)."""
+    a = _file(tmp_path / "a.parquet", [f"a{i}" for i in range(20)], 5)
+    b = _file(tmp_path / "b.parquet", [f"b{i}" for i in range(8)], 8)
+    metas = rr.footers([a, b])
+    expected = rr.row_ranges([a, b], 12)
+    (tmp_path / "a.parquet").unlink()  # a second read of the footers would fail now
+    (tmp_path / "b.parquet").unlink()
+    assert rr.row_ranges([a, b], 12, metas) == expected
+    with pytest.raises(FileNotFoundError):
+        rr.row_ranges([a, b], 12)
+    with pytest.raises(ValueError, match="1 footers for 2 files"):
+        rr.row_ranges([a, b], 12, metas[:1])

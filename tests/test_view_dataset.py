@@ -131,3 +131,54 @@ def test_a_seeded_reproducible_dataset_keeps_its_order_through_ray_train(tmp_pat
     assert not unordered.context.execution_options.preserve_order
     # the process's own context is left as it was
     assert not ray.data.DataContext.get_current().execution_options.preserve_order
+
+
+def _decode_actors() -> set[str]:
+    """PIDs of the live Ray Data decode actors of the distillation input (process titles)."""
+    import glob
+
+    found = set()
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::MapWorker(MapBatches(ReadDecodeRanges))"):
+            found.add(path.split("/")[2])
+    return found
+
+
+def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray_local):
+    """Ranges go to long-lived decode actors, two queued on each (one-off tasks waited ~200 ms
+    for Ray Data's scheduler between ranges): as many actors as the free CPUs allow, or
+    ``train.decode_concurrency``."""
+    from ktray.stages.common import trainer_cpus
+    from ktray.stages.train_data import decode_pool, describe_targets
+
+    def spec(*over):
+        return DistillSpec.from_config(load_config(None, [f"out={tmp_path}/o", *over]), "task")
+
+    assert ray.cluster_resources()["CPU"] == 2
+    assert decode_pool(spec()) == 2
+    assert decode_pool(spec(), trainer_cpus=1.0) == 1
+    assert decode_pool(spec(), trainer_cpus=2.0) == 1  # at least one
+    assert decode_pool(spec("train.decode_cpus=0.5")) == 4
+    assert decode_pool(spec("train.decode_concurrency=3")) == 3
+    cfg = load_config(None, [f"out={tmp_path}/o"])
+    assert trainer_cpus(cfg) == 0.0  # local mode: the loop runs in the driver
+    one = load_config(None, [f"out={tmp_path}/o", "ray.num_workers=1"])
+    assert trainer_cpus(one) == 1.0
+    two = load_config(None, [f"out={tmp_path}/o", "ray.num_workers=2"])
+    assert trainer_cpus(two) == 1.0  # 2 x 0.5: they give up one CPU to decoding
+
+    uri, _ = _parts(tmp_path)
+    info = describe_targets(uri, C.LOGITS)
+    for over, actors in (((), 2), (("train.decode_concurrency=1",), 1)):
+        ds = view_dataset(uri, info["columns"], {"x": 8}, spec(*over), seed=0, described=info)
+        seen, rows = set(), 0
+        for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            seen |= _decode_actors()
+            rows += len(batch[C.LOGITS])
+        assert rows == FILES * PER_FILE
+        assert len(seen) == actors, seen

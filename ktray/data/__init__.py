@@ -3,44 +3,54 @@
 Library code: never imports ray. Column names live in :mod:`ktray.data.columns`.
 """
 
-from ktray.data.datasets import (
-    LabeledImages,
-    ViewImages,
-    collate_skip_none,
-    list_column_matrix,
-    preload,
-)
-from ktray.data.generic import build_generic_pool, offline_photos
-from ktray.data.readers import (
-    FASHION_MNIST_CLASSES,
-    IMAGE_EXTENSIONS,
-    IMAGE_TABLE_SCHEMA,
-    make_image_table,
-    read_gallery,
-    read_idx,
-    read_imagefolder,
-    read_parquet_images,
-    read_unlabeled_folder,
-    read_webdataset,
-)
-from ktray.data.sources import (
-    clear_cache,
-    decode_image,
-    load_image_strict,
-    load_images,
-    parse_source,
-)
-from ktray.data.task import class_counts, split_validation, subsample_per_class
-from ktray.data.views import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ViewParams,
-    apply_view,
-    eval_transform,
-    sample_view,
-    to_tensor,
-    view_from_row,
-)
+import importlib
+
+# Lazy: ``import ktray.data.decode`` (a Ray Data decode worker) must not import torch through
+# this package; each name is imported from its module on first use.
+_EXPORTS = {
+    "FASHION_MNIST_CLASSES": "ktray.data.readers",
+    "IMAGENET_MEAN": "ktray.data.views",
+    "IMAGENET_STD": "ktray.data.views",
+    "IMAGE_EXTENSIONS": "ktray.data.readers",
+    "IMAGE_TABLE_SCHEMA": "ktray.data.readers",
+    "LabeledImages": "ktray.data.datasets",
+    "ViewImages": "ktray.data.datasets",
+    "ViewParams": "ktray.data.views",
+    "apply_view": "ktray.data.views",
+    "build_generic_pool": "ktray.data.generic",
+    "class_counts": "ktray.data.task",
+    "clear_cache": "ktray.data.sources",
+    "collate_skip_none": "ktray.data.datasets",
+    "decode_image": "ktray.data.sources",
+    "eval_transform": "ktray.data.views",
+    "list_column_matrix": "ktray.data.datasets",
+    "load_image_strict": "ktray.data.sources",
+    "load_images": "ktray.data.sources",
+    "make_image_table": "ktray.data.readers",
+    "offline_photos": "ktray.data.generic",
+    "parse_source": "ktray.data.sources",
+    "preload": "ktray.data.datasets",
+    "read_gallery": "ktray.data.readers",
+    "read_idx": "ktray.data.readers",
+    "read_imagefolder": "ktray.data.readers",
+    "read_parquet_images": "ktray.data.readers",
+    "read_unlabeled_folder": "ktray.data.readers",
+    "read_webdataset": "ktray.data.readers",
+    "sample_view": "ktray.data.views",
+    "split_validation": "ktray.data.task",
+    "subsample_per_class": "ktray.data.task",
+    "to_tensor": "ktray.data.views",
+    "view_from_row": "ktray.data.views",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ktray.data' has no attribute {name!r}")
+
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

@@ -6,9 +6,10 @@
 - :class:`ViewImages`: rows of teacher predictions; every item is the stored view, with the
   stored logits / features as targets. An unreadable transfer image is skipped
   (:func:`collate_skip_none`).
-- :class:`DecodeViews`: the streaming counterpart of ``ViewImages`` for distillation: a batch
-  of view rows -> ``uint8`` pixels (+ float16 targets), run by Ray Data's CPU decode stage (or
-  in-process by :class:`ViewStream`); the training device normalises (:func:`normalize`).
+- :class:`DecodeViews` (in the torch-free :mod:`ktray.data.decode`): the streaming
+  counterpart of ``ViewImages`` for distillation: a batch of view rows -> ``uint8`` pixels
+  (+ float16 targets), run by Ray Data's CPU decode stage (or in-process by
+  :class:`ViewStream`); the training device normalises (:func:`normalize`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ktray.data import columns as C
+from ktray.data.decode import DecodeViews, list_column_matrix
+from ktray.data.decode import require_columns as _require
 from ktray.data.sources import load_image_strict, load_images
-from ktray.data.views import ViewParams, apply_view, crop_view, eval_transform, sample_view
-from ktray.errors import CorruptImageError, KtrayError
-
-
-def _require(table: pa.Table, names: Sequence[str], what: str) -> None:
-    missing = [n for n in names if n not in table.column_names]
-    if missing:
-        raise KtrayError(f"{what} lacks column(s) {', '.join(missing)}")
+from ktray.data.views import ViewParams, apply_view, eval_transform, sample_view
+from ktray.errors import CorruptImageError
 
 
 def preload(table: pa.Table) -> list[Image.Image]:
@@ -47,27 +43,6 @@ def preload(table: pa.Table) -> list[Image.Image]:
             load_image_strict(src)  # raises with the reason
             raise CorruptImageError(f"unreadable image {src}")  # pragma: no cover (flaky file)
     return images
-
-
-def list_column_matrix(
-    column: pa.ChunkedArray | pa.Array, name: str = "column", dtype=np.float32
-) -> np.ndarray:
-    """A list<float> column of equal-length lists as a ``[N, D]`` array of ``dtype``.
-
-    Raises:
-        KtrayError: Null rows or lists of different lengths.
-    """
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, 0), dtype)
-    if arr.null_count:
-        raise KtrayError(f"{name} has {arr.null_count} null rows")
-    flat = np.array(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # writable
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-    if flat.size != n * int(lengths[0]) or (lengths != lengths[0]).any():
-        raise KtrayError(f"{name} holds lists of different lengths")
-    return flat.reshape(n, -1)
 
 
 class LabeledImages(Dataset):
@@ -215,75 +190,6 @@ def collate_skip_none(batch: list) -> dict | None:
     """``default_collate`` after dropping ``None`` items; None when every item was None."""
     items = [b for b in batch if b is not None]
     return default_collate(items) if items else None
-
-
-def view_params(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The stored views of a view table: boxes ``[N, 4]`` (full image when the box columns are
-    absent) and flips ``[N]``."""
-    n = table.num_rows
-    if C.BOX[0] in table.column_names:
-        _require(table, C.BOX, "view table")
-        boxes = np.stack([table.column(k).to_numpy().astype(np.float64) for k in C.BOX], 1)
-    else:
-        boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0]]), (n, 1))
-    flips = (
-        np.asarray(table.column(C.FLIP).to_pylist(), dtype=bool)
-        if C.FLIP in table.column_names
-        else np.zeros(n, dtype=bool)
-    )
-    return boxes, flips
-
-
-class DecodeViews:
-    """View rows -> ``{"x": uint8 [B, S, S, 3], ..., target: float16 [B, D]}``.
-
-    The CPU half of the distillation input: decodes each row's image, cuts its stored view
-    and resizes it to every requested size (student ``x``; online teacher ``xt``). Targets
-    travel with their rows as float16. Unreadable images are dropped (the batch shrinks).
-
-    Args:
-        sizes: Output column -> side in pixels, e.g. ``{"x": 32, "xt": 224}``.
-        targets: List columns copied as float16 ``[B, D]`` (``logits`` / ``features``).
-        fresh_scale: ``(lo, hi)``: ignore the stored views and cut a fresh random view of each
-            row (area in ``[lo, hi]``, random flip) at every call, from fresh entropy: each
-            epoch sees new views. Every size gets the same view (teacher and student agree).
-    """
-
-    def __init__(
-        self,
-        sizes: dict[str, int],
-        targets: Sequence[str] = (),
-        fresh_scale: tuple[float, float] | None = None,
-    ):
-        self.sizes = {k: int(v) for k, v in sizes.items()}
-        self.targets = tuple(targets)
-        self.fresh_scale = tuple(fresh_scale) if fresh_scale else None
-
-    def views(self, batch: pa.Table) -> list[ViewParams]:
-        """The view of each row: stored, or fresh (``fresh_scale``)."""
-        if self.fresh_scale is not None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])  # new every call
-            sources = batch.column(C.SOURCE).to_pylist()
-            return [
-                sample_view(seed, f"{i}:{s}", 0, self.fresh_scale) for i, s in enumerate(sources)
-            ]
-        boxes, flips = view_params(batch)
-        return [ViewParams(*(float(v) for v in b), bool(f)) for b, f in zip(boxes, flips)]
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        _require(batch, (C.SOURCE, *self.targets), "view table")
-        views = self.views(batch)
-        images = load_images(batch.column(C.SOURCE).to_pylist())
-        keep = [i for i, img in enumerate(images) if img is not None]
-        out: dict[str, np.ndarray] = {}
-        for name, size in self.sizes.items():
-            pix = np.zeros((len(keep), size, size, 3), np.uint8)
-            for j, i in enumerate(keep):
-                pix[j] = np.asarray(crop_view(images[i], views[i], size))
-            out[name] = pix
-        for name in self.targets:
-            out[name] = list_column_matrix(batch.column(name), name, np.float16)[keep]
-        return out
 
 
 def normalize(

@@ -27,14 +27,21 @@ READ_BYTES_PER_ROW = 64 * 2**10
 share of Parquet per row is small next to decoding the row's image (~2 ms)."""
 
 
-def row_ranges(files: Sequence[str], rows: int) -> list[dict]:
+def row_ranges(
+    files: Sequence[str], rows: int, metas: Sequence[pq.FileMetaData] | None = None
+) -> list[dict]:
     """Ranges of about ``rows`` rows over ``files``, in file and row order:
     ``{"path", "first_group", "last_group", "offset", "rows"}`` = rows ``[offset, offset +
-    rows)`` of row groups ``first_group..last_group`` of ``path`` read together."""
+    rows)`` of row groups ``first_group..last_group`` of ``path`` read together. ``metas``:
+    the files' footers when the caller has read them already (:func:`footers`)."""
     if rows < 1:
         raise ValueError(f"rows per range must be >= 1, got {rows}")
+    if metas is None:
+        metas = footers(files)
+    elif len(metas) != len(files):
+        raise ValueError(f"{len(metas)} footers for {len(files)} files")
     out: list[dict] = []
-    for uri, meta in zip(files, footers(files)):
+    for uri, meta in zip(files, metas):
         out.extend(_file_ranges(uri, meta, rows))
     return out
 

@@ -12,12 +12,15 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ktray.data import columns as C
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: decode workers never need it
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +118,8 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     out = np.empty(a.shape, dtype=np.float32)
     np.subtract(a, m, out=out, casting="unsafe")
     out /= s
+    import torch
+
     return torch.from_numpy(out)
 
 

@@ -49,6 +49,34 @@ def ensure_ray(rc: RayConfig) -> None:
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
+def worker_resources(cfg: Config) -> dict | None:
+    """Resources of one Ray Train worker of a run that reads Ray Data datasets: None (Ray
+    Train's default, 1 CPU) unless the cluster's CPUs less the workers' would leave less than
+    ``train.decode_cpus`` to decoding; then the workers give up what one decode actor needs,
+    or it never runs (2 workers on a 2-CPU machine)."""
+    import ray
+
+    workers = cfg.ray.num_workers
+    if workers <= 0:
+        return None
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - workers * 1.0 >= cfg.train.decode_cpus:
+        return None
+    per_worker = {"CPU": max(0.1, (total - cfg.train.decode_cpus) / workers)}
+    if cfg.ray.use_gpu:
+        per_worker["GPU"] = 1
+    return per_worker
+
+
+def trainer_cpus(cfg: Config) -> float:
+    """CPUs the Ray Train workers of a dataset-reading run hold (0 in local mode: the loop
+    runs in the driver): what the decode stage cannot use."""
+    if cfg.ray.num_workers <= 0:
+        return 0.0
+    per_worker = worker_resources(cfg)
+    return cfg.ray.num_workers * (per_worker["CPU"] if per_worker else 1.0)
+
+
 def cluster_has_gpus() -> bool:
     import ray
 
@@ -242,16 +270,7 @@ def fit(
             callbacks.append(_tune_callback(tune_extra))
         else:
             spec = dict(spec, tune=tune_extra)
-    per_worker = None
-    if datasets and workers > 0:
-        # Ray Data's read/decode tasks need CPUs the workers do not hold, or they never run
-        # (2 workers on a 2-CPU machine): the workers give up what decoding needs.
-        total = ray.cluster_resources().get("CPU", 0)
-        spare = total - workers * 1.0
-        if spare < cfg.train.decode_cpus:
-            per_worker = {"CPU": max(0.1, (total - cfg.train.decode_cpus) / workers)}
-            if cfg.ray.use_gpu:
-                per_worker["GPU"] = 1
+    per_worker = worker_resources(cfg) if datasets else None
     scaling = ray.train.ScalingConfig(
         num_workers=workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=per_worker
     )

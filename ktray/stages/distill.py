@@ -19,6 +19,7 @@ from ktray.pipeline.tasks import prepare_task, read_transfer
 from ktray.predict import expand_views
 from ktray.stages import logits as logits_stage
 from ktray.stages import teacher as teacher_stage
+from ktray.stages.common import trainer_cpus
 from ktray.stages.train_data import describe_targets, view_dataset
 from ktray.stages.train_stage import run_train_stage
 from ktray.train.specs import DistillSpec
@@ -34,6 +35,7 @@ def run(
     teacher = teacher_stage.run(cfg) if spec.online or not cfg.distill.targets else None
     sizes = {"x": spec.student_img_size}
     inputs: dict = {}
+    info = None  # what describe_targets says of a Parquet view table (not online)
     if spec.online:
         # the teacher runs on every view during training: no logits pass
         teacher_dir = teacher["outputs"]["model"]
@@ -104,7 +106,15 @@ def run(
         extra=extra,
         datasets=lambda: {
             "train": view_dataset(
-                source, columns, sizes, spec, seed=spec.seed, rows=n, target_dim=target_dim
+                source,
+                columns,
+                sizes,
+                spec,
+                seed=spec.seed,
+                rows=n,
+                target_dim=target_dim,
+                trainer_cpus=trainer_cpus(cfg),
+                described=info,
             )
         },
     )

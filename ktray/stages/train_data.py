@@ -3,8 +3,9 @@
 ``view_dataset`` cuts a table of views (the logits stage's parts, a ``distill.targets`` table)
 into row ranges from its Parquet footers (:mod:`ktray.data.row_ranges`; at most
 ``BLOCK_ROWS`` rows or ``TASK_BYTES`` of decoded views each), shuffles the ranges' order every
-epoch, and runs one CPU ``map_batches`` task per range (``train.decode_cpus`` each, at most
-``train.decode_concurrency`` at once) that reads its rows and decodes + crops their views,
+epoch, and sends each range to a pool of CPU decode actors (``train.decode_cpus`` each, as
+many as the CPUs the training workers leave or ``train.decode_concurrency``; two ranges queued
+on each, so none waits between ranges) that read its rows and decode + crop their views,
 ``train.decode_batch`` rows at a time. Rows, not bytes, cut the work: Ray Data's Parquet reader
 coalesces files into 8 MiB blocks, ~80k rows of a 10-class table, which one task on one core
 decoded. Nothing but the range list is read before the first batch, and the object store
@@ -28,16 +29,17 @@ import pyarrow.parquet as pq
 
 from ktray import storage
 from ktray.data import columns as C
-from ktray.data.datasets import DecodeViews
+from ktray.data.decode import DecodeViews
 from ktray.data.row_ranges import ReadDecodeRanges, footers, row_ranges
 from ktray.errors import KtrayError
+from ktray.stages.shards import map_without_restarts
 from ktray.train.specs import DistillSpec
 
 BLOCK_ROWS = 4096
-"""Rows per decode task at most: a range of a Parquet view table, or a block of an in-memory
+"""Rows per decode call at most: a range of a Parquet view table, or a block of an in-memory
 one (online runs); fewer for large views (:func:`task_rows`)."""
 TASK_BYTES = 64 * 2**20
-"""Decoded bytes per decode task at most: 4,096 views at 64 px, 445 at 224 px (a 4,096-row
+"""Decoded bytes per range at most: 4,096 views at 64 px, 445 at 224 px (a 4,096-row
 task at 224 px would put 600 MB of views into the object store at once; on a 16 GiB node
 Ray's object store is ~5 GB, so few such tasks could run side by side)."""
 MIN_TASK_ROWS = 256
@@ -68,7 +70,9 @@ def parquet_files(uri: str) -> list[str]:
 def describe_targets(uri: str, target: str | None) -> dict:
     """Check a view table against the logits contract and measure it: ``{"files", "rows",
     "columns", "feature_dim", "target_width"}`` (values per row of the target column).
-    Raises KtrayError naming a missing column, or on a table without rows."""
+    ``"footers"`` holds the files' Parquet footers, for :func:`view_dataset` to cut the
+    table without reading them again. Raises KtrayError naming a missing column, or on a
+    table without rows."""
     files = parquet_files(uri)
     if not files:
         raise KtrayError(f"no .parquet files at {uri}")
@@ -107,6 +111,7 @@ def describe_targets(uri: str, target: str | None) -> dict:
         "columns": columns + ([target] if target else []),
         "feature_dim": width if target == C.FEATURES else 0,
         "target_width": width,
+        "footers": metas,
     }
 
 
@@ -123,6 +128,8 @@ def view_dataset(
     seed: int | None = None,
     rows: int = 0,
     target_dim: int = 0,
+    trainer_cpus: float = 0.0,
+    described: dict | None = None,
 ):
     """The Ray Data dataset of decoded views (``x`` [+ ``xt``] uint8 NHWC, + the target).
 
@@ -133,7 +140,12 @@ def view_dataset(
     A set whose decoded views take less than ``spec.cache_decoded_mb`` (``rows`` and
     ``target_dim`` give its size) is decoded once and materialised in the object store, so
     its many epochs re-read memory instead of re-decoding; a larger one streams, and so does
-    a run on fresh views (``distill.augment=consistent``: new random views every epoch)."""
+    a run on fresh views (``distill.augment=consistent``: new random views every epoch).
+
+    ``trainer_cpus``: the CPUs the training workers hold (:func:`ktray.stages.common.
+    trainer_cpus`); the decode actors get the rest (:func:`decode_pool`). ``described``: what
+    :func:`describe_targets` said of a Parquet ``source`` (its files and footers, not read
+    again)."""
     import ray
 
     ordered = spec.reproducible and seed is not None
@@ -144,7 +156,7 @@ def view_dataset(
         ctx.execution_options = copy.copy(ctx.execution_options)
         ctx.execution_options.preserve_order = True
     try:  # a Dataset keeps a copy of the context it was made under
-        ds = _view_dataset(ray, source, columns, sizes, spec, seed)
+        ds = _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described)
         fresh = spec.augment == "consistent"  # new views every epoch: nothing to cache
         if not fresh and rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
             ds = ds.materialize().randomize_block_order(seed=_epoch_seed(ray, seed))
@@ -161,7 +173,7 @@ def _epoch_seed(ray, seed: int | None):
     return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def _view_dataset(ray, source, columns, sizes, spec, seed):
+def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described):
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
     if isinstance(source, pa.Table):  # in memory already: its block order is free to shuffle
@@ -170,29 +182,72 @@ def _view_dataset(ray, source, columns, sizes, spec, seed):
         ds = ray.data.from_arrow(
             [source.slice(i, n) for i in range(0, max(1, source.num_rows), n)]
         ).randomize_block_order(seed=_epoch_seed(ray, seed))
-        return ds.map_batches(
-            DecodeViews(sizes, target, fresh_scale=fresh),
-            batch_format="pyarrow",
+        return map_without_restarts(
+            ds.map_batches,
+            DecodeViews,
+            fn_constructor_args=(sizes, target, fresh),
             batch_size=spec.decode_batch,
-            compute=ray.data.TaskPoolStrategy(size=spec.decode_concurrency or None),
-            num_cpus=spec.decode_cpus,
+            **_decode_stage(ray, spec, trainer_cpus),
         )
-    # A Parquet table: one decode task per range of ~task_rows rows (cut from the footers),
-    # the ranges in a new (seeded) order each epoch. The tasks read their own rows: nothing
+    # A Parquet table: one decode call per range of ~task_rows rows (cut from the footers),
+    # the ranges in a new (seeded) order each epoch. The actors read the rows themselves: nothing
     # but the range list (a few KB) is read before the first batch, and the object store
     # holds decoded blocks in flight, not the table. (Ray Data's Parquet reader cuts blocks by
     # bytes, 8 MiB here: ~80k rows of a 10-class table, one task on one core for them; its
     # streaming repartition by rows let the read run ahead into the object store, 2 GiB at 1M
     # rows; ``randomize_block_order`` after a read is a barrier that reads the whole table.)
-    ranges = row_ranges(parquet_files(source), task_rows(sizes))
+    if described is not None:
+        ranges = row_ranges(described["files"], task_rows(sizes), described["footers"])
+    else:
+        ranges = row_ranges(parquet_files(source), task_rows(sizes))
     if not ranges:
         raise KtrayError(f"the view table {source} has no rows")
     ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
     ds = ds.randomize_block_order(seed=_epoch_seed(ray, seed))
-    return ds.map_batches(
-        ReadDecodeRanges(columns, DecodeViews(sizes, target, fresh_scale=fresh), spec.decode_batch),
-        batch_format="pyarrow",
+    return map_without_restarts(
+        ds.map_batches,
+        ReadDecodeRanges,
+        fn_constructor_args=(columns, DecodeViews(sizes, target, fresh), spec.decode_batch),
         batch_size=1,
-        compute=ray.data.TaskPoolStrategy(size=spec.decode_concurrency or None),
+        **_decode_stage(ray, spec, trainer_cpus),
+    )
+
+
+DECODE_TASKS_IN_FLIGHT = 2
+"""Ranges queued on one decode actor: the next starts the moment the last is done. (As
+one-off tasks, each range waited ~200 ms for Ray Data's scheduling loop, 10-100 ms a turn, to
+see the last one finish and send it: on this 2-core machine the two decode processes were
+busy ~68% of the time at 2,048 rows a range and delivered 5,400-5,800 img/s to a loop reading
+the dataset; as two actors, 7,200.)"""
+
+
+def decode_pool(spec: DistillSpec, trainer_cpus: float = 0.0) -> int:
+    """Decode actors at most: ``train.decode_concurrency``, or as many as the cluster's CPUs
+    less the training workers' hold (``trainer_cpus``) allow at ``train.decode_cpus`` each, at
+    least one."""
+    if spec.decode_concurrency:
+        return spec.decode_concurrency
+    import ray
+
+    free = ray.cluster_resources().get("CPU", 0) - trainer_cpus
+    return max(1, int(free // spec.decode_cpus))
+
+
+def _decode_stage(ray, spec: DistillSpec, trainer_cpus: float) -> dict:
+    """``map_batches`` keywords of the decode stage: a pool of CPU actors (one to
+    :func:`decode_pool`, all started at once), ``DECODE_TASKS_IN_FLIGHT`` ranges queued on
+    each. Ray does not restart them (:func:`ktray.stages.shards.map_without_restarts`: a
+    restartable Ray Data actor costs an ERROR line in the log each time one starts): a decode
+    actor that dies fails the epoch's input, and a run with Ray Train workers resumes from its
+    last checkpoint (``ray.max_failures``, ``train.checkpoint_every``)."""
+    pool = decode_pool(spec, trainer_cpus)
+    return dict(
+        batch_format="pyarrow",
         num_cpus=spec.decode_cpus,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1,
+            max_size=pool,
+            initial_size=pool,
+            max_tasks_in_flight_per_actor=DECODE_TASKS_IN_FLIGHT,
+        ),
     )
