@@ -1,24 +1,22 @@
 """Test metrics of a saved model on an image table (no ray here).
 
 :func:`evaluate_model_dir` evaluates in this process (small test sets). For large ones the
-``evaluate`` stage runs Ray Data batch inference with the pieces here: :func:`decode_labeled`
-(a CPU stage), :class:`ConfusionCounter` (model actors: confusion counts and loss sums per
-batch) and :func:`metrics_from_counts` (their sum -> the same metrics as the local path).
+``evaluate`` stage runs Ray Data batch inference: :func:`ktray.data.decode.decode_labeled`
+(a CPU stage, torch-free), :class:`ConfusionCounter` (model actors: confusion counts and
+loss sums per batch) and :func:`metrics_from_counts` (their sum -> the same metrics as the
+local path).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ktray import storage
-from ktray.data import columns as C
 from ktray.data.datasets import LabeledImages, collate_skip_none
-from ktray.data.sources import load_images
-from ktray.data.views import ViewParams, crop_view
+from ktray.data.decode import decode_labeled  # noqa: F401  (torch-free; re-exported)
 from ktray.errors import KtrayError
 from ktray.metrics import confusion_matrix, evaluate_classifier
 from ktray.models import load_model
@@ -46,19 +44,6 @@ def evaluate_model_dir(
     result = evaluate_classifier(model, loader, dev)
     result["model"] = model_dir
     return result
-
-
-def decode_labeled(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-image views of labeled rows as ``uint8 [N, size, size, 3]``, their labels and a
-    readable mask (unreadable images are skipped, as the local loader skips them)."""
-    images = load_images(rows[C.SOURCE].to_pylist())
-    pixels = np.zeros((len(images), size, size, 3), np.uint8)
-    ok = np.zeros(len(images), bool)
-    for i, img in enumerate(images):
-        if img is not None:
-            pixels[i] = np.asarray(crop_view(img, ViewParams.full(), size), np.uint8)
-            ok[i] = True
-    return pixels, rows[C.LABEL].to_numpy(zero_copy_only=False).astype(np.int64), ok
 
 
 class ConfusionCounter:

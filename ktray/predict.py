@@ -1,7 +1,8 @@
 """Teacher predictions over image tables (no ray here).
 
 ``expand_views`` turns an image table into one row per (image, view) with the view's crop box;
-``decode_views`` decodes such rows to ``uint8`` views; :class:`Predictor` loads a saved teacher
+``decode_views`` (in the torch-free :mod:`ktray.data.decode`) decodes such rows to ``uint8``
+views; :class:`Predictor` loads a saved teacher
 and maps views to float16 logits (and pooled features when asked). The ``logits`` stage decodes
 in a CPU stage and runs a Predictor inside Ray Data actors; benchmarks run it in a plain loop.
 """
@@ -13,11 +14,9 @@ import pyarrow as pa
 import torch
 
 from ktray.data import columns as C
-from ktray.data.sources import load_images
-from ktray.data.views import ViewParams, crop_view, sample_view
+from ktray.data.decode import VIEW_COLUMNS, decode_views  # torch-free (decode workers)
+from ktray.data.views import sample_view
 from ktray.models import load_model
-
-VIEW_COLUMNS = [C.IMAGE_ID, C.SOURCE, C.VIEW, *C.BOX, C.FLIP]
 
 
 def expand_views(table: pa.Table, views: int, seed: int, scale_min: float = 0.35) -> pa.Table:
@@ -71,24 +70,6 @@ def order_for_reading(table: pa.Table) -> pa.Table:
         keys.append((uri, int(frag) if frag.isdigit() else -1, frag, i))
     order = [k[-1] for k in sorted(keys)]
     return table.take(pa.array(order, pa.int64()))
-
-
-def decode_views(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The views of view rows as ``uint8 [N, size, size, 3]`` and a readable mask ``[N]``
-    (unreadable images give zeros). Each image is decoded once for all its views."""
-    cols = rows.select(VIEW_COLUMNS).to_pydict()
-    sources = cols[C.SOURCE]
-    unique = list(dict.fromkeys(sources))
-    images = dict(zip(unique, load_images(unique)))
-    pixels = np.zeros((len(sources), size, size, 3), np.uint8)
-    ok = np.zeros(len(sources), bool)
-    for i, source in enumerate(sources):
-        img = images[source]
-        if img is not None:
-            view = ViewParams(*(cols[k][i] for k in C.BOX), bool(cols[C.FLIP][i]))
-            pixels[i] = np.asarray(crop_view(img, view, size), np.uint8)
-            ok[i] = True
-    return pixels, ok
 
 
 def normalize_on_device(

@@ -117,3 +117,36 @@ def test_a_decode_task_never_imports_torch(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_inference_passes_decode_tasks_never_import_torch(tmp_path):
+    """The CPU decode tasks of the logits, embedding and evaluation passes
+    (``ktray.stages.decode_tasks``, pickled by reference: a decode worker imports the module)
+    run without importing torch or faiss."""
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "a.jpg"
+    Image.fromarray(np.full((40, 30, 3), 90, np.uint8)).save(img)
+    code = f"""
+import sys
+import pyarrow as pa
+from ktray.stages import decode_tasks as d
+from ktray.retrieval.crops import CropScheme
+src = [{str(img)!r}, "/no/such/image.jpg"]
+views = pa.table({{"image_id": ["a", "b"], "source": src, "view": [0, 0], "x0": [0.0, 0.0],
+    "y0": [0.0, 0.0], "x1": [0.5, 1.0], "y1": [1.0, 1.0], "flip": [True, False],
+    "set": ["s", "s"], "shard": [3, 3]}})
+out = d.logits_views(views, 8)
+assert out["pixels"].shape == (2, 8, 8, 3) and out["ok"].tolist() == [True, False], out
+crops = pa.table({{"gallery_index": [0, 1], "image_id": ["a", "b"], "source": src,
+    "set": ["g", "g"], "shard": [0, 0]}})
+out = d.embedding_crops(crops, {{"g": CropScheme(grid=2).as_dict()}}, 8)
+assert out["ok"].tolist() == [True] * 5 + [False], out["ok"]  # full + 2x2 grid, 1 unreadable
+out = d.labeled_images(pa.table({{"source": src, "label": [1, 0]}}), 8)
+assert out["label"].tolist() == [1, 0] and out["ok"].tolist() == [True, False]
+leaked = [m for m in ("torch", "faiss") if m in sys.modules]
+assert not leaked, leaked
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

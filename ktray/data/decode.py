@@ -1,7 +1,9 @@
-"""The CPU half of the distillation input: view rows -> decoded ``uint8`` views + targets.
+"""Decoding for Ray Data's CPU stages: rows -> ``uint8`` pixels (+ targets, labels).
 
-:class:`DecodeViews` runs in Ray Data's decode tasks (and in-process in
-:class:`ktray.data.datasets.ViewStream`). This module, and what it imports, stays free of torch:
+:class:`DecodeViews` is the CPU half of the distillation input (Ray Data's decode actors, or
+in-process in :class:`ktray.data.datasets.ViewStream`); :func:`decode_views` and
+:func:`decode_labeled` are the decode tasks of the logits pass and of evaluation
+(``ktray.stages.decode_tasks``). This module, and what it imports, stays free of torch:
 a decode worker process that imported torch paid ~1.3 s of CPU and a few hundred MiB of
 resident memory for it, before its first row (measured on this project's 2-core machine;
 ``tests/test_decode_imports.py`` holds the line).
@@ -19,6 +21,9 @@ from ktray.data import columns as C
 from ktray.data.sources import load_images
 from ktray.data.views import ViewParams, crop_view, sample_view
 from ktray.errors import KtrayError
+
+VIEW_COLUMNS = [C.IMAGE_ID, C.SOURCE, C.VIEW, *C.BOX, C.FLIP]
+"""The columns of a view row (the logits pass's input)."""
 
 
 def require_columns(table: pa.Table, names: Sequence[str], what: str) -> None:
@@ -115,3 +120,34 @@ class DecodeViews:
         for name in self.targets:
             out[name] = list_column_matrix(batch.column(name), name, np.float16)[keep]
         return out
+
+
+def decode_views(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The views of view rows as ``uint8 [N, size, size, 3]`` and a readable mask ``[N]``
+    (unreadable images give zeros). Each image is decoded once for all its views."""
+    cols = rows.select(VIEW_COLUMNS).to_pydict()
+    sources = cols[C.SOURCE]
+    unique = list(dict.fromkeys(sources))
+    images = dict(zip(unique, load_images(unique)))
+    pixels = np.zeros((len(sources), size, size, 3), np.uint8)
+    ok = np.zeros(len(sources), bool)
+    for i, source in enumerate(sources):
+        img = images[source]
+        if img is not None:
+            view = ViewParams(*(cols[k][i] for k in C.BOX), bool(cols[C.FLIP][i]))
+            pixels[i] = np.asarray(crop_view(img, view, size), np.uint8)
+            ok[i] = True
+    return pixels, ok
+
+
+def decode_labeled(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-image views of labeled rows as ``uint8 [N, size, size, 3]``, their labels and a
+    readable mask (unreadable images are skipped, as the local loader skips them)."""
+    images = load_images(rows[C.SOURCE].to_pylist())
+    pixels = np.zeros((len(images), size, size, 3), np.uint8)
+    ok = np.zeros(len(images), bool)
+    for i, img in enumerate(images):
+        if img is not None:
+            pixels[i] = np.asarray(crop_view(img, ViewParams.full(), size), np.uint8)
+            ok[i] = True
+    return pixels, rows[C.LABEL].to_numpy(zero_copy_only=False).astype(np.int64), ok

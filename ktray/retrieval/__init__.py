@@ -9,23 +9,41 @@ the same number of distinct images per query (:func:`balanced_select`). At galle
 search and nprobe tuned, :mod:`~ktray.retrieval.dedup` removes gallery self-duplicates.
 """
 
-from ktray.retrieval.crops import FULL_IMAGE, crop_boxes, crop_id
-from ktray.retrieval.index import (
-    FLAT_MAX_VECTORS,
-    as_embeddings,
-    build_index,
-    build_reserve_bytes,
-    choose_index,
-    default_nprobe,
-    l2_normalize,
-    load_index,
-    save_index,
-    search,
-    set_nprobe,
-    training_size,
-)
-from ktray.retrieval.near_duplicates import remove_near_duplicates
-from ktray.retrieval.select import Candidates, balanced_select, merge_hits, round_robin
+import importlib
+
+# Lazy: a decode worker imports ``ktray.retrieval.crops`` (numpy, PIL) without faiss and the
+# index code through this package; each name is imported from its module on first use.
+_EXPORTS = {
+    "Candidates": "ktray.retrieval.select",
+    "FLAT_MAX_VECTORS": "ktray.retrieval.index",
+    "FULL_IMAGE": "ktray.retrieval.crops",
+    "as_embeddings": "ktray.retrieval.index",
+    "balanced_select": "ktray.retrieval.select",
+    "build_index": "ktray.retrieval.index",
+    "build_reserve_bytes": "ktray.retrieval.index",
+    "choose_index": "ktray.retrieval.index",
+    "crop_boxes": "ktray.retrieval.crops",
+    "crop_id": "ktray.retrieval.crops",
+    "default_nprobe": "ktray.retrieval.index",
+    "l2_normalize": "ktray.retrieval.index",
+    "load_index": "ktray.retrieval.index",
+    "merge_hits": "ktray.retrieval.select",
+    "remove_near_duplicates": "ktray.retrieval.near_duplicates",
+    "round_robin": "ktray.retrieval.select",
+    "save_index": "ktray.retrieval.index",
+    "search": "ktray.retrieval.index",
+    "set_nprobe": "ktray.retrieval.index",
+    "training_size": "ktray.retrieval.index",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ktray.retrieval' has no attribute {name!r}")
+
 
 __all__ = [
     "Candidates",

@@ -4,15 +4,22 @@ Queries and gallery images use the same scheme: the full image first, then grid 
 random crops at the given scales. Boxes are normalised ``(x0, y0, x1, y1)`` with
 ``0 <= x0 < x1 <= 1``, so they are resolution-free like :class:`ViewParams`: the embedding
 model resizes the box to its own input size. A scale ``s`` is the side of the box as a
-fraction of the image side (a box covers ``s**2`` of the area).
+fraction of the image side (a box covers ``s**2`` of the area). :func:`decode_crops` cuts a
+scheme's crops out of decoded images: the CPU stage of the embedding pass, which like this
+module imports no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from ktray.data import columns as C
+from ktray.data.sources import load_images
+from ktray.data.views import ViewParams, crop_view
 from ktray.errors import KtrayError
 
 Box = tuple[float, float, float, float]
@@ -87,3 +94,68 @@ def _box(x0: float, y0: float, s: float) -> Box:
 def crop_id(image_id: str, index: int) -> str:
     """The ``crop_id`` of crop ``index`` (position in :func:`crop_boxes`) of an image."""
     return f"{image_id}@{int(index)}"
+
+
+GALLERY_INDEX = "gallery_index"
+INPUT_COLUMNS = [GALLERY_INDEX, C.IMAGE_ID, C.SOURCE]
+
+
+@dataclass(frozen=True)
+class CropScheme:
+    """Which crops of an image are embedded (see :func:`ktray.retrieval.crop_boxes`).
+
+    ``full_only`` embeds the full image alone (used for protected images, whose near
+    duplicates are looked for among every gallery crop).
+    """
+
+    random_crops: int = 0
+    grid: int = 0
+    scales: tuple[float, ...] = (0.5,)
+    seed: int = 0
+    full_only: bool = False
+
+    def boxes(self, image_id: str) -> list[Box]:
+        if self.full_only:
+            return [FULL_IMAGE]
+        return crop_boxes(self.random_crops, self.grid, tuple(self.scales), self.seed, image_id)
+
+    def crops_per_image(self) -> int:
+        """Crops of one image (random crops never repeat a box, so this holds for every id)."""
+        return len(self.boxes(""))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+OUTPUT_COLUMNS = (GALLERY_INDEX, C.IMAGE_ID, C.CROP_ID, *C.BOX)
+
+
+def decode_crops(
+    rows: pa.Table, scheme: CropScheme, size: int
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Decode image rows and cut every crop of ``scheme`` to ``uint8 [size, size, 3]``.
+
+    Returns:
+        ``(columns, pixels [N, size, size, 3], ok [N])``: one entry per crop of a readable
+        image (images in input order, crops in box order) and one ``ok=False`` entry (zeros)
+        per unreadable image.
+    """
+    pylist = rows.select(INPUT_COLUMNS).to_pylist()
+    cols: dict[str, list] = {k: [] for k in OUTPUT_COLUMNS}
+    pixels, ok = [], []
+    blank = np.zeros((size, size, 3), np.uint8)
+    for r, img in zip(pylist, load_images([r[C.SOURCE] for r in pylist])):
+        boxes = scheme.boxes(r[C.IMAGE_ID]) if img is not None else [FULL_IMAGE]
+        for j, box in enumerate(boxes):
+            pixels.append(
+                blank
+                if img is None
+                else np.asarray(crop_view(img, ViewParams(*box), size), np.uint8)
+            )
+            ok.append(img is not None)
+            for k, v in zip(
+                OUTPUT_COLUMNS, (r[GALLERY_INDEX], r[C.IMAGE_ID], crop_id(r[C.IMAGE_ID], j), *box)
+            ):
+                cols[k].append(v)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return cols, stacked, np.asarray(ok, bool)

@@ -19,14 +19,12 @@ from ktray.errors import KtrayError
 from ktray.retrieval.embed import (
     EMBEDDING_DTYPE,
     GALLERY_INDEX,
-    CropScheme,
     Embedder,
     EncoderSpec,
-    decode_crops,
     vectors,
 )
 from ktray.retrieval.select import map_dtype
-from ktray.stages import shards
+from ktray.stages import decode_tasks, shards
 
 log = logging.getLogger("ktray")
 SETS = ("queries", "protected", "gallery")
@@ -41,20 +39,6 @@ class EmbedWriter(shards.ShardWriter):
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         return self.embedder.table(part, part[shards.PIXELS], part[shards.OK])
-
-
-def _scheme(d: dict) -> CropScheme:
-    return CropScheme(**dict(d, scales=tuple(d["scales"])))
-
-
-def decode_shard(block: pa.Table, schemes: dict, size: int) -> dict:
-    """Decode stage (CPU task): one shard's crops as ``uint8 [N, size, size, 3]``."""
-    name = block[shards.SET][0].as_py()
-    cols, pixels, ok = decode_crops(block, _scheme(schemes[name]), size)
-    n = len(ok)
-    cols[shards.SET] = [name] * n
-    cols[shards.SHARD] = [block[shards.SHARD][0].as_py()] * n
-    return shards.decoded(cols, pixels, ok)
 
 
 def embed_sets(cfg: Config, encoder: EncoderSpec, sets: dict, out: str):
@@ -165,7 +149,7 @@ def embed_shards(
     return shards.map_shards(
         cfg,
         blocks,
-        decode_shard,
+        decode_tasks.embedding_crops,
         {"schemes": schemes, "size": size},
         EmbedWriter,
         {"encoder": encoder.as_dict(), "out_dirs": dirs, "batch_size": cfg.curate.batch_size},

@@ -20,11 +20,11 @@ from ktray.data.segmentation import is_segmentation
 from ktray.errors import KtrayError
 from ktray.evaluation import (
     ConfusionCounter,
-    decode_labeled,
     evaluate_model_dir,
     metrics_from_counts,
 )
 from ktray.pipeline.tasks import prepare_task
+from ktray.stages import decode_tasks
 
 log = logging.getLogger("ktray")
 DECODE_ROWS = 512
@@ -83,11 +83,6 @@ class _Counter:
         return {"confusion": confusion.reshape(1, -1), "loss": np.asarray([loss])}
 
 
-def _decode(rows, size: int) -> dict:
-    pixels, labels, ok = decode_labeled(rows, size)
-    return {"pixels": pixels, C.LABEL: labels, "ok": ok}
-
-
 def evaluate_distributed(cfg: Config, model_dir: str, table_uri: str, num_classes: int) -> dict:
     """Ray Data batch inference over the test table; the driver sums confusion counts."""
     import ray
@@ -107,7 +102,7 @@ def evaluate_distributed(cfg: Config, model_dir: str, table_uri: str, num_classe
     ds = inference(
         cfg,
         ds,
-        _decode,
+        decode_tasks.labeled_images,
         {"size": size},
         _Counter,
         {"model_dir": model_dir, "batch_size": cfg.eval_batch_size},

@@ -25,8 +25,8 @@ from ktray.data.segmentation import is_segmentation
 from ktray.dense_predict import make_predictor
 from ktray.pipeline import manifest
 from ktray.pipeline.tasks import read_transfer
-from ktray.predict import VIEW_COLUMNS, Predictor, decode_views, expand_views, order_for_reading
-from ktray.stages import shards
+from ktray.predict import VIEW_COLUMNS, Predictor, expand_views, order_for_reading
+from ktray.stages import decode_tasks, shards
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 2048
@@ -55,16 +55,6 @@ class LogitsWriter(shards.ShardWriter):
     def process(self, part: dict) -> tuple[pa.Table, int]:
         rows = pa.table({k: part[k] for k in VIEW_COLUMNS})
         return self.predictor.table(rows, part[shards.PIXELS], part[shards.OK])
-
-
-def decode_shard(block: pa.Table, size: int) -> dict:
-    """Decode stage (CPU task): one shard's views as ``uint8 [N, size, size, 3]``."""
-    pixels, ok = decode_views(block, size)
-    cols = {
-        k: block[k].to_numpy(zero_copy_only=False)
-        for k in (*VIEW_COLUMNS, shards.SET, shards.SHARD)
-    }
-    return shards.decoded(cols, pixels, ok)
 
 
 def needs_features(cfg: Config, transfer: str) -> bool:
@@ -303,7 +293,7 @@ def _compute(
     return shards.map_shards(
         cfg,
         blocks,
-        decode_shard,
+        decode_tasks.logits_views,
         {"size": size},
         LogitsWriter,
         {

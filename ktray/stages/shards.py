@@ -37,7 +37,6 @@ from ktray import storage
 from ktray.config import Config
 from ktray.errors import KtrayError
 from ktray.stages.nodes import check_shared_storage
-from ktray.train.loop import eta_text
 
 log = logging.getLogger("ktray")
 
@@ -193,10 +192,11 @@ def actor_threads(inf, cluster_gpus: float, pool: int) -> int:
     return max(1, int(node_cpus // max(1, pool)))
 
 
-DECODE_WORKER_BYTES = 768 * 2**20
+DECODE_WORKER_BYTES = 384 * 2**20
 """Resident memory of a Ray worker process that decodes a shard, its batch aside (Python,
-numpy, PIL, pyarrow and the ktray modules): Ray Data measured 570-750 MiB per decode worker in
-the demo (its issue detector reports the peak)."""
+numpy, PIL, pyarrow, Ray and the decode modules, :mod:`ktray.stages.decode_tasks`, which import
+no torch): 310 MiB at its peak in ``benchmarks/logits_bench.py`` (500-view shards at 96 px),
+964 MiB when the decode modules imported torch (an earlier release declared 768 MiB)."""
 
 
 def inference(
@@ -299,6 +299,7 @@ def map_shards(
     import ray
 
     from ktray.stages.common import ensure_ray
+    from ktray.train.loop import eta_text  # torch: decode workers import this module
 
     ensure_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
