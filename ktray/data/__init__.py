@@ -3,7 +3,7 @@
 Library code: never imports ray. Column names live in :mod:`ktray.data.columns`.
 """
 
-import importlib
+from ktray.lazy import lazy_exports
 
 # Lazy: ``import ktray.data.decode`` (a Ray Data decode worker) must not import torch through
 # this package; each name is imported from its module on first use.
@@ -44,13 +44,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ktray.data' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

@@ -9,7 +9,7 @@ the same number of distinct images per query (:func:`balanced_select`). At galle
 search and nprobe tuned, :mod:`~ktray.retrieval.dedup` removes gallery self-duplicates.
 """
 
-import importlib
+from ktray.lazy import lazy_exports
 
 # Lazy: a decode worker imports ``ktray.retrieval.crops`` (numpy, PIL) without faiss and the
 # index code through this package; each name is imported from its module on first use.
@@ -37,13 +37,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ktray.retrieval' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "Candidates",
