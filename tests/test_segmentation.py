@@ -179,6 +179,10 @@ def test_tiny_segmentation_pipeline_end_to_end(tmp_path, ray_local):
     ft = json.load(open(os.path.join(out, "finetune", "task@in_domain", "manifest.json")))
     assert results["methods"]["task@in_domain"]["test_miou"] == ft["test_miou"]
     assert "distill_test_miou" in results["methods"]["task@in_domain"]
+    # the saved student records what trained it, as a classifier does (seed included)
+    model_json = os.path.join(out, "finetune", "task@in_domain", "model", "model.json")
+    trained = json.load(open(model_json))["train"]
+    assert (trained["kind"], trained["steps"], trained["seed"]) == ("finetune", 2, 0)
     # dense logits: C x s x s float16 per row, one row per unlabeled image
     table = storage.read_parquet(os.path.join(out, "logits", "in_domain"))
     assert len(table) == 8

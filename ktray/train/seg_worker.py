@@ -21,11 +21,11 @@ from ktray import storage
 from ktray.data.datasets import normalize
 from ktray.data.segmentation import SegImages, collate_seg
 from ktray.dense_distill import DenseDistillModule
-from ktray.models import load_model, save_model
+from ktray.models import load_model
 from ktray.models.dense import DenseStudent, build_dense_teacher
 from ktray.models.flops import count_flops
 from ktray.seg_metrics import evaluate_segmenter
-from ktray.train.loop import train_spec, unwrap
+from ktray.train.loop import train_spec
 from ktray.train.specs import DistillSpec, TeacherSpec, resolve_precision
 
 CL = torch.channels_last
@@ -230,12 +230,6 @@ def run_seg_training(spec, inputs: dict, session) -> dict:
         metrics = _distill(model, model_spec, spec, inputs, session)
     else:
         metrics = _supervised(model, model_spec, spec, inputs, session)
-    fwd = count_flops(unwrap(model), model_spec["img_size"])
-    linear = isinstance(spec, TeacherSpec) and spec.mode == "linear"
-    metrics["flops_per_image"] = fwd
-    metrics["flops"] = fwd * (1.0 if linear else 3.0) * metrics.get("images", 0)
-    metrics["flops"] += metrics.pop("teacher_flops_per_image", 0.0) * metrics.get("images", 0)
-    if session.rank == 0:
-        model_spec["train"] = {"kind": spec.kind, "steps": spec.steps, "lr": spec.lr}
-        save_model(unwrap(model).cpu(), inputs["out_dir"], model_spec)
-    return metrics
+    from ktray.train.worker import finish_run  # (worker imports this module lazily)
+
+    return finish_run(model, model_spec, spec, metrics, inputs["out_dir"], session.rank)
