@@ -179,6 +179,10 @@ def test_selection_settings_are_checked():
         load_config("tiny", ["data.labels_per_class=2", "data.val_per_class=2"])
     # beyond the labels, the budget may hold as many validation as training images
     load_config("tiny", ["data.labels_per_class=2", "data.val_per_class=2", "data.val_from=extra"])
+    # segmentation has no validation split: a val_per_class would be ignored, so it is refused
+    with pytest.raises(KtrayError, match="data.val_per_class is not supported for segmentation"):
+        load_config("demo_segmentation", ["data.val_per_class=2"])
+    load_config("demo_segmentation", ["data.val_per_class=0"])
 
 
 def _ids(uri: str) -> list[str]:

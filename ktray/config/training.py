@@ -87,6 +87,14 @@ class DataConfig:
                 f"data.val_per_class must be < data.labels_per_class "
                 f"({self.labels_per_class}), got {self.val_per_class}"
             )
+        if self.val_per_class > 0:
+            from ktray.data.segmentation import is_segmentation
+
+            if is_segmentation(self.kind):  # it would be ignored: say so instead
+                raise KtrayError(
+                    f"data.val_per_class is not supported for segmentation (data.kind="
+                    f"{self.kind}): segmentation has no validation split yet; leave it at 0"
+                )
 
 
 @dataclass
