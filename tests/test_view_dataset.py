@@ -151,8 +151,8 @@ def _decode_actors() -> set[str]:
 
 def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray_local):
     """Ranges go to long-lived decode actors, two queued on each (one-off tasks waited ~200 ms
-    for Ray Data's scheduler between ranges): as many actors as the free CPUs allow, or
-    ``train.decode_concurrency``."""
+    for Ray Data's scheduler between ranges): as many actors as the free CPUs allow, growing
+    into CPUs that free up, or at most ``train.decode_concurrency``."""
     from ktray.stages.common import trainer_cpus
     from ktray.stages.train_data import decode_pool, describe_targets
 
@@ -174,11 +174,20 @@ def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray
 
     uri, _ = _parts(tmp_path)
     info = describe_targets(uri, C.LOGITS)
-    for over, actors in (((), 2), (("train.decode_concurrency=1",), 1)):
-        ds = view_dataset(uri, info["columns"], {"x": 8}, spec(*over), seed=0, described=info)
+
+    def actors_seen(spec, trainer_cpus=0.0):
+        ds = view_dataset(
+            uri, info["columns"], {"x": 8}, spec, seed=0, described=info, trainer_cpus=trainer_cpus
+        )
         seen, rows = set(), 0
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
             seen |= _decode_actors()
             rows += len(batch[C.LOGITS])
         assert rows == FILES * PER_FILE
-        assert len(seen) == actors, seen
+        return len(seen)
+
+    assert actors_seen(spec()) == 2
+    assert actors_seen(spec("train.decode_concurrency=1")) == 1
+    # started with one (the trainer was to hold both CPUs), the pool grows into the CPUs it
+    # finds free, as on an autoscaling cluster whose nodes join after the run started
+    assert actors_seen(spec(), trainer_cpus=2.0) == 2

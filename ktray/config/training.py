@@ -283,7 +283,8 @@ class TrainConfig:
     """Distillation input: CPUs per Ray Data decode-and-crop actor."""
     decode_concurrency: int = setting(0, ge=0)
     """Distillation input: decode actors at most; 0 = as many as the CPUs the training
-    workers leave allow (a GPU student wants ~4-8 cores of JPEG decoding per GPU)."""
+    workers leave allow, growing as nodes join (a GPU student wants ~4-8 cores of JPEG
+    decoding per GPU)."""
     decode_batch: int = setting(256, ge=1)
     """Distillation input: rows per decode call (a decode task reads one row range of the view
     table, at most 4,096 rows or ~64 MiB of decoded views, and decodes it this many rows at a

@@ -3,9 +3,10 @@
 ``view_dataset`` cuts a table of views (the logits stage's parts, a ``distill.targets`` table)
 into row ranges from its Parquet footers (:mod:`ktray.data.row_ranges`; at most
 ``BLOCK_ROWS`` rows or ``TASK_BYTES`` of decoded views each), shuffles the ranges' order every
-epoch, and sends each range to a pool of CPU decode actors (``train.decode_cpus`` each, as
-many as the CPUs the training workers leave or ``train.decode_concurrency``; two ranges queued
-on each, so none waits between ranges) that read its rows and decode + crop their views,
+epoch, and sends each range to a pool of CPU decode actors (``train.decode_cpus`` each,
+starting with as many as the CPUs the training workers leave and growing into CPUs that free
+up, at most ``train.decode_concurrency`` when set; two ranges queued on each, so none waits
+between ranges) that read its rows and decode + crop their views,
 ``train.decode_batch`` rows at a time. Rows, not bytes, cut the work: Ray Data's Parquet reader
 coalesces files into 8 MiB blocks, ~80k rows of a 10-class table, which one task on one core
 decoded. Nothing but the range list is read before the first batch, and the object store
@@ -222,9 +223,9 @@ the dataset; as two actors, 7,200.)"""
 
 
 def decode_pool(spec: DistillSpec, trainer_cpus: float = 0.0) -> int:
-    """Decode actors at most: ``train.decode_concurrency``, or as many as the cluster's CPUs
-    less the training workers' hold (``trainer_cpus``) allow at ``train.decode_cpus`` each, at
-    least one."""
+    """Decode actors to start with: ``train.decode_concurrency``, or as many as the cluster's
+    CPUs less the training workers' hold (``trainer_cpus``) allow at ``train.decode_cpus``
+    each, at least one."""
     if spec.decode_concurrency:
         return spec.decode_concurrency
     import ray
@@ -234,20 +235,23 @@ def decode_pool(spec: DistillSpec, trainer_cpus: float = 0.0) -> int:
 
 
 def _decode_stage(ray, spec: DistillSpec, trainer_cpus: float) -> dict:
-    """``map_batches`` keywords of the decode stage: a pool of CPU actors (one to
-    :func:`decode_pool`, all started at once), ``DECODE_TASKS_IN_FLIGHT`` ranges queued on
-    each. Ray does not restart them (:func:`ktray.stages.shards.map_without_restarts`: a
-    restartable Ray Data actor costs an ERROR line in the log each time one starts): a decode
-    actor that dies fails the epoch's input, and a run with Ray Train workers resumes from its
-    last checkpoint (``ray.max_failures``, ``train.checkpoint_every``)."""
-    pool = decode_pool(spec, trainer_cpus)
+    """``map_batches`` keywords of the decode stage: a pool of CPU actors started with
+    :func:`decode_pool` actors, ``DECODE_TASKS_IN_FLIGHT`` ranges queued on each. Without
+    ``train.decode_concurrency`` the pool has no upper bound: Ray Data grows it within the
+    CPUs its budget sees free, so on an autoscaling cluster the nodes that join for the
+    training workers decode too (a pool capped at the start would keep a head node's few
+    decode actors for the whole run). Ray does not restart the actors
+    (:func:`ktray.stages.shards.map_without_restarts`: a restartable Ray Data actor costs an
+    ERROR line in the log each time one starts): a decode actor that dies fails the epoch's
+    input, and a run with Ray Train workers resumes from its last checkpoint
+    (``ray.max_failures``, ``train.checkpoint_every``)."""
     return dict(
         batch_format="pyarrow",
         num_cpus=spec.decode_cpus,
         compute=ray.data.ActorPoolStrategy(
             min_size=1,
-            max_size=pool,
-            initial_size=pool,
+            max_size=spec.decode_concurrency or None,
+            initial_size=decode_pool(spec, trainer_cpus),
             max_tasks_in_flight_per_actor=DECODE_TASKS_IN_FLIGHT,
         ),
     )
