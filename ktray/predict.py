@@ -9,6 +9,8 @@ in a CPU stage and runs a Predictor inside Ray Data actors; benchmarks run it in
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -77,7 +79,10 @@ def normalize_on_device(
 ) -> torch.Tensor:
     """``uint8 [B, H, W, 3]`` -> normalised ``[B, 3, H, W]`` on ``device`` in ``dtype``,
     channels_last (the NHWC bytes travel; the arithmetic runs on the device)."""
-    x = torch.as_tensor(pixels)
+    with warnings.catch_warnings():  # a batch straight from Ray's object store is read-only;
+        # nothing writes to x: it is pinned / copied to the device / converted first
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.as_tensor(pixels)
     if device.type == "cuda":
         x = x.pin_memory()
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float()

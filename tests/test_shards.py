@@ -175,3 +175,22 @@ def test_model_actor_threads_follow_the_cluster(monkeypatch):
     assert shards.actor_calls(InferConfig(), cluster_gpus=0) == 1
     assert shards.actor_calls(InferConfig(), cluster_gpus=4) == 2
     assert shards.actor_calls(InferConfig(calls_per_actor=3), cluster_gpus=0) == 3
+
+
+def test_read_only_pixels_from_the_object_store_go_to_the_model_without_a_warning():
+    """A shard's pixels reach the model actor as Ray's read-only object-store memory (not
+    copied, above): turning them into a tensor must not print torch's "not writable" warning
+    in every actor's log (nothing writes to them; the device copy comes first)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from ktray.predict import normalize_on_device
+
+    pixels = np.full((2, 4, 4, 3), 255, np.uint8)
+    pixels.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = normalize_on_device(pixels, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), torch.float32)
+    assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
