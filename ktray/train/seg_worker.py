@@ -25,6 +25,7 @@ from ktray.models import load_model
 from ktray.models.dense import DenseStudent, build_dense_teacher
 from ktray.models.flops import count_flops
 from ktray.seg_metrics import evaluate_segmenter
+from ktray.train.finish import finish_run
 from ktray.train.loop import train_spec
 from ktray.train.specs import DistillSpec, TeacherSpec, resolve_precision
 
@@ -230,6 +231,4 @@ def run_seg_training(spec, inputs: dict, session) -> dict:
         metrics = _distill(model, model_spec, spec, inputs, session)
     else:
         metrics = _supervised(model, model_spec, spec, inputs, session)
-    from ktray.train.worker import finish_run  # (worker imports this module lazily)
-
     return finish_run(model, model_spec, spec, metrics, inputs["out_dir"], session.rank)
