@@ -6,7 +6,7 @@ in-process in :class:`ktray.data.datasets.ViewStream`); :func:`decode_views` and
 (``ktray.stages.decode_tasks``). This module, and what it imports, stays free of torch:
 a decode worker process that imported torch paid ~1.3 s of CPU and a few hundred MiB of
 resident memory for it, before its first row (measured on this project's 2-core machine;
-``tests/test_decode_imports.py`` holds the line).
+``tests/test_imports.py`` holds the line).
 """
 
 from __future__ import annotations
