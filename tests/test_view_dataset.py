@@ -191,3 +191,24 @@ def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray
     # started with one (the trainer was to hold both CPUs), the pool grows into the CPUs it
     # finds free, as on an autoscaling cluster whose nodes join after the run started
     assert actors_seen(spec(), trainer_cpus=2.0) == 2
+
+
+def test_large_views_come_in_blocks_of_many_rows(tmp_path, ray_local):
+    """A decode actor runs at most two blocks ahead of Ray Data's scheduling loop, so blocks
+    of a few large views stalled it (8 MiB blocks: 85 views at 192 px; the actors idled ~40%
+    of the time). A block holds ``MIN_BLOCK_ROWS`` views, or the rest of its range."""
+    import ktray.stages.train_data as td
+
+    assert td.block_bytes({"x": 32}) == td.BLOCK_BYTES  # small views: 8 MiB blocks
+    assert td.block_bytes({"x": 224}) == td.MIN_BLOCK_ROWS * 3 * 224 * 224
+    _, table = _parts(tmp_path)
+    big = pa.concat_tables([table] * 5)  # 640 rows in one file, one row group
+    one = tmp_path / "one.parquet"
+    pq.write_table(big, one)
+    sizes = {"x": 96}  # 27,648 bytes a view: 303 views in 8 MiB; one range of 640 rows
+    assert td.task_rows(sizes) > len(big)
+    spec = DistillSpec.from_config(load_config(None, [f"out={tmp_path}/out"]), "task")
+    ds = view_dataset(str(one), [C.SOURCE, C.LOGITS], sizes, spec, seed=1)
+    blocks = [len(b["x"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(blocks) == len(big)
+    assert sorted(blocks) == [len(big) - td.MIN_BLOCK_ROWS, td.MIN_BLOCK_ROWS], blocks
