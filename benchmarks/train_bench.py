@@ -112,11 +112,15 @@ def main() -> None:
         ]
         if not args.skip_ddp:
             variants.append(("Ray Train, 2 DDP workers (gloo), cached", 2, True))
+        # One Ray for every row, started as a worker-group run starts it: with the dashboard,
+        # whose State API Ray Train's placement-group cleaner polls (without it the cleaner
+        # logs "State API may be temporarily unavailable" every second of a worker row).
+        most = max(workers for _, workers, _ in variants)
+        ensure_ray(load_config(None, [f"ray.num_workers={most}", "ray.num_cpus=2"]).ray)
         for name, workers, cached in variants:
             cfg = load_config(
                 None, [f"out={work}/{workers}", f"ray.num_workers={workers}", "ray.num_cpus=2"]
             )
-            ensure_ray(cfg.ray)
             ds = view_dataset(
                 uri,
                 info["columns"],
