@@ -5,6 +5,8 @@
    group, which restores the checkpoint from S3 and continues the step count.
 2. A `ktray logits` process is SIGKILLed after its first part file; the rerun computes only the
    missing shards and writes no duplicate rows.
+3. A distillation decode actor (Ray Data; Ray does not restart it) is SIGKILLed after the first
+   checkpoint: the epoch's input fails, and the run resumes from its checkpoint.
 """
 
 import contextlib
@@ -18,10 +20,14 @@ import threading
 import time
 import uuid
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from raycluster import session_pids
 
 from ktray import storage
 from ktray.config import load_config
+from ktray.stages import distill as distill_stage
 from ktray.stages import finetune as finetune_stage
 from ktray.stages import logits as logits_stage
 
@@ -183,3 +189,92 @@ def test_sigkilled_logits_run_resumes_without_duplicates(tiny_task, tmp_path, ra
     keys = list(zip(table["image_id"].to_pylist(), table["view"].to_pylist()))
     assert len(keys) == len(set(keys)) == n_rows
     assert json.load(open(os.path.join(d, "manifest.json")))["rows"] == n_rows
+
+
+def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tmp_path, ray_local):
+    """The distillation input's decode actors are not restarted by Ray (see
+    ``ktray.stages.shards.map_without_restarts``): one killed while it decodes fails the
+    epoch's input, and with ``ray.max_failures`` the worker group restarts from its last
+    checkpoint. The images are large (slow to decode) and every decode actor alive after the
+    first checkpoint is killed until the worker group restarts, so one dies mid-range."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(8):
+        path = tmp_path / f"big{i}.png"
+        Image.fromarray(rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    parts = tmp_path / "targets"
+    parts.mkdir()
+    for k in range(8):  # 8 parts of 30 rows: 20 steps an epoch, each epoch its own actors
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": [f"v{k}-{i}" for i in range(30)],
+                    "source": [images[(k + i) % len(images)] for i in range(30)],
+                    "logits": pa.array(
+                        rng.normal(0, 3, (30, 3)).astype(np.float16).tolist(),
+                        pa.list_(pa.float16()),
+                    ),
+                }
+            ),
+            parts / f"part-{k:05d}.parquet",
+        )
+    out = tmp_path / "out"
+    steps = 60
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.root={tiny_task}",
+            f"out={out}",
+            f"distill.targets={parts}",
+            f"distill.steps={steps}",
+            "distill.batch_size=12",
+            "train.decode_batch=2",
+            "train.cache_decoded_mb=0",  # streamed: every epoch decodes in a new actor pool
+            "train.checkpoint_every=10",
+            "train.report_every=10",
+            "ray.num_workers=1",
+            "ray.max_failures=1",
+        ],
+    )
+    killed: list[int] = []
+
+    def registered_checkpoint() -> bool:
+        for snap in out.glob("ray/distill-*/checkpoint_manager_snapshot.json"):
+            with contextlib.suppress(OSError):
+                if "checkpoint_" in snap.read_text():
+                    return True
+        return False
+
+    def kill_decode_actors_until_the_workers_restart():
+        deadline, first_worker, seen = time.monotonic() + 240, None, {}
+        while time.monotonic() < deadline:
+            procs = {p: cmdline(p) for p in descendants(os.getpid())}
+            workers = sorted(p for p, c in procs.items() if "RayTrainWorker" in c)
+            if workers and first_worker is None:
+                first_worker = workers[0]
+            if workers and workers[0] != first_worker:
+                return  # the worker group restarted
+            if registered_checkpoint():
+                now = time.monotonic()
+                for pid in (p for p, c in procs.items() if "ReadDecodeRanges" in c):
+                    if now - seen.setdefault(pid, now) > 0.3:  # started, decoding
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_decode_actors_until_the_workers_restart, daemon=True)
+    start = time.perf_counter()
+    watcher.start()
+    m = distill_stage.run(cfg, "in_domain", "task")
+    watcher.join(timeout=5)
+    print(f"\nfault tolerance (decode actors): {time.perf_counter() - start:.1f}s, killed {killed}")
+    assert killed, "no decode actor was found to kill after the first checkpoint"
+    assert m["steps"] == steps
+    resumed = m["metrics"]["resumed_from"]
+    assert 0 < resumed < steps, m["metrics"]
+    history = [h["step"] for h in m["history"]]
+    assert history == sorted(set(history)) and history[-1] == steps, history
