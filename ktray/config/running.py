@@ -106,8 +106,8 @@ class RayConfig:
     storage_path: str = ""
     """Ray Train storage (local path or s3://); empty = OUT/ray."""
     max_failures: int = setting(0, ge=0, also=(-1,))
-    """Ray Train FailureConfig.max_failures (restarts from the last epoch checkpoint; -1 =
-    without limit)."""
+    """Ray Train FailureConfig.max_failures: a failed run restarts from its last checkpoint
+    (every ``train.checkpoint_every`` steps, mid-epoch); -1 = without limit."""
     shared_storage: bool = False
     """Declare a local ``out=`` / ``ray.storage_path`` a mount every node shares (NFS, ...);
     without it a local path on a cluster of more than one node is refused."""
