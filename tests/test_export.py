@@ -240,6 +240,25 @@ def test_predict_writes_one_row_per_readable_image(trained_dir, tmp_path, ray_lo
     assert m["computed_shards"] == 1 and m["rows"] == 10
 
 
+def test_the_predict_actor_predicts_decoded_pixels_and_reads_no_image(trained_dir, tmp_path):
+    """``ktray predict`` decodes in CPU tasks (``decode_tasks.full_images``) and the model
+    actor only predicts: it gets a shard's pixels, and the image files may be gone by then (an
+    actor that decoded them itself would keep a GPU waiting for its CPU)."""
+    import pyarrow as pa
+
+    from ktray.stages import decode_tasks, predict, shards
+
+    paths, colours = _images(str(tmp_path / "img"), n=6)
+    rows = pa.table({"image_id": [f"i{k}" for k in range(7)], "source": [*paths, "/no/such.png"]})
+    part = decode_tasks.full_images(shards.shard_block(rows, "p", 0, 7), 32)
+    for p in paths:
+        os.remove(p)
+    writer = predict.PredictWriter({"p": str(tmp_path / "out")}, trained_dir, batch_size=4)
+    table, skipped = writer.process(part)
+    assert skipped == 1 and table["image_id"].to_pylist() == [f"i{k}" for k in range(6)]
+    assert table["pred"].to_pylist() == [int(c) for c in colours]
+
+
 def test_speed_table_measures_each_architecture_once(student_dir, tmp_path):
     from ktray.config import load_config
     from ktray.models import TaskModel, create_backbone

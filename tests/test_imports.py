@@ -120,7 +120,7 @@ def test_a_decode_task_never_imports_torch(tmp_path):
 
 
 def test_the_inference_passes_decode_tasks_never_import_torch(tmp_path):
-    """The CPU decode tasks of the logits, embedding and evaluation passes
+    """The CPU decode tasks of the logits, embedding, evaluation and prediction passes
     (``ktray.stages.decode_tasks``, pickled by reference: a decode worker imports the module)
     run without importing torch or faiss."""
     import numpy as np
@@ -145,6 +145,9 @@ out = d.embedding_crops(crops, {{"g": CropScheme(grid=2).as_dict()}}, 8)
 assert out["ok"].tolist() == [True] * 5 + [False], out["ok"]  # full + 2x2 grid, 1 unreadable
 out = d.labeled_images(pa.table({{"source": src, "label": [1, 0]}}), 8)
 assert out["label"].tolist() == [1, 0] and out["ok"].tolist() == [True, False]
+out = d.full_images(views, 8)  # ktray predict: each image's own size rides along
+assert out["width"].tolist() == [30, 0] and out["height"].tolist() == [40, 0], out
+assert out["pixels"].shape == (2, 8, 8, 3) and out["ok"].tolist() == [True, False], out
 leaked = [m for m in ("torch", "faiss") if m in sys.modules]
 assert not leaked, leaked
 """

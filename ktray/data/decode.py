@@ -1,12 +1,12 @@
 """Decoding for Ray Data's CPU stages: rows -> ``uint8`` pixels (+ targets, labels).
 
 :class:`DecodeViews` is the CPU half of the distillation input (Ray Data's decode actors, or
-in-process in :class:`ktray.data.datasets.ViewStream`); :func:`decode_views` and
-:func:`decode_labeled` are the decode tasks of the logits pass and of evaluation
-(``ktray.stages.decode_tasks``). This module, and what it imports, stays free of torch:
-a decode worker process that imported torch paid ~1.3 s of CPU and a few hundred MiB of
-resident memory for it, before its first row (measured on this project's 2-core machine;
-``tests/test_imports.py`` holds the line).
+in-process in :class:`ktray.data.datasets.ViewStream`); :func:`decode_views`,
+:func:`decode_labeled` and :func:`decode_full` are the decode tasks of the logits pass, of
+evaluation and of batch prediction (``ktray.stages.decode_tasks``). This module, and what it
+imports, stays free of torch: a decode worker process that imported torch paid ~1.3 s of CPU
+and a few hundred MiB of resident memory for it, before its first row (measured on this
+project's 2-core machine; ``tests/test_imports.py`` holds the line).
 """
 
 from __future__ import annotations
@@ -140,14 +140,24 @@ def decode_views(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray]:
     return pixels, ok
 
 
-def decode_labeled(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-image views of labeled rows as ``uint8 [N, size, size, 3]``, their labels and a
-    readable mask (unreadable images are skipped, as the local loader skips them)."""
+def decode_full(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The full images of rows (column ``source``) resized to ``uint8 [N, size, size, 3]``,
+    a readable mask ``[N]`` and each image's own ``(width, height)`` as ``int32 [N, 2]``
+    (zeros where unreadable)."""
     images = load_images(rows[C.SOURCE].to_pylist())
     pixels = np.zeros((len(images), size, size, 3), np.uint8)
     ok = np.zeros(len(images), bool)
+    sizes = np.zeros((len(images), 2), np.int32)
     for i, img in enumerate(images):
         if img is not None:
             pixels[i] = np.asarray(crop_view(img, ViewParams.full(), size), np.uint8)
             ok[i] = True
+            sizes[i] = img.size
+    return pixels, ok, sizes
+
+
+def decode_labeled(rows: pa.Table, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-image views of labeled rows as ``uint8 [N, size, size, 3]``, their labels and a
+    readable mask (unreadable images are skipped, as the local loader skips them)."""
+    pixels, ok, _ = decode_full(rows, size)
     return pixels, rows[C.LABEL].to_numpy(zero_copy_only=False).astype(np.int64), ok

@@ -1,6 +1,6 @@
 """The CPU decode tasks of the Ray Data inference passes (teacher logits, crop embeddings,
-evaluation): one shard (or block) of rows -> ``uint8`` pixels + the columns the model actors
-need (:func:`ktray.stages.shards.decoded`).
+evaluation, ``ktray predict``): one shard (or block) of rows -> ``uint8`` pixels + the columns
+the model actors need (:func:`ktray.stages.shards.decoded`).
 
 Ray pickles these functions by reference, so a decode worker imports this module and what it
 imports: nothing here, nor in those modules, imports torch (``tests/test_imports.py``). A decode
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ktray.data import columns as C
-from ktray.data.decode import VIEW_COLUMNS, decode_labeled, decode_views
+from ktray.data.decode import VIEW_COLUMNS, decode_full, decode_labeled, decode_views
 from ktray.retrieval.crops import CropScheme, decode_crops
 from ktray.stages import shards
 
@@ -48,3 +48,19 @@ def labeled_images(rows: pa.Table, size: int) -> dict:
     """Evaluation: a block of labeled rows as full-image ``uint8`` views + labels."""
     pixels, labels, ok = decode_labeled(rows, size)
     return {shards.PIXELS: pixels, C.LABEL: labels, shards.OK: np.asarray(ok, bool)}
+
+
+WIDTH, HEIGHT = "width", "height"
+"""Columns of :func:`full_images`: each image's own size (a segmentation mask is resized to it)."""
+
+
+def full_images(block: pa.Table, size: int) -> dict:
+    """Batch prediction: one shard's images as full-image ``uint8 [N, size, size, 3]`` views,
+    with each image's own width and height."""
+    pixels, ok, sizes = decode_full(block, size)
+    cols = {
+        k: block[k].to_numpy(zero_copy_only=False)
+        for k in (C.IMAGE_ID, C.SOURCE, shards.SET, shards.SHARD)
+    }
+    cols[WIDTH], cols[HEIGHT] = sizes[:, 0], sizes[:, 1]
+    return shards.decoded(cols, pixels, ok)

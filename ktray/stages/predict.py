@@ -3,10 +3,14 @@
 ``MODEL_DIR`` is a checkpoint folder (PyTorch; the GPU when the actor has one) or an export
 folder from ``ktray export`` (``model.onnx`` with onnxruntime on CPU). ``URI`` is a folder of
 images, Parquet shards of encoded bytes or webdataset ``.tar`` shards, local or ``s3://``. The
-images are cut into shards of ``shard_rows``; a pool of :class:`PredictWriter` actors
-(``infer.actors``, ``infer.cpus_per_actor``, ``infer.gpus_per_actor``) predicts each shard and
-writes ``OUT/predictions/part-NNNNN.parquet`` atomically (``image_id, source, pred,
-prob, probs``; unreadable images are skipped and counted). A segmentation model (``seg_*``
+images are cut into shards of ``shard_rows`` and go through the inference passes' two stages
+(:func:`ktray.stages.shards.map_shards`): CPU tasks decode each shard to ``uint8`` pixels at
+the model's size (``infer.decode_cpus``, ``infer.decode_concurrency``), and a pool of
+:class:`PredictWriter` actors (``infer.actors``, default one per GPU; ``infer.cpus_per_actor``,
+``infer.gpus_per_actor``, ``infer.calls_per_actor``) normalises them on the device, predicts
+and writes ``OUT/predictions/part-NNNNN.parquet`` atomically (``image_id, source, pred,
+prob, probs``; unreadable images are skipped and counted). A model actor never decodes: on a
+GPU it would wait for the CPU between batches. A segmentation model (``seg_*``
 checkpoint or its export) writes ``image_id, source, mask, width, height, classes`` instead:
 ``mask`` is PNG bytes of the class index per pixel at the image's own size (logits resized
 bilinearly, then argmax: :func:`ktray.seg_masks.logits_to_mask`), ``classes`` the ids present.
@@ -31,12 +35,15 @@ from ktray.data import columns as C
 from ktray.data.readers import read_gallery
 from ktray.errors import KtrayError
 from ktray.pipeline import manifest
-from ktray.stages.shards import map_without_restarts, part_name, rows_with_retries
+from ktray.stages import decode_tasks, shards
+from ktray.stages.decode_tasks import HEIGHT, WIDTH
+from ktray.stages.shards import part_name
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 1024
+PREDICTIONS = "predictions"
 PRED, PROB, PROBS = "pred", "prob", "probs"
-MASK, WIDTH, HEIGHT, CLASSES = "mask", "width", "height", "classes"
+MASK, CLASSES = "mask", "classes"
 
 
 def schema(num_classes: int) -> pa.Schema:
@@ -70,7 +77,7 @@ def seg_schema() -> pa.Schema:
 
 
 class Classifier:
-    """A checkpoint (PyTorch) or export folder (onnxruntime) mapping image rows to classes.
+    """A checkpoint (PyTorch) or export folder (onnxruntime) mapping decoded images to classes.
 
     Args:
         model_dir: A folder with ``model.onnx`` + ``model.json`` (export) or a checkpoint.
@@ -81,43 +88,50 @@ class Classifier:
         import torch
 
         from ktray.models import load_model, read_spec
+        from ktray.predict import normalize_on_device
 
         self.batch_size = batch_size
         onnx_uri = storage.join(model_dir, export.ONNX_FILE)
         self.spec = read_spec(model_dir)
+        mean, std = self.spec["mean"], self.spec["std"]
         if storage.exists(onnx_uri):
             local = storage.download_dir(model_dir, tempfile.mkdtemp(prefix="ktray-onnx-"))
             session = export.onnx_session(os.path.join(local, export.ONNX_FILE))
-            self.backend, self.logits = "onnx", lambda x: export.onnx_logits(session, x)
+            self.backend = "onnx"
+            self.logits = lambda pixels: export.onnx_logits(session, _normalized(pixels, mean, std))
             return
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(model_dir)[0].to(device)
 
         @torch.inference_mode()
-        def logits(x: np.ndarray) -> np.ndarray:
+        def logits(pixels: np.ndarray) -> np.ndarray:
+            x = normalize_on_device(pixels, mean, std, device, torch.float32)
+            if device.type != "cuda":  # NCHW on CPU: the numbers of eval_transform's tensors
+                x = x.contiguous()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+                return model(x).float().cpu().numpy()
 
         self.backend, self.logits = f"pytorch-{device.type}", logits
 
-    def predict(self, rows: pa.Table) -> tuple[pa.Table, int]:
-        """``image_id, source`` rows -> (prediction rows of the readable ones, unreadable)."""
+    def predict(
+        self, image_ids: np.ndarray, sources: np.ndarray, pixels: np.ndarray, sizes: np.ndarray
+    ) -> pa.Table:
+        """Readable images (``uint8 [N, S, S, 3]`` at the model's size, each image's own
+        ``(width, height)`` in ``sizes``) -> their prediction rows."""
         parts = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows.slice(start, self.batch_size)
-            x, keep, sizes = _inputs(chunk, self.spec)
-            if not len(keep):
-                continue
-            kept = chunk.take(pa.array(keep, pa.int64()))
+        for start in range(0, len(pixels), self.batch_size):
+            rows = slice(start, start + self.batch_size)
             parts.append(
                 pa.table(
-                    {C.IMAGE_ID: kept[C.IMAGE_ID], C.SOURCE: kept[C.SOURCE]}
-                    | self._columns(self.logits(x), sizes)
+                    {
+                        C.IMAGE_ID: pa.array(image_ids[rows].tolist(), pa.string()),
+                        C.SOURCE: pa.array(sources[rows].tolist(), pa.string()),
+                    }
+                    | self._columns(self.logits(pixels[rows]), sizes[rows].tolist())
                 )
             )
         out_schema = self.schema()
-        out = pa.concat_tables(parts).cast(out_schema) if parts else out_schema.empty_table()
-        return out, len(rows) - len(out)
+        return pa.concat_tables(parts).cast(out_schema) if parts else out_schema.empty_table()
 
     def schema(self) -> pa.Schema:
         return schema(self.spec["num_classes"])
@@ -155,64 +169,48 @@ class Segmenter(Classifier):
         }
 
 
-def _inputs(chunk: pa.Table, spec: dict) -> tuple[np.ndarray | None, list[int], list]:
-    """Model inputs of a chunk's readable images, their row numbers and ``(width, height)``."""
-    from ktray.data.sources import load_images
-    from ktray.data.views import eval_transform
-
-    images = load_images(chunk[C.SOURCE].to_pylist())
-    keep = [i for i, img in enumerate(images) if img is not None]
-    x = (
-        np.stack(
-            [
-                eval_transform(images[i], spec["img_size"], spec["mean"], spec["std"]).numpy()
-                for i in keep
-            ]
-        )
-        if keep
-        else None
-    )
-    return x, keep, [images[i].size for i in keep]
+def _normalized(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """``uint8 [N, S, S, 3]`` -> normalised float32 ``[N, 3, S, S]`` (onnxruntime's input), the
+    arithmetic of :func:`ktray.data.views.to_tensor`."""
+    a = pixels.transpose(0, 3, 1, 2)
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+    out = np.empty(a.shape, dtype=np.float32)
+    np.subtract(a, m, out=out, casting="unsafe")
+    out /= s
+    return out
 
 
-class PredictWriter:
-    """Ray Data actor: predicts whole shards and writes each one's part file atomically."""
+class PredictWriter(shards.ShardWriter):
+    """Ray Data model actor: whole decoded shards -> predictions, each shard's part file
+    written atomically."""
 
-    def __init__(self, model_dir: str, out_dir: str, batch_size: int, threads: int):
-        import torch
-
-        if threads > 0:
-            torch.set_num_threads(threads)
+    def __init__(self, out_dirs: dict, model_dir: str, batch_size: int, threads: int = 0):
+        super().__init__(out_dirs, threads)
         from ktray.models import read_spec
 
         cls = Segmenter if is_segmentation(read_spec(model_dir)) else Classifier
         self.classifier = cls(model_dir, batch_size)
-        self.out_dir = out_dir
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        stats = {"shard": [], "rows": [], "skipped": [], "seconds": []}
-        for shard in sorted(set(batch["shard"].to_pylist())):
-            start = time.perf_counter()
-            part = batch.filter(pa.compute.equal(batch["shard"], shard))
-            table, skipped = self.classifier.predict(part.select([C.IMAGE_ID, C.SOURCE]))
-            storage.write_parquet(storage.join(self.out_dir, part_name(shard)), table)
-            for k, v in zip(stats, (shard, len(table), skipped, time.perf_counter() - start)):
-                stats[k].append(v)
-        return pa.table(stats)
+    def process(self, part: dict) -> tuple[pa.Table, int]:
+        ok = part[shards.OK]
+        keep = slice(None) if ok.all() else np.flatnonzero(ok)  # all readable: no copy
+        sizes = np.stack([part[WIDTH][keep], part[HEIGHT][keep]], axis=1)
+        table = self.classifier.predict(
+            part[C.IMAGE_ID][keep], part[C.SOURCE][keep], part[shards.PIXELS][keep], sizes
+        )
+        return table, len(ok) - len(table)
 
 
 def predictions_dir(cfg: Config) -> str:
-    return storage.join(cfg.out, "predictions")
+    return storage.join(cfg.out, PREDICTIONS)
 
 
 def run(
     cfg: Config, model_dir: str, input_uri: str, shard_rows: int = SHARD_ROWS, batch_size: int = 128
 ) -> dict:
     """Predict every image of ``input_uri`` with ``model_dir``; see the module docstring."""
-    import ray
-
     from ktray.models import read_spec
-    from ktray.stages.common import cluster_has_gpus, ensure_ray
 
     if not cfg.out:
         raise KtrayError("ktray predict needs out=DIR")
@@ -240,40 +238,20 @@ def run(
     log.info("predict: %d images, %d/%d shards to compute", len(table), len(pending), n_shards)
     stats: list[dict] = []
     if pending:
-        ensure_ray(cfg.ray)
-        ic = cfg.infer
-        gpus = ic.gpus_per_actor if ic.gpus_per_actor >= 0 else float(cluster_has_gpus())
-        blocks = []
-        for s in pending:
-            block = table.slice(s * shard_rows, shard_rows)
-            blocks.append(block.append_column("shard", pa.array([s] * len(block), pa.int32())))
-
-        def run(todo: list[pa.Table]):
-            return map_without_restarts(
-                ray.data.from_arrow(todo).map_batches,
-                PredictWriter,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_constructor_kwargs={
-                    "model_dir": model_dir,
-                    "out_dir": out,
-                    "batch_size": batch_size,
-                    "threads": max(1, int(ic.cpus_per_actor)),
-                },
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ic.actors or 1)),
-                num_cpus=ic.cpus_per_actor,
-                num_gpus=gpus,
-            )
-
-        for row in rows_with_retries(blocks, run, ("shard",)):
-            stats.append(row)
-            log.info(
-                "predict: shard %d done (%d rows, %d skipped, %.1fs)",
-                row["shard"],
-                row["rows"],
-                row["skipped"],
-                row["seconds"],
-            )
+        size = int(spec["img_size"])
+        stats = shards.map_shards(
+            cfg,
+            [shards.shard_block(table, PREDICTIONS, s, shard_rows) for s in pending],
+            decode_tasks.full_images,
+            {"size": size},
+            PredictWriter,
+            {"out_dirs": {PREDICTIONS: out}, "model_dir": model_dir, "batch_size": batch_size},
+            shard_rows * size * size * 3,
+            lambda row: (
+                f"predict: shard {row['shard']} done ({row['rows']} rows, "
+                f"{row['skipped']} skipped, {row['seconds']:.1f}s)"
+            ),
+        )
     rows = len(storage.read_parquet(out, columns=[C.IMAGE_ID]))
     elapsed = time.perf_counter() - started
     computed = sum(s["rows"] for s in stats)
