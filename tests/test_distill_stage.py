@@ -100,10 +100,15 @@ def _weights(out):
     return load_file(found[0])
 
 
-def test_a_seeded_distillation_trains_the_same_student_twice(tiny_task, tmp_path, ray_local):
+@pytest.mark.parametrize("workers", [0, 2], ids=["local", "2-ddp-workers"])
+def test_a_seeded_distillation_trains_the_same_student_twice(
+    tiny_task, tmp_path, ray_local, workers
+):
     """train.reproducible (default): the file order, the block order and the shuffle buffer
     are seeded and the blocks reach the loop in that order, so the same seed trains the same
-    weights (local mode, CPU) although the decode tasks finish in any order."""
+    weights (CPU) although the decode actors finish in any order. With two DDP workers too:
+    under ``preserve_order`` Ray Data deals the ordered blocks to the workers by the rows
+    each has had (a dataset config that drops it for Train's workers fails this)."""
     unl = sorted(
         os.path.join(r, f) for r, _, fs in os.walk(os.path.join(tiny_task, "unlabeled")) for f in fs
     )
@@ -141,6 +146,7 @@ def test_a_seeded_distillation_trains_the_same_student_twice(tiny_task, tmp_path
                 "train.decode_batch=2",
                 "train.shuffle_buffer=16",
                 "train.cache_decoded_mb=0",  # stream: the decode order is live every epoch
+                f"ray.num_workers={workers}",
                 *more,
             ],
         )

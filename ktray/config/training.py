@@ -298,10 +298,11 @@ class TrainConfig:
     """Distillation input in an order fixed by the student's seed: the Parquet files' order,
     the block order of a cached or in-memory set and the shuffle buffer are seeded per epoch
     from ``data.seed + train.seed``, and blocks reach the trainer in that order (Ray Data's
-    ``preserve_order``), so two runs with the same seed and one training process (local mode
-    or ``ray.num_workers=1``) train the same weights on CPU. Not with several workers (rows go
-    to whichever worker asks first) nor ``distill.augment=consistent`` (fresh random views).
-    False: blocks reach the trainer as their decoding ends."""
+    ``preserve_order``), so two runs with the same seed train the same weights on CPU, in
+    local mode or with Ray Train workers (Ray Data then deals the ordered blocks to the workers
+    by rows dealt so far, not by which worker asks first; gloo's all-reduce sums in a fixed
+    order). Not with ``distill.augment=consistent`` (fresh random views), nor bit for bit on
+    GPUs (cuDNN's kernels). False: blocks reach the trainer as their decoding ends."""
     cache_decoded_mb: int = setting(1024, ge=0)
     """Distillation input: when the decoded views of the whole transfer set (uint8 pixels +
     targets) take less than this many MiB, they are decoded once and kept in Ray's object
