@@ -108,16 +108,23 @@ def sample_view(
     return ViewParams(x0, y0, _f32(min(x0 + w, 1.0)), _f32(min(y0 + h, 1.0)), bool(do_flip))
 
 
+def normalized_array(a: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``uint8`` channels-first pixels (``[3, H, W]`` or ``[N, 3, H, W]``) as normalised
+    float32: ``(a - 255 mean) / (255 std)``, the arithmetic every CPU input path shares."""
+    shape = (-1, 1, 1)
+    m = np.asarray(mean, dtype=np.float32).reshape(shape) * 255.0
+    s = np.asarray(std, dtype=np.float32).reshape(shape) * 255.0
+    out = np.empty(a.shape, dtype=np.float32)
+    np.subtract(a, m, out=out, casting="unsafe")
+    out /= s
+    return out
+
+
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An RGB image as a normalised float tensor ``[3, H, W]``."""
     # numpy, not torch: per-image ops this small are slower through torch's intra-op threads,
     # badly so when DataLoader workers compete for a few cores.
-    a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1) * 255.0
-    s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1) * 255.0
-    out = np.empty(a.shape, dtype=np.float32)
-    np.subtract(a, m, out=out, casting="unsafe")
-    out /= s
+    out = normalized_array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), mean, std)
     import torch
 
     return torch.from_numpy(out)

@@ -172,13 +172,9 @@ class Segmenter(Classifier):
 def _normalized(pixels: np.ndarray, mean, std) -> np.ndarray:
     """``uint8 [N, S, S, 3]`` -> normalised float32 ``[N, 3, S, S]`` (onnxruntime's input), the
     arithmetic of :func:`ktray.data.views.to_tensor`."""
-    a = pixels.transpose(0, 3, 1, 2)
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
-    out = np.empty(a.shape, dtype=np.float32)
-    np.subtract(a, m, out=out, casting="unsafe")
-    out /= s
-    return out
+    from ktray.data.views import normalized_array
+
+    return normalized_array(pixels.transpose(0, 3, 1, 2), mean, std)
 
 
 class PredictWriter(shards.ShardWriter):
