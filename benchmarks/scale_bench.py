@@ -167,12 +167,19 @@ def child(args) -> dict:
     uri = os.path.join(args.work, f"logits-{args.child}")
     info = describe_targets(uri, "logits")
     ds = view_dataset(
-        uri, info["columns"], {"x": spec.student_img_size}, spec, seed=spec.seed, described=info
+        uri,
+        info["columns"],
+        {"x": spec.student_img_size},
+        spec,
+        seed=spec.seed,
+        described=info,
+        steps=spec.steps,
     )
     inputs = {
         "out_dir": os.path.join(args.work, f"model-{args.child}"),
         "num_classes": CLASSES,
         "rows": info["rows"],
+        "passes": ds.passes,
     }
     start = time.perf_counter()
     with PlasmaPeak() as plasma:

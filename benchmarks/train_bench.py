@@ -130,6 +130,7 @@ def main() -> None:
                 rows=info["rows"] if cached else 0,
                 target_dim=10,
                 described=info,
+                steps=spec.steps,
             )
             start = time.perf_counter()
             m = fit(
@@ -139,7 +140,9 @@ def main() -> None:
                 dict(
                     config,
                     inputs=dict(
-                        config["inputs"], out_dir=os.path.join(work, f"model{workers}{cached}")
+                        config["inputs"],
+                        out_dir=os.path.join(work, f"model{workers}{cached}"),
+                        passes=ds.passes,  # as the distill stage passes them
                     ),
                 ),
                 datasets={"train": ds},

@@ -141,11 +141,11 @@ def test_a_seeded_distillation_trains_the_same_student_twice(
                 f"data.root={tiny_task}",
                 f"out={out}",
                 f"distill.targets={parts}",
-                "distill.steps=8",  # 2 epochs of 48
+                "distill.steps=8",  # 2 passes over 48 rows, in one execution
                 "distill.batch_size=12",
                 "train.decode_batch=2",
                 "train.shuffle_buffer=16",
-                "train.cache_decoded_mb=0",  # stream: the decode order is live every epoch
+                "train.cache_decoded_mb=0",  # stream: the decode order is live every pass
                 f"ray.num_workers={workers}",
                 *more,
             ],

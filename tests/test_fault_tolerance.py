@@ -195,19 +195,20 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
     """The distillation input's decode actors are not restarted by Ray (see
     ``ktray.stages.shards.map_without_restarts``): one killed while it decodes fails the
     epoch's input, and with ``ray.max_failures`` the worker group restarts from its last
-    checkpoint. The images are large (slow to decode) and every decode actor alive after the
-    first checkpoint is killed until the worker group restarts, so one dies mid-range."""
+    checkpoint. The images are large, so decoding the run's passes (one execution, one actor pool)
+    outlasts the first checkpoint's registration, and every decode actor alive after it is
+    killed until the worker group restarts, so one dies mid-range."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     images = []
     for i in range(8):
         path = tmp_path / f"big{i}.png"
-        Image.fromarray(rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(rng.integers(0, 255, (960, 960, 3), dtype=np.uint8)).save(path)
         images.append(str(path))
     parts = tmp_path / "targets"
     parts.mkdir()
-    for k in range(8):  # 8 parts of 30 rows: 20 steps an epoch, each epoch its own actors
+    for k in range(8):  # 8 parts of 30 rows: 20 steps a pass, 2 passes in one execution
         pq.write_table(
             pa.table(
                 {
@@ -222,7 +223,7 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
             parts / f"part-{k:05d}.parquet",
         )
     out = tmp_path / "out"
-    steps = 60
+    steps = 40
     cfg = load_config(
         "tiny",
         [
@@ -232,9 +233,10 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
             f"distill.steps={steps}",
             "distill.batch_size=12",
             "train.decode_batch=2",
-            "train.cache_decoded_mb=0",  # streamed: every epoch decodes in a new actor pool
-            "train.checkpoint_every=10",
-            "train.report_every=10",
+            "train.cache_decoded_mb=0",  # streamed: the passes decode in one actor pool
+            "train.shuffle_buffer=24",  # the first batch waits for 24 rows, not the whole input
+            "train.checkpoint_every=5",
+            "train.report_every=5",
             "ray.num_workers=1",
             "ray.max_failures=1",
         ],

@@ -230,18 +230,46 @@ def test_a_workers_distillation_batches_share_the_global_batch_and_seed_their_sh
         over = [f"out={tmp_path}", "distill.batch_size=10", "train.shuffle_buffer=8", *more]
         return DistillSpec.from_config(load_config(None, over), "task")
 
-    two = shard_batches(session(1, 2), spec(), rows=100)
+    two = shard_batches(session(1, 2), spec(), {"rows": 100})
     list(two), list(two)  # two epochs
     assert [c["batch_size"] for c in calls] == [5, 5]  # 10 over 2 workers
     assert calls[0]["drop_last"] and calls[0]["local_shuffle_buffer_size"] == 8
     first, second = calls[0]["local_shuffle_seed"], calls[1]["local_shuffle_seed"]
     assert first != second  # a new draw every epoch
-    list(shard_batches(session(1, 2), spec(), rows=100))
+    list(shard_batches(session(1, 2), spec(), {"rows": 100}))
     assert calls[2]["local_shuffle_seed"] == first  # the same (seed, rank, epoch): the same
-    list(shard_batches(session(0, 2), spec(), rows=100))
+    list(shard_batches(session(0, 2), spec(), {"rows": 100}))
     assert calls[3]["local_shuffle_seed"] != first  # another rank
-    list(shard_batches(session(1, 2), spec("train.seed=1"), rows=100))
+    list(shard_batches(session(1, 2), spec("train.seed=1"), {"rows": 100}))
     assert calls[4]["local_shuffle_seed"] != first  # another seed
-    list(shard_batches(session(0, 1), spec("train.reproducible=false"), rows=15))
+    list(shard_batches(session(0, 1), spec("train.reproducible=false"), {"rows": 15}))
     assert calls[5]["batch_size"] == 10 and not calls[5]["drop_last"]  # < 2 batches: keep all
     assert "local_shuffle_seed" not in calls[5]
+    assert two.passes == 1
+    assert shard_batches(session(0, 1), spec(), {"rows": 100, "passes": 3}).passes == 3
+
+
+def test_the_epoch_count_counts_the_passes_an_iteration_of_the_loader_makes():
+    """A streamed transfer set runs all its passes in one iteration of the loader
+    (``train_data.view_dataset``): the loop's ``epoch`` counts passes, not iterations."""
+
+    class Loader:
+        passes = 3
+
+        def __iter__(self):  # one iteration = 3 passes over 2 batches of 4 rows
+            return iter([torch.randn(4, 4) for _ in range(6)])
+
+    model = torch.nn.Linear(4, 2)
+    session = LocalSession("cpu")
+    train_steps(
+        model,
+        lambda m, b: {"loss": m(b).pow(2).mean(), "n": len(b)},
+        Loader(),
+        session,
+        steps=14,
+        lr=1e-2,
+        weight_decay=0.0,
+        report_every=7,
+    )
+    # step 7 in the 2nd iteration (epochs 3-5), step 14 in the 3rd (6-8)
+    assert [(r["step"], r["epoch"]) for r in session.reports] == [(7, 3), (14, 6)]

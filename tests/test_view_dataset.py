@@ -44,20 +44,33 @@ def _parts(tmp_path):
     return str(d), table
 
 
-def test_parquet_views_stream_in_a_new_file_order_each_epoch_without_a_barrier(tmp_path, ray_local):
+def test_parquet_views_stream_their_passes_in_new_file_orders_without_a_barrier(
+    tmp_path, ray_local
+):
+    """The passes a run needs (``steps`` x ``distill.batch_size`` rows) come in one execution
+    (one decode actor pool), each pass every row once in its own random file order."""
     uri, _ = _parts(tmp_path)
     cfg = load_config(
-        None, [f"out={tmp_path}/out", "train.decode_concurrency=1", "train.decode_batch=4"]
+        None,
+        [
+            f"out={tmp_path}/out",
+            "train.decode_concurrency=1",
+            "train.decode_batch=4",
+            "distill.batch_size=64",
+        ],
     )
     spec = DistillSpec.from_config(cfg, "task")
-    ds = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3)
+    rows = FILES * PER_FILE
+    ds = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3, steps=3)
+    assert ds.passes == 2  # 3 steps x 64 rows of a 128-row table
+    got = np.concatenate(
+        [b[C.LOGITS][:, 0] for b in ds.iter_batches(batch_size=8, batch_format="numpy")]
+    ).astype(int)
+    assert len(got) == 2 * rows
     orders = []
-    for _ in range(2):
-        rows = np.concatenate(
-            [b[C.LOGITS][:, 0] for b in ds.iter_batches(batch_size=8, batch_format="numpy")]
-        ).astype(int)
-        assert sorted(rows.tolist()) == list(range(FILES * PER_FILE))  # every row once
-        files = list(dict.fromkeys((rows // PER_FILE).tolist()))  # order of first appearance
+    for one in (got[:rows], got[rows:]):  # in order (seeded): the passes one after the other
+        assert sorted(one.tolist()) == list(range(rows))  # every row once a pass
+        files = list(dict.fromkeys((one // PER_FILE).tolist()))  # order of first appearance
         assert sorted(files) == list(range(FILES))
         orders.append(files)
     # the files come in a random order: without the shuffle the reader's threads permute the
@@ -66,14 +79,30 @@ def test_parquet_views_stream_in_a_new_file_order_each_epoch_without_a_barrier(t
     for files in orders:
         rho = np.corrcoef(np.arange(FILES), files)[0, 1]
         assert abs(rho) < 0.5, (rho, files)
-    assert orders[0] != orders[1]  # and reshuffled for the next epoch
+    assert orders[0] != orders[1]  # and reshuffled for the next pass
     stats = ds.stats()
     # each decode task reads its own rows: no read stage before it whose blocks a shuffle
     # would hold (a block-order barrier after a read holds the whole table in the object
     # store before the first batch); the order is shuffled on the range list alone
     assert "MapBatches(ReadDecodeRanges)" in stats
     assert "ReadParquet" not in stats and "ReadFiles" not in stats
-    assert _tasks(stats, "MapBatches(ReadDecodeRanges)") == FILES  # a range per file (last epoch)
+    assert _tasks(stats, "MapBatches(ReadDecodeRanges)") == 2 * FILES  # a range per file a pass
+    # without steps: one pass an execution
+    one = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3)
+    assert one.passes == 1 and one.count() == rows
+
+
+def test_passes_cover_the_steps_and_keep_the_range_list_bounded():
+    from ktray.stages.train_data import MAX_PASS_RANGES, passes_for, range_order
+
+    assert passes_for(10, 64, 640) == 1
+    assert passes_for(11, 64, 640) == 2  # 704 rows: a second pass
+    assert passes_for(0, 64, 640) == 1
+    assert passes_for(10**6, 256, 1000, ranges=1) == MAX_PASS_RANGES  # capped
+    assert passes_for(10**6, 256, 1000, ranges=MAX_PASS_RANGES * 2) == 1
+    order = range_order(5, 3, seed=0)
+    assert [sorted(order[i : i + 5]) for i in (0, 5, 10)] == [list(range(5))] * 3
+    assert order == range_order(5, 3, seed=0) and order != range_order(5, 3, seed=1)
 
 
 def _tasks(stats: str, op: str) -> int:

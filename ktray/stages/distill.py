@@ -115,6 +115,7 @@ def run(
                 target_dim=target_dim,
                 trainer_cpus=trainer_cpus(cfg),
                 described=info,
+                steps=spec.steps,
             )
         },
     )

@@ -3,28 +3,29 @@
 ``view_dataset`` cuts a table of views (the logits stage's parts, a ``distill.targets`` table)
 into row ranges from its Parquet footers (:mod:`ktray.data.row_ranges`; at most
 ``BLOCK_ROWS`` rows or ``TASK_BYTES`` of decoded views each), shuffles the ranges' order every
-epoch, and sends each range to a pool of CPU decode actors (``train.decode_cpus`` each,
-starting with as many as the CPUs the training workers leave and growing into CPUs that free
-up, at most ``train.decode_concurrency`` when set; two ranges queued on each, so none waits
-between ranges) that read its rows and decode + crop their views,
-``train.decode_batch`` rows at a time. Rows, not bytes, cut the work: Ray Data's Parquet reader
-coalesces files into 8 MiB blocks, ~80k rows of a 10-class table, which one task on one core
-decoded. Nothing but the range list is read before the first batch, and the object store
-holds the decoded blocks in flight, not the transfer set. (``randomize_block_order`` after a
-read, an earlier release's shuffle, is a barrier in Ray Data: every block of the table went
-into the object store before the first batch, 2 GiB at 1M rows of 1,000 float16 logits.) Only
-the columns the run needs are read: source, box, flip and the one target column (logits for
-the task objective, features for the features objective, none online); the views of an online
-run come as an in-memory table cut into blocks of the same size. ``TorchTrainer(datasets=
-{"train": ds})`` splits it over the workers, which consume it with ``iter_torch_batches``
-(local shuffle buffer, prefetching): a worker holds the blocks in flight, never the transfer
-set.
+pass (the passes a run needs come in one execution: one actor pool), and sends each range to a
+pool of CPU decode actors (``train.decode_cpus`` each, starting with as many as the CPUs the
+training workers leave and growing into CPUs that free up, at most ``train.decode_concurrency``
+when set; two ranges queued on each, so none waits between ranges) that read its rows and
+decode + crop their views, ``train.decode_batch`` rows at a time. Rows, not bytes, cut the
+work: Ray Data's Parquet reader coalesces files into 8 MiB blocks, ~80k rows of a 10-class
+table, which one task on one core decoded. Nothing but the range list is read before the first
+batch, and the object store holds the decoded blocks in flight, not the transfer set.
+(``randomize_block_order`` after a read, an earlier release's shuffle, is a barrier in Ray Data:
+every block of the table went into the object store before the first batch, 2 GiB at 1M rows of
+1,000 float16 logits.) Only the columns the run needs are read: source, box, flip and the one target
+column (logits for the task objective, features for the features objective, none online); the views
+of an online run come as an in-memory table cut into blocks of the same size.
+``TorchTrainer(datasets={"train": ds})`` splits it over the workers, which consume it with
+``iter_torch_batches`` (local shuffle buffer, prefetching): a worker holds the blocks in flight,
+never the transfer set.
 """
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -129,6 +130,20 @@ def describe_targets(uri: str, target: str | None) -> dict:
     }
 
 
+MAX_PASS_RANGES = 2048
+"""Ranges one execution of a streamed Parquet input holds at most (:func:`passes_for`): the
+driver makes a block of each (``ray.data.from_items``: 1.6 s for 2,048 here, 6 s for 8,192),
+so a small set run for many steps starts a new execution every 2,048 ranges instead."""
+
+
+def passes_for(steps: int, batch_size: int, rows: int, ranges: int = 1) -> int:
+    """Passes over a table of ``rows`` rows that ``steps`` batches of ``batch_size`` (global)
+    take, at most as many as keep one execution's range list under ``MAX_PASS_RANGES``
+    (``ranges``: the table's ranges; the loop starts another execution if it needs more)."""
+    needed = -(-max(1, steps) * max(1, batch_size) // max(1, rows))
+    return max(1, min(needed, MAX_PASS_RANGES // max(1, ranges)))
+
+
 def decoded_mib(rows: int, sizes: dict[str, int], target_dim: int = 0) -> float:
     """MiB of a transfer set's decoded views: uint8 pixels at each size + float16 targets."""
     return rows * (sum(3 * s * s for s in sizes.values()) + 2 * target_dim) / 2**20
@@ -144,6 +159,7 @@ def view_dataset(
     target_dim: int = 0,
     trainer_cpus: float = 0.0,
     described: dict | None = None,
+    steps: int = 0,
 ):
     """The Ray Data dataset of decoded views (``x`` [+ ``xt``] uint8 NHWC, + the target).
 
@@ -159,7 +175,14 @@ def view_dataset(
     ``trainer_cpus``: the CPUs the training workers hold (:func:`ktray.stages.common.
     trainer_cpus`); the decode actors get the rest (:func:`decode_pool`). ``described``: what
     :func:`describe_targets` said of a Parquet ``source`` (its files and footers, not read
-    again)."""
+    again).
+
+    ``steps``: the optimizer steps the run takes (of ``spec.batch_size`` rows). A streamed
+    Parquet table then runs all the passes they need in one execution (:func:`passes_for`;
+    its attribute ``passes`` says how many): each pass every range once, in its own order, with
+    one pool of decode actors for the run (a new pool for each pass took ~2 s to start its
+    first batch here, ~5.5 s under a Ray Train worker). Without ``steps``, one pass; a second
+    execution repeats the first's order when seeded (:func:`range_order`)."""
     import ray
 
     ordered = spec.reproducible and seed is not None
@@ -169,11 +192,15 @@ def view_dataset(
     if ordered:  # blocks leave in the (seeded) order of their inputs, not as decoded
         ctx.execution_options = copy.copy(ctx.execution_options)
         ctx.execution_options.preserve_order = True
+    fresh = spec.augment == "consistent"  # new views every epoch: nothing to cache
+    cached = not fresh and rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb
     try:  # a Dataset keeps a copy of the context it was made under
-        ds = _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described)
-        fresh = spec.augment == "consistent"  # new views every epoch: nothing to cache
-        if not fresh and rows and decoded_mib(rows, sizes, target_dim) < spec.cache_decoded_mb:
-            ds = ds.materialize().randomize_block_order(seed=_epoch_seed(ray, seed))
+        ds, passes = _view_dataset(
+            ray, source, columns, sizes, spec, seed, trainer_cpus, described, 0 if cached else steps
+        )
+        if cached:  # decoded once; each execution (epoch) re-reads it in a new block order
+            ds, passes = ds.materialize().randomize_block_order(seed=_epoch_seed(ray, seed)), 1
+        ds.passes = passes
         return ds
     finally:
         ctx.target_max_block_size, ctx.execution_options = saved
@@ -187,7 +214,15 @@ def _epoch_seed(ray, seed: int | None):
     return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described):
+def range_order(n: int, passes: int, seed: int | None) -> list[int]:
+    """The order of ``n`` ranges over ``passes`` passes: each pass a permutation of its own,
+    drawn from ``seed`` (fresh entropy without one)."""
+    rng = np.random.default_rng(seed)
+    return [int(i) for _ in range(passes) for i in rng.permutation(n)]
+
+
+def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described, steps):
+    """The decoded view dataset and the passes over ``source`` one execution of it makes."""
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
     if isinstance(source, pa.Table):  # in memory already: its block order is free to shuffle
@@ -196,15 +231,17 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
         ds = ray.data.from_arrow(
             [source.slice(i, n) for i in range(0, max(1, source.num_rows), n)]
         ).randomize_block_order(seed=_epoch_seed(ray, seed))
-        return map_without_restarts(
+        ds = map_without_restarts(
             ds.map_batches,
             DecodeViews,
             fn_constructor_args=(sizes, target, fresh),
             batch_size=spec.decode_batch,
             **_decode_stage(ray, spec, trainer_cpus),
         )
+        return ds, 1
     # A Parquet table: one decode call per range of ~task_rows rows (cut from the footers),
-    # the ranges in a new (seeded) order each epoch. The actors read the rows themselves: nothing
+    # the ranges in a new (seeded) order each pass, the run's passes in one execution (one
+    # decode actor pool). The actors read the rows themselves: nothing
     # but the range list (a few KB) is read before the first batch, and the object store
     # holds decoded blocks in flight, not the table. (Ray Data's Parquet reader cuts blocks by
     # bytes, 8 MiB here: ~80k rows of a 10-class table, one task on one core for them; its
@@ -216,15 +253,21 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
         ranges = row_ranges(parquet_files(source), task_rows(sizes))
     if not ranges:
         raise KtrayError(f"the view table {source} has no rows")
-    ds = ray.data.from_items(ranges, override_num_blocks=len(ranges))
-    ds = ds.randomize_block_order(seed=_epoch_seed(ray, seed))
-    return map_without_restarts(
+    passes = (
+        passes_for(steps, spec.batch_size, sum(r["rows"] for r in ranges), len(ranges))
+        if steps
+        else 1
+    )
+    items = [ranges[i] for i in range_order(len(ranges), passes, seed)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = map_without_restarts(
         ds.map_batches,
         ReadDecodeRanges,
         fn_constructor_args=(columns, DecodeViews(sizes, target, fresh), spec.decode_batch),
         batch_size=1,
         **_decode_stage(ray, spec, trainer_cpus),
     )
+    return ds, passes
 
 
 DECODE_TASKS_IN_FLIGHT = 2

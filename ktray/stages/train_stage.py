@@ -87,6 +87,8 @@ def run_train_stage(
     ensure_ray(cfg.ray)
     if callable(datasets):
         datasets = datasets()
+    if datasets and hasattr(datasets.get("train"), "passes"):  # passes per execution
+        inputs["passes"] = datasets["train"].passes
     log.info("%s: training %s steps", label, spec.steps)
     start = time.perf_counter()
     # The Ray Train run is named after the spec's hash: Train restores the latest checkpoint

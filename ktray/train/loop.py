@@ -133,7 +133,9 @@ def train_steps(
             (those with ``requires_grad``; a frozen teacher inside it is left alone).
         step_fn: ``step_fn(module, batch) -> {"loss": Tensor, "n": int, ...}``; other scalar
             tensor entries are averaged over the steps between reports (summed on the device).
-        loader: an iterable of batches, re-iterated each epoch.
+        loader: an iterable of batches, re-iterated each epoch. Its ``passes`` attribute, if
+            any, says how many passes over the data one iteration makes (``epoch`` counts
+            passes: a streamed transfer set runs all the passes a run needs in one iteration).
         session: where reports and checkpoints go.
         set_epoch: called with the epoch index before each pass (DistributedSampler).
         extra_metrics: called at each report for more metrics (e.g. validation accuracy).
@@ -263,7 +265,7 @@ def train_steps(
         if epoch_batches == 0:
             raise RuntimeError("the training loader yielded no batch (every image unreadable?)")
         seconds += time.perf_counter() - start
-        epoch += 1
+        epoch += getattr(loader, "passes", 1)  # a streamed transfer set: its passes at once
     result = dict(metrics, history=history, resumed_from=resumed_from)
     if selector is not None:
         result.update(selector.finish())

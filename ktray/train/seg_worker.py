@@ -189,7 +189,7 @@ def _distill(model, model_spec, spec: DistillSpec, inputs: dict, session) -> dic
     net = module.net
     module.wrap_net(session.prepare_model)
     # distill.batch_size is global: each of N workers takes 1/N of it (as classification)
-    loader = shard_batches(session, spec, int(inputs.get("rows") or 0))
+    loader = shard_batches(session, spec, inputs)
     mean, std = model_spec["mean"], model_spec["std"]
     s, f = spec.dense_size, spec.dense_feature_size
 

@@ -272,8 +272,10 @@ class _ShardBatches:
         pin: bool,
         world_size: int = 1,
         rank: int = 0,
+        passes: int = 1,
     ):
         self.shard, self.spec, self.drop_last, self.pin = shard, spec, drop_last, pin
+        self.passes = passes  # over the transfer set in one iteration (train_data.view_dataset)
         self.batch_size = worker_batch(spec.batch_size, world_size)  # spec's is global
         self.rank, self.epoch = rank, 0
 
@@ -294,10 +296,12 @@ class _ShardBatches:
         return iter(self.shard.iter_torch_batches(**kw))
 
 
-def shard_batches(session, spec: DistillSpec, rows: int) -> _ShardBatches:
+def shard_batches(session, spec: DistillSpec, inputs: dict) -> _ShardBatches:
     """This worker's distillation batches (classification and segmentation alike): its share
     of the global ``spec.batch_size``, the shuffle seeded by ``spec.seed`` and its rank, the
-    last partial batch dropped unless the set is smaller than two global batches."""
+    last partial batch dropped unless the set (``inputs["rows"]``) is smaller than two global
+    batches; ``inputs["passes"]``: over the set in one iteration of the dataset."""
+    rows = int(inputs.get("rows") or 0)
     return _ShardBatches(
         session.dataset("train"),
         spec,
@@ -305,6 +309,7 @@ def shard_batches(session, spec: DistillSpec, rows: int) -> _ShardBatches:
         pin=session.device.type == "cuda",
         world_size=session.world_size,
         rank=session.rank,
+        passes=int(inputs.get("passes") or 1),
     )
 
 
@@ -331,7 +336,7 @@ def _distill_run(model, model_spec, spec: DistillSpec, inputs: dict, session) ->
         module.teacher_bf16()
     net = module.net  # what checkpoints hold: student (+ projector), never the teacher
     module.wrap_net(lambda m: session.prepare_model(_compiled(m, spec)))
-    loader = shard_batches(session, spec, int(inputs.get("rows") or 0))
+    loader = shard_batches(session, spec, inputs)
     mean, std = model_spec["mean"], model_spec["std"]
     target = spec.target_column
 
