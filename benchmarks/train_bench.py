@@ -108,6 +108,7 @@ def main() -> None:
         variants = [
             ("Ray Train local mode, streamed", 0, False),
             ("Ray Train local mode, cached views", 0, True),
+            ("Ray Train, 1 worker, streamed", 1, False),
             ("Ray Train, 1 worker, cached views", 1, True),
         ]
         if not args.skip_ddp:
