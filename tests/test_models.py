@@ -144,6 +144,43 @@ def test_teacher_checkpoint_roundtrip(tmp_path):
         torch.testing.assert_close(loaded(X32), model(X32), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "backbone, builds",
+    [
+        ("test_vit", ["meta"]),  # built without initialising: the weights come from the file
+        ("test_vit_relpos", ["meta", "cpu"]),  # non-persistent buffers: built again, for real
+    ],
+)
+def test_a_checkpoint_loads_into_an_uninitialised_model(tmp_path, monkeypatch, backbone, builds):
+    """load_model builds the architecture on the meta device (a ViT-L's random init took 2.4 s
+    of one core) and takes the file's tensors; a model with tensors the file lacks is built
+    for real."""
+    from ktray.models import checkpoint
+
+    model = TaskModel(create_backbone(backbone, pretrained=False, img_size=32), 4).eval()
+    out = str(tmp_path / "teacher")
+    save_model(model, out)
+    seen = []
+    build = checkpoint.build_from_spec
+
+    def spy(spec):
+        seen.append(torch.empty(0).device.type)  # the device the build runs under
+        return build(spec)
+
+    monkeypatch.setattr(checkpoint, "build_from_spec", spy)
+    loaded, _ = load_model(out)
+    assert seen == builds
+    assert not checkpoint._has_meta_tensors(loaded)
+    assert all(p.requires_grad for p in loaded.parameters())  # full trainable mode, as built
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X32), model(X32), rtol=0, atol=0)
+        for p in loaded.parameters():  # the tensors are mapped from the file: a private copy
+            p.add_(1.0)
+    again, _ = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(again(X32), model(X32), rtol=0, atol=0)
+
+
 def test_student_checkpoint_roundtrip_on_remote_fs():
     student = create_student("test_resnet", num_classes=3, img_size=32).eval()
     uri = "memory://ktray-test-models/student"  # a non-local fsspec filesystem, like s3://

@@ -78,11 +78,15 @@ def strip_wrapper_prefix(
     return state
 
 
-def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_state_dict_into(
+    module: nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False
+) -> None:
     """Load ``state`` into ``module`` strictly, with a one-line error on a mismatch.
 
     A module built on the meta device (shapes only) is checked and left as it is: that is how
-    :mod:`ktray.models.available` checks a checkpoint before any work starts.
+    :mod:`ktray.models.available` checks a checkpoint before any work starts. With ``assign``
+    the module takes ``state``'s tensors as its own (cast to its dtypes), meta or not: how
+    :func:`ktray.models.checkpoint.load_model` fills a model built without initialising it.
 
     Args:
         module: Target module.
@@ -107,6 +111,15 @@ def load_state_dict_into(module: nn.Module, state: dict[str, torch.Tensor], what
             f"{len(unexpected)} unexpected ({few(unexpected)}), "
             f"{len(wrong)} with another shape ({few(wrong)})"
         )
+    if assign:
+        state = {
+            k: v.to(expected[k].dtype)
+            if v.is_floating_point() and v.dtype != expected[k].dtype
+            else v
+            for k, v in state.items()
+        }
+        module.load_state_dict(state, strict=True, assign=True)
+        return
     if any(p.is_meta for p in module.parameters()):
         return  # a shape-only model (built on the meta device): the check was the point
     module.load_state_dict(state, strict=True)
