@@ -212,9 +212,13 @@ def part_logits(key: str) -> None:
     compute, timed = logits_stage._compute, {}
 
     def timed_compute(*args, **kwargs):  # the Ray Data pass alone (planning, actors, run)
-        start = time.perf_counter()
+        from ktray.stages.shards import timeline
+
+        start, began = time.perf_counter(), time.time()
         try:
-            return compute(*args, **kwargs)
+            stats = compute(*args, **kwargs)
+            print(f"  logits {key}, where the time went: {timeline(stats, began, time.time())}")
+            return stats
         finally:
             timed["seconds"] = time.perf_counter() - start
 

@@ -34,6 +34,7 @@ def main() -> None:
     from ktray.models import TaskModel, create_backbone, save_model
     from ktray.predict import Predictor, expand_views
     from ktray.stages import logits as logits_stage
+    from ktray.stages import shards
     from ktray.stages.common import ensure_ray
 
     work = tempfile.mkdtemp(prefix="ktray-bench-")
@@ -92,14 +93,16 @@ def main() -> None:
         ensure_ray(cfg.ray)
         shard_rows = args.shard_rows
         n_shards = -(-len(rows) // shard_rows)
+        timelines = []
         for run in range(2):  # the second pass: actor and decode workers already warm
             out_dir = os.path.join(work, f"logits{run}")
             os.makedirs(out_dir)
-            start = time.perf_counter()
+            start, began = time.perf_counter(), time.time()
             stats = logits_stage._compute(
                 cfg, model_dir, out_dir, rows, list(range(n_shards)), shard_rows, False
             )
             label = "incl. start-up" if run == 0 else "second pass"
+            timelines.append(f"{label}: {shards.timeline(stats, began, time.time())}")
             results.append(
                 (
                     f"Ray Data stage (decode + 1 actor, {label})",
@@ -119,6 +122,8 @@ def main() -> None:
         print(f"{'path':52s} {'images':>7s} {'seconds':>8s} {'img/s':>8s} {'vs plain':>8s}")
         for name, n, secs in results:
             print(f"{name:52s} {n:7d} {secs:8.2f} {n / secs:8.1f} {n / secs / base:8.2f}")
+        for line in timelines:  # where each pass's wall time went
+            print(line)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

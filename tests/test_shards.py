@@ -2,6 +2,7 @@
 a killed job resumes without touching finished parts, and parts made under other settings are
 never reused."""
 
+import logging
 import os
 
 import pyarrow.parquet as pq
@@ -28,6 +29,61 @@ def _killed(d: str, part: str) -> None:
     """What a job killed after writing every part but ``part`` leaves behind."""
     os.remove(os.path.join(d, part))
     os.remove(os.path.join(d, "manifest.json"))
+
+
+def test_a_pass_says_where_its_time_went(tmp_path, tiny_task, ray_local):
+    """Each shard's row says which model actor wrote it, when the actor began, had its model
+    and took the shard; the pass logs the start-up, the wait for input and the models'
+    busy share from them (what a GPU pass's fixed cost is made of)."""
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pytest
+
+    class Slow(shards.ShardWriter):
+        def __init__(self, out_dirs):
+            super().__init__(out_dirs)
+            time.sleep(0.2)  # loading a model
+            self.ready()
+
+        def process(self, part):
+            return pa.table({"v": part["v"]}), 0
+
+    cols = {shards.SET: np.array(["a"] * 2), shards.SHARD: np.array([0, 0]), "v": np.arange(2)}
+    row = Slow({"a": str(tmp_path)})(shards.decoded(cols, np.ones((2, 1, 1, 3), np.uint8), None))
+    assert row["ready"][0] - row["born"][0] >= 0.2 and row["start"][0] >= row["ready"][0]
+    assert (
+        row["spawned"][0] == pytest.approx(shards.process_start())
+        and row["spawned"][0] <= row["born"][0]
+    )
+    assert time.time() - 3600 * 24 < shards.process_start() < time.time()
+    assert row["actor"][0].endswith(f":{os.getpid()}")
+    stats = [  # two actors: began at t=100, the pass ended at t=110
+        dict(actor="a", spawned=100.5, born=101.0, ready=103.0, start=104.0, seconds=2.0),
+        dict(actor="a", spawned=100.5, born=101.0, ready=103.0, start=106.0, seconds=2.0),
+        dict(actor="b", spawned=100.2, born=102.0, ready=105.0, start=107.0, seconds=1.0),
+    ]
+    assert shards.timeline(stats, 100.0, 110.0) == (
+        "3 shards in 10.0 s: the first model actor's process started after 0.2 s, had imported "
+        "its code after 1.0 s and had its model after 3.0 s; the first shard reached a model "
+        "after 4.0 s; from then on the 2 model actor(s) were busy 56% of the time"
+    )  # 5 s of model time in (110 - 104) + (110 - 107) s
+    said = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    log = logging.getLogger("ktray")  # ktray's one logger
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        cfg = _cfg(tiny_task, tmp_path / "out", "logits.views=1")
+        logits_stage.run(cfg, "in_domain", shard_rows=8)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    said = [m for m in said if m.startswith("where the time went")]
+    assert len(said) == 1 and "3 shards in" in said[0] and "1 model actor(s)" in said[0], said
 
 
 def test_resumed_logits_job_leaves_finished_parts_untouched(tiny_task, tmp_path, ray_local):

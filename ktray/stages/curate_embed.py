@@ -36,6 +36,7 @@ class EmbedWriter(shards.ShardWriter):
     def __init__(self, encoder: dict, out_dirs: dict, batch_size: int, threads: int = 0):
         super().__init__(out_dirs, threads)
         self.embedder = Embedder(EncoderSpec(**encoder), batch_size=batch_size)
+        self.ready()
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         return self.embedder.table(part, part[shards.PIXELS], part[shards.OK])

@@ -51,6 +51,7 @@ class LogitsWriter(shards.ShardWriter):
             )
         else:
             self.predictor = Predictor(model_dir, batch_size=batch_size, features=features)
+        self.ready()
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         rows = pa.table({k: part[k] for k in VIEW_COLUMNS})

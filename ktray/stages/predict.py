@@ -187,6 +187,7 @@ class PredictWriter(shards.ShardWriter):
 
         cls = Segmenter if is_segmentation(read_spec(model_dir)) else Classifier
         self.classifier = cls(model_dir, batch_size)
+        self.ready()
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         ok = part[shards.OK]

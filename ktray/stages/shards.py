@@ -126,16 +126,28 @@ def decoded(columns: dict, pixels: np.ndarray, ok: np.ndarray) -> dict:
 class ShardWriter:
     """Ray Data actor base: one part file per shard of each batch, written atomically.
 
-    Subclasses implement :meth:`process` (the model part). ``out_dirs`` maps a block's ``set``
-    value to its output folder.
+    Subclasses implement :meth:`process` (the model part) and call :meth:`ready` at the end of
+    their ``__init__`` (their model loaded). ``out_dirs`` maps a block's ``set`` value to its
+    output folder. Each shard's summary row says which actor wrote it and when (wall clock):
+    ``actor``, ``spawned`` (its process started), ``born`` (its ``__init__`` began: the
+    imports done), ``ready``, ``start``; :func:`timeline` reads them.
     """
 
     def __init__(self, out_dirs: dict, threads: int = 0):
+        import socket
+
         import torch
 
+        self.born = self.loaded = time.time()
+        self.spawned = process_start() or self.born
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
         if threads > 0 and not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.out_dirs = out_dirs
+
+    def ready(self) -> None:
+        """The model is loaded: the actor's start-up ends here."""
+        self.loaded = time.time()
 
     def process(self, part: dict) -> tuple[pa.Table, int]:
         """One whole shard (a dict of numpy columns) -> (its part table, skipped rows)."""
@@ -144,9 +156,10 @@ class ShardWriter:
     def __call__(self, batch: dict) -> dict:
         sets, shards = batch[SET].astype(str), batch[SHARD].astype(np.int64)
         stats: dict[str, list] = {k: [] for k in (SET, SHARD, "rows", "skipped", "seconds")}
+        stats.update(actor=[], spawned=[], born=[], ready=[], start=[])
         keys = sorted(set(zip(sets.tolist(), shards.tolist())))
         for name, shard in keys:
-            start = time.perf_counter()
+            began, start = time.time(), time.perf_counter()
             if len(keys) == 1:  # the usual batch, one whole shard: no copy of its pixels
                 part, rows = batch, len(sets)  # (a mask copy took 10-15 ms per 512 views
             else:  # at 224 px, ~25% of a ViT-B/16 forward on them on an H200)
@@ -157,7 +170,9 @@ class ShardWriter:
                 raise RuntimeError(f"{name} shard {shard}: got {rows} of {expected} rows")
             table, skipped = self.process(part)
             storage.write_parquet(storage.join(self.out_dirs[name], part_name(shard)), table)
-            for k, v in zip(stats, (name, shard, len(table), skipped, time.perf_counter() - start)):
+            values = (name, shard, len(table), skipped, time.perf_counter() - start)
+            values += (self.actor, self.spawned, self.born, self.loaded, began)
+            for k, v in zip(stats, values):
                 stats[k].append(v)
         return {k: np.asarray(v) for k, v in stats.items()}
 
@@ -312,7 +327,7 @@ def map_shards(
         return inference(cfg, ray.data.from_arrow(todo), *args)
 
     try:
-        stats, started = [], time.perf_counter()
+        stats, started, began = [], time.perf_counter(), time.time()
         for row in rows_with_retries(blocks, run, (SET, SHARD)):
             stats.append(row)
             done, left = len(stats), len(blocks) - len(stats)
@@ -321,7 +336,48 @@ def map_shards(
             log.info("%s  [%d/%d shards, %s]", describe(row), done, len(blocks), eta)
     finally:
         ctx.target_max_block_size = old_block
+    if stats:
+        log.info("where the time went: %s", timeline(stats, began, time.time()))
     return stats
+
+
+def timeline(stats: list[dict], began: float, ended: float) -> str:
+    """Where a pass's wall time went, from its shards' summary rows (:class:`ShardWriter`):
+    when the first model actor's process started, had imported the model code and had its
+    model, when the first shard reached a model, and how busy the models were from then on
+    (a GPU's share of the pass)."""
+    actors: dict[str, dict] = {}
+    for row in stats:
+        actors.setdefault(row["actor"], row)
+
+    def first(key: str) -> float:
+        return min(a.get(key, a["born"]) for a in actors.values()) - began
+
+    start = min(row["start"] for row in stats)
+    # each actor's time from its first shard to the end of the pass
+    span = sum(ended - min(r["start"] for r in stats if r["actor"] == a) for a in actors)
+    busy = sum(row["seconds"] for row in stats) / max(span, 1e-9)
+    spawned = first("spawned")
+    up = f"after {spawned:.1f} s" if spawned >= 0 else "before the pass (a Ray worker kept)"
+    return (
+        f"{len(stats)} shards in {ended - began:.1f} s: the first model actor's process started "
+        f"{up}, had imported its code after {first('born'):.1f} s "
+        f"and had its model after {first('ready'):.1f} s; the first shard reached a model "
+        f"after {start - began:.1f} s; from then on the {len(actors)} model actor(s) were "
+        f"busy {busy:.0%} of the time"
+    )
+
+
+def process_start() -> float | None:
+    """When this process started (wall clock), from Linux's /proc; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
 
 
 ACTOR_RETRIES = 3
