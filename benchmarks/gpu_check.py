@@ -212,7 +212,7 @@ def part_logits(key: str) -> None:
     compute, timed = logits_stage._compute, {}
 
     def timed_compute(*args, **kwargs):  # the Ray Data pass alone (planning, actors, run)
-        from ktray.stages.shards import timeline
+        from ktray.stages.timeline import timeline
 
         start, began = time.perf_counter(), time.time()
         try:

@@ -34,8 +34,8 @@ def main() -> None:
     from ktray.models import TaskModel, create_backbone, save_model
     from ktray.predict import Predictor, expand_views
     from ktray.stages import logits as logits_stage
-    from ktray.stages import shards
     from ktray.stages.common import ensure_ray
+    from ktray.stages.timeline import timeline
 
     work = tempfile.mkdtemp(prefix="ktray-bench-")
     try:
@@ -102,7 +102,7 @@ def main() -> None:
                 cfg, model_dir, out_dir, rows, list(range(n_shards)), shard_rows, False
             )
             label = "incl. start-up" if run == 0 else "second pass"
-            timelines.append(f"{label}: {shards.timeline(stats, began, time.time())}")
+            timelines.append(f"{label}: {timeline(stats, began, time.time())}")
             results.append(
                 (
                     f"Ray Data stage (decode + 1 actor, {label})",

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from ktray import storage
 from ktray.config import load_config
 from ktray.stages import logits as logits_stage
-from ktray.stages import shards
+from ktray.stages import shards, timeline
 
 
 def _cfg(task, out, *extra):
@@ -54,17 +54,17 @@ def test_a_pass_says_where_its_time_went(tmp_path, tiny_task, ray_local):
     row = Slow({"a": str(tmp_path)})(shards.decoded(cols, np.ones((2, 1, 1, 3), np.uint8), None))
     assert row["ready"][0] - row["born"][0] >= 0.2 and row["start"][0] >= row["ready"][0]
     assert (
-        row["spawned"][0] == pytest.approx(shards.process_start())
+        row["spawned"][0] == pytest.approx(timeline.process_start())
         and row["spawned"][0] <= row["born"][0]
     )
-    assert time.time() - 3600 * 24 < shards.process_start() < time.time()
+    assert time.time() - 3600 * 24 < timeline.process_start() < time.time()
     assert row["actor"][0].endswith(f":{os.getpid()}")
     stats = [  # two actors: began at t=100, the pass ended at t=110
         dict(actor="a", spawned=100.5, born=101.0, ready=103.0, start=104.0, seconds=2.0),
         dict(actor="a", spawned=100.5, born=101.0, ready=103.0, start=106.0, seconds=2.0),
         dict(actor="b", spawned=100.2, born=102.0, ready=105.0, start=107.0, seconds=1.0),
     ]
-    assert shards.timeline(stats, 100.0, 110.0) == (
+    assert timeline.timeline(stats, 100.0, 110.0) == (
         "3 shards in 10.0 s: the first model actor's process started after 0.2 s, had imported "
         "its code after 1.0 s and had its model after 3.0 s; the first shard reached a model "
         "after 4.0 s; from then on the 2 model actor(s) were busy 56% of the time"

@@ -37,6 +37,7 @@ from ktray import storage
 from ktray.config import Config
 from ktray.errors import KtrayError
 from ktray.stages.nodes import check_shared_storage
+from ktray.stages.timeline import process_start, timeline
 
 log = logging.getLogger("ktray")
 
@@ -339,45 +340,6 @@ def map_shards(
     if stats:
         log.info("where the time went: %s", timeline(stats, began, time.time()))
     return stats
-
-
-def timeline(stats: list[dict], began: float, ended: float) -> str:
-    """Where a pass's wall time went, from its shards' summary rows (:class:`ShardWriter`):
-    when the first model actor's process started, had imported the model code and had its
-    model, when the first shard reached a model, and how busy the models were from then on
-    (a GPU's share of the pass)."""
-    actors: dict[str, dict] = {}
-    for row in stats:
-        actors.setdefault(row["actor"], row)
-
-    def first(key: str) -> float:
-        return min(a.get(key, a["born"]) for a in actors.values()) - began
-
-    start = min(row["start"] for row in stats)
-    # each actor's time from its first shard to the end of the pass
-    span = sum(ended - min(r["start"] for r in stats if r["actor"] == a) for a in actors)
-    busy = sum(row["seconds"] for row in stats) / max(span, 1e-9)
-    spawned = first("spawned")
-    up = f"after {spawned:.1f} s" if spawned >= 0 else "before the pass (a Ray worker kept)"
-    return (
-        f"{len(stats)} shards in {ended - began:.1f} s: the first model actor's process started "
-        f"{up}, had imported its code after {first('born'):.1f} s "
-        f"and had its model after {first('ready'):.1f} s; the first shard reached a model "
-        f"after {start - began:.1f} s; from then on the {len(actors)} model actor(s) were "
-        f"busy {busy:.0%} of the time"
-    )
-
-
-def process_start() -> float | None:
-    """When this process started (wall clock), from Linux's /proc; None elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration, IndexError):
-        return None
 
 
 ACTOR_RETRIES = 3
