@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -60,8 +61,12 @@ def part_data() -> None:
     from PIL import Image
 
     root = os.path.join(OUT, "data")
-    if os.path.exists(os.path.join(root, "done")):
-        return
+    done = os.path.join(root, "done")
+    if os.path.exists(done) and open(done).read().strip() == str(IMAGES):
+        return  # made before, at this size (another size: made again)
+    shutil.rmtree(root, ignore_errors=True)
+    for run in ("run-vit_b", "run-vit_l"):  # the passes over the old data: not reused
+        shutil.rmtree(os.path.join(OUT, run), ignore_errors=True)
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     jpegs, labels = [], []
@@ -95,7 +100,8 @@ def part_data() -> None:
     cores = os.cpu_count() or 1
     record("JPEG decode + resize", "1 process (x cores = the CPU ceiling)", one)
     record("JPEG decode + resize", f"x {cores} cores (ceiling, not measured)", one * cores)
-    open(os.path.join(root, "done"), "w").close()
+    with open(done, "w") as f:
+        f.write(str(IMAGES))
 
 
 def part_targets() -> None:
@@ -106,8 +112,10 @@ def part_targets() -> None:
     import pyarrow.parquet as pq
 
     out = os.path.join(OUT, "targets")
-    if os.path.exists(os.path.join(out, "done")):
-        return
+    done = os.path.join(out, "done")
+    if os.path.exists(done) and open(done).read().strip() == str(IMAGES):
+        return  # made before, at this size (another size: made again)
+    shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     root = os.path.join(OUT, "data")
     per_file, part_rows = 5000, 2048
@@ -133,7 +141,8 @@ def part_targets() -> None:
             }
         )
         pq.write_table(table, os.path.join(out, f"part-{p:05d}.parquet"))
-    open(os.path.join(out, "done"), "w").close()
+    with open(done, "w") as f:
+        f.write(str(IMAGES))
 
 
 def teacher_dir(key: str) -> str:

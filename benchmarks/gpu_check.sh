@@ -14,9 +14,9 @@
 # Needs torch (CUDA), timm, pyarrow, PIL. The parts that need Ray install it from wheels
 # carried in .whl/ (ray and its plain dependencies) when `import ray` fails; without them
 # they are skipped with a line saying so. Environment: GPU_CHECK_OUT (work folder, default
-# /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 20000), GPU_CHECK_SECONDS
-# (each bare baseline's timed loop, default 8), GPU_CHECK_STEPS (distillation steps, default
-# 480), GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
+# /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 60000; 6000 in a dry
+# run), GPU_CHECK_SECONDS (each bare baseline's timed loop, default 8), GPU_CHECK_STEPS
+# (distillation steps, default 480; 20 in a dry run: a bf16 student on 2 CPU cores), GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
 # parts share one Ray head started here (token authentication on), so each pays no Ray
 # start-up. GPU_CHECK_ONLY="data bare_train ..." runs only the parts named (first words).
 # GPU_CHECK_DRY=1 rehearses everything but the bare GPU parts on a CPU machine with
@@ -24,7 +24,12 @@
 set -u
 cd "$(dirname "$0")/.."
 export GPU_CHECK_OUT="${GPU_CHECK_OUT:-/tmp/ktray-gpu-check}"
-export GPU_CHECK_IMAGES="${GPU_CHECK_IMAGES:-60000}" GPU_CHECK_STEPS="${GPU_CHECK_STEPS:-480}"
+# a CPU rehearsal runs the passes and the 224-px student on 2 cores: fewer images and steps,
+# or it outlasts the time limits
+if [ -n "${GPU_CHECK_DRY:-}" ]; then IMAGES_DEFAULT=6000 STEPS_DEFAULT=20
+else IMAGES_DEFAULT=60000 STEPS_DEFAULT=480; fi
+export GPU_CHECK_IMAGES="${GPU_CHECK_IMAGES:-$IMAGES_DEFAULT}"
+export GPU_CHECK_STEPS="${GPU_CHECK_STEPS:-$STEPS_DEFAULT}"
 export GPU_CHECK_RESULTS="${GPU_CHECK_RESULTS:-$GPU_CHECK_OUT/results.jsonl}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
