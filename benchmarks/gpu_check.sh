@@ -16,7 +16,8 @@
 # they are skipped with a line saying so. Environment: GPU_CHECK_OUT (work folder, default
 # /tmp/ktray-gpu-check), GPU_CHECK_IMAGES (transfer images, default 60000; 6000 in a dry
 # run), GPU_CHECK_SECONDS (each bare baseline's timed loop, default 8), GPU_CHECK_STEPS
-# (distillation steps, default 480; 20 in a dry run: a bf16 student on 2 CPU cores), GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
+# (distillation steps, default 480; 20 in a dry run: a bf16 student on 2 CPU cores),
+# GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
 # parts share one Ray head started here (token authentication on), so each pays no Ray
 # start-up. GPU_CHECK_ONLY="data bare_train ..." runs only the parts named (first words).
 # GPU_CHECK_DRY=1 rehearses everything but the bare GPU parts on a CPU machine with
