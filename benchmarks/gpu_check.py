@@ -54,6 +54,23 @@ def record(
     print(json.dumps(row), flush=True)
 
 
+def made_at_this_size(folder: str) -> bool:
+    """Whether ``folder`` was made before for IMAGES images; if not, it is removed (made
+    again: another size's data must not be reused)."""
+    done = os.path.join(folder, "done")
+    if os.path.exists(done):
+        with open(done) as f:
+            if f.read().strip() == str(IMAGES):
+                return True
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
+
+
+def mark_made(folder: str) -> None:
+    with open(os.path.join(folder, "done"), "w") as f:
+        f.write(str(IMAGES))
+
+
 def part_data() -> None:
     """IMAGES JPEG rows (UNIQUE distinct smooth-noise images, 256-320 px) in Parquet shards."""
     import pyarrow as pa
@@ -61,10 +78,8 @@ def part_data() -> None:
     from PIL import Image
 
     root = os.path.join(OUT, "data")
-    done = os.path.join(root, "done")
-    if os.path.exists(done) and open(done).read().strip() == str(IMAGES):
-        return  # made before, at this size (another size: made again)
-    shutil.rmtree(root, ignore_errors=True)
+    if made_at_this_size(root):
+        return
     for run in ("run-vit_b", "run-vit_l"):  # the passes over the old data: not reused
         shutil.rmtree(os.path.join(OUT, run), ignore_errors=True)
     os.makedirs(root, exist_ok=True)
@@ -100,8 +115,7 @@ def part_data() -> None:
     cores = os.cpu_count() or 1
     record("JPEG decode + resize", "1 process (x cores = the CPU ceiling)", one)
     record("JPEG decode + resize", f"x {cores} cores (ceiling, not measured)", one * cores)
-    with open(done, "w") as f:
-        f.write(str(IMAGES))
+    mark_made(root)
 
 
 def part_targets() -> None:
@@ -112,10 +126,8 @@ def part_targets() -> None:
     import pyarrow.parquet as pq
 
     out = os.path.join(OUT, "targets")
-    done = os.path.join(out, "done")
-    if os.path.exists(done) and open(done).read().strip() == str(IMAGES):
-        return  # made before, at this size (another size: made again)
-    shutil.rmtree(out, ignore_errors=True)
+    if made_at_this_size(out):
+        return
     os.makedirs(out, exist_ok=True)
     root = os.path.join(OUT, "data")
     per_file, part_rows = 5000, 2048
@@ -141,8 +153,7 @@ def part_targets() -> None:
             }
         )
         pq.write_table(table, os.path.join(out, f"part-{p:05d}.parquet"))
-    with open(done, "w") as f:
-        f.write(str(IMAGES))
+    mark_made(out)
 
 
 def teacher_dir(key: str) -> str:
