@@ -269,10 +269,24 @@ def probe(uri: str, key: str = "", must_exist: bool = False) -> None:
         raise KtrayError(f"{key or 'path'} not found: {uri}")
 
 
+def stamp(info: dict) -> str:
+    """When an fsspec ``info`` entry's file was last written (local mtime, S3 LastModified)."""
+    return str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+
+
 def fingerprint(uri: str) -> str:
     """A short hash of the file listing under ``uri`` (a file, folder or glob): relative
     names, sizes and modification times, so that a file added, removed or replaced changes it.
-    Reads no file contents."""
+    Reads no file contents. A webdataset brace pattern (``DIR/unl-{000..009}.tar``) is the
+    listing of every file it names."""
+    if "{" in uri:
+        from ktray.data.listing import expand_braces
+
+        names = expand_braces(uri)
+        if len(names) > 1:
+            return hashlib.sha256("\t".join(fingerprint(n) for n in names).encode()).hexdigest()[
+                :16
+            ]
     fs, path = fs_and_path(uri)
     if any(c in path for c in "*?["):
         entries = {p: fs.info(p) for p in fs.glob(path)}
@@ -285,6 +299,5 @@ def fingerprint(uri: str) -> str:
     h = hashlib.sha256()
     for name in sorted(entries):
         info = entries[name]
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-        h.update(f"{name[len(path) :]}\t{info.get('size')}\t{stamp}\n".encode())
+        h.update(f"{name[len(path) :]}\t{info.get('size')}\t{stamp(info)}\n".encode())
     return h.hexdigest()[:16]

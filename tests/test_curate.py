@@ -130,6 +130,17 @@ def test_curate_gallery_parquet_and_webdataset(kind, tiny_task, tmp_path, ray_lo
     prefix = "p" if kind == "parquet" else "w"
     assert all(i.startswith(prefix) for i in transfer["image_id"].to_pylist())
     assert all("#" in s for s in transfer["source"].to_pylist())
+    if kind == "parquet":
+        # other images under the same path and keys: the gallery (only) is embedded again
+        # and its index rebuilt
+        index = os.path.join(out, "curate", "index.faiss")
+        stamp = os.stat(index).st_mtime_ns
+        parquet_gallery(uri, gen_images(40, seed=12))
+        assert curate_cli(tiny_task, out, f"curate.gallery={uri}", "curate.images_per_query=1") == 0
+        m2 = json.load(open(os.path.join(out, "curate", "manifest.json")))
+        assert m2["config_hash"] != m["config_hash"]
+        assert m2["computed_shards"] == m2["shards"]["gallery"] > 0
+        assert os.stat(index).st_mtime_ns != stamp
 
 
 def test_curated_set_feeds_the_pipeline(tiny_task, tmp_path, ray_local):

@@ -58,6 +58,15 @@ def test_online_mode_and_own_targets(tiny_task, tmp_path, ray_local, monkeypatch
     assert reads == [[uri]]
     assert m2["steps"] == 3 and m2["transfer_rows"] == len(unl) and not m2["uses_logits"]
     assert not os.path.exists(os.path.join(f"{out}-own", "logits"))
+    # a rerun reuses the student; the table rewritten under the same path trains afresh
+    done = os.path.join(f"{out}-own", "distill", "task@in_domain", "manifest.json")
+    stamp = os.stat(done).st_mtime_ns
+    assert distill_stage.run(own, "in_domain", "task")["config_hash"] == m2["config_hash"]
+    assert os.stat(done).st_mtime_ns == stamp
+    flipped = pa.array([[1.0, 0.0, float(i % 3)] for i in range(len(unl))], pa.list_(pa.float32()))
+    pq.write_table(table.set_column(2, "logits", flipped), uri)
+    m3 = distill_stage.run(own, "in_domain", "task")
+    assert m3["config_hash"] != m2["config_hash"] and os.stat(done).st_mtime_ns != stamp
     bad = load_config("tiny", base + [f"distill.targets={uri}", f"out={out}-bad"])
     pq.write_table(table.drop(["logits"]), uri)
     with pytest.raises(KtrayError, match="lacks column.*logits"):

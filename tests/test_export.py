@@ -215,7 +215,7 @@ def test_cli_export_with_task_reports_int8_accuracy(student_dir, tiny_task, tmp_
 def test_predict_writes_one_row_per_readable_image(trained_dir, tmp_path, ray_local):
     from ktray import storage
     from ktray.config import load_config
-    from ktray.stages import predict
+    from ktray.stages import predict, shards
 
     paths, colours = _images(str(tmp_path / "img" / "sub"), n=10)
     (tmp_path / "img" / "broken.png").write_bytes(b"not an image")
@@ -235,9 +235,16 @@ def test_predict_writes_one_row_per_readable_image(trained_dir, tmp_path, ray_lo
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     # resumable: a lost part is recomputed alone, the rest reused
     os.remove(os.path.join(predict.predictions_dir(cfg), "manifest.json"))
-    os.remove(os.path.join(predict.predictions_dir(cfg), predict.part_name(1)))
+    os.remove(os.path.join(predict.predictions_dir(cfg), shards.part_name(1)))
     m = predict.run(cfg, model_dir, str(tmp_path / "img"), shard_rows=4)
     assert m["computed_shards"] == 1 and m["rows"] == 10
+    assert predict.run(cfg, model_dir, str(tmp_path / "img"), shard_rows=4) == m  # reused
+    # the model rewritten under the same path (here: its file touched): all predicted afresh,
+    # the parts of a killed run of the old model included
+    os.remove(os.path.join(predict.predictions_dir(cfg), "manifest.json"))
+    os.utime(ex["files"]["onnx"], (1, 1))
+    m = predict.run(cfg, model_dir, str(tmp_path / "img"), shard_rows=4)
+    assert m["computed_shards"] == 3 and m["rows"] == 10
 
 
 def test_the_predict_actor_predicts_decoded_pixels_and_reads_no_image(trained_dir, tmp_path):

@@ -108,3 +108,36 @@ def test_changed_logits_settings_recompute_and_unchanged_reuse(shapes_logits):
     assert m2["rows"] == 48 and m2["config_hash"] != m["config_hash"]
     table = storage.read_parquet(d)
     assert table.num_rows == 48 and sorted(set(table["view"].to_pylist())) == [0, 1]
+
+
+def test_images_replaced_under_the_same_path_are_recomputed(shapes_logits, tmp_path):
+    """A transfer set's reuse key covers its files (names, sizes, modification times), not
+    only its path: a rerun over unchanged files reuses, an image replaced in place recomputes."""
+    import shutil
+
+    cfg = shapes_logits["cfg"]
+    folder = tmp_path / "more"
+    unl = os.path.join(cfg.data.root, "unlabeled")
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(unl) for f in fs)[:4]
+    names = [f"img{i}.png" for i in range(len(files))]
+    folder.mkdir()
+    for f, n in zip(files, names):
+        shutil.copy(f, folder / n)
+    uri = str(folder)
+    m = logits_stage.run(cfg, uri, shard_rows=SHARD_ROWS)
+    d = logits_stage.logits_dir(cfg, uri)
+    stamp = os.stat(os.path.join(d, "manifest.json")).st_mtime_ns
+    assert logits_stage.run(cfg, uri, shard_rows=SHARD_ROWS)["config_hash"] == m["config_hash"]
+    assert os.stat(os.path.join(d, "manifest.json")).st_mtime_ns == stamp  # reused
+
+    def logits_of(name):
+        t = storage.read_parquet(d)
+        rows = [r for r in t.to_pylist() if r["source"].endswith(name) and r["view"] == 0]
+        return np.asarray(rows[0]["logits"], np.float32)
+
+    before = logits_of(names[0])
+    shutil.copy(files[-1], folder / names[0])  # another image under the same name
+    m2 = logits_stage.run(cfg, uri, shard_rows=SHARD_ROWS)
+    assert m2["config_hash"] != m["config_hash"] and m2["computed_shards"] == m2["shards"]
+    np.testing.assert_allclose(logits_of(names[0]), logits_of(names[-1]), rtol=1e-3, atol=1e-3)
+    assert np.abs(logits_of(names[0]) - before).max() > 1e-2

@@ -236,6 +236,14 @@ def test_fingerprint_sees_added_removed_and_replaced_files(tmp_path):
     os.remove(d / "b.png")
     fp.append(storage.fingerprint(str(d)))
     assert len(set(fp[:4])) == 4 and fp[4] == fp[0]
+    # a brace pattern: the listing of every file it names
+    for i in range(2):
+        (d / f"s-{i:03d}.tar").write_bytes(b"x")
+    braces = str(d / "s-{000..001}.tar")
+    first = storage.fingerprint(braces)
+    assert first != storage.fingerprint(str(d / "s-000.tar"))
+    (d / "s-001.tar").write_bytes(b"yy")
+    assert storage.fingerprint(braces) not in (first, storage.fingerprint(str(d / "s-000.tar")))
 
 
 def _tar_shards(folder, n=2, per=3):

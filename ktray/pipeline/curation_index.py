@@ -256,10 +256,10 @@ def _gallery_index(
     """Build (or reuse) ``out/index.faiss``; ``index.json`` holds its key and report."""
     uri, meta_uri = storage.join(out, "index.faiss"), storage.join(out, "index.json")
     fs = storage.fs_and_path(store.parts[0])[0] if store.parts else None
-    sizes = [fs.info(storage.fs_and_path(f)[1]).get("size") for f in store.parts]
+    infos = [fs.info(storage.fs_and_path(f)[1]) for f in store.parts]
     key = config_hash(
         [os.path.basename(f) for f in store.parts],
-        sizes,
+        [(i.get("size"), storage.stamp(i)) for i in infos],  # a part rewritten: rebuilt
         factory,
         target_recall,
         seed,

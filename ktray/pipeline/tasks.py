@@ -294,6 +294,21 @@ def transfer_uri(cfg: Config, name: str) -> str:
     return uri
 
 
+def transfer_identity(cfg: Config, name: str) -> str:
+    """What the rows of transfer set ``name`` were made from, for the reuse hashes of the
+    stages that read them: the prepared task's hash for ``in_domain`` and ``generic`` (the
+    ``data`` settings and the listing of ``data.root``), the curate run's hash for ``curated``
+    (which covers its queries and gallery), else the listing of the URI's files (names, sizes,
+    modification times). Images added or replaced under the same path are computed afresh,
+    not served from a run over the old ones."""
+    if name in ("in_domain", "generic"):
+        return prepare_task(cfg)["config_hash"]
+    if name == "curated":
+        uri = storage.join(cfg.out, "curate", manifest.MANIFEST)
+        return storage.read_json(uri).get("config_hash", "") if storage.exists(uri) else ""
+    return storage.fingerprint(name)
+
+
 def read_transfer(cfg: Config, name: str) -> pa.Table:
     """The transfer set ``name`` as an image table."""
     uri = transfer_uri(cfg, name)

@@ -48,7 +48,11 @@ def run(cfg: Config) -> dict:
     cur = cfg.curate
     out = curate_dir(cfg)
     encoder = encoder_from_config(cfg)
-    h = config_hash(cfg.curate, cfg.data, encoder.as_dict())
+    # Its inputs: the labeled queries (the prepared task, whose hash covers the listing of
+    # data.root) and the gallery's files (an empty gallery = the demo's, made from the task).
+    info = prepare_task(cfg)
+    gallery_files = storage.fingerprint(cur.gallery) if cur.gallery else ""
+    h = config_hash(cfg.curate, cfg.data, encoder.as_dict(), info["config_hash"], gallery_files)
     done = manifest.load_finished(out, h)
     if done is not None:
         log.info("curate: reusing the finished run in %s", out)
@@ -57,7 +61,6 @@ def run(cfg: Config) -> dict:
     timings: dict[str, float] = {}
     # Everything that can fail on bad input fails here, before Ray work starts.
     curation.check_config(cfg)
-    info = prepare_task(cfg)
     gallery = curation.gallery_table(cfg)
     query_scheme = CropScheme(cur.random_crops, cur.grid, tuple(cur.scales), cfg.data.seed)
     queries, protected = curation.image_sets(info)  # train; val + test (both task types)
@@ -74,7 +77,9 @@ def run(cfg: Config) -> dict:
     timings["prepare"] = time.perf_counter() - started
 
     t0 = time.perf_counter()
-    dirs, stats, n_shards, computed = embed_sets(cfg, encoder, sets, out)
+    files = {"queries": info["config_hash"], "protected": info["config_hash"]}
+    files["gallery"] = gallery_files or info["config_hash"]
+    dirs, stats, n_shards, computed = embed_sets(cfg, encoder, sets, out, files)
     timings["embed"] = time.perf_counter() - t0
 
     q, p, parts, image_of_vector, crops, skipped = read_embeddings(dirs, sets)

@@ -42,10 +42,11 @@ class EmbedWriter(shards.ShardWriter):
         return self.embedder.table(part, part[shards.PIXELS], part[shards.OK])
 
 
-def embed_sets(cfg: Config, encoder: EncoderSpec, sets: dict, out: str):
+def embed_sets(cfg: Config, encoder: EncoderSpec, sets: dict, out: str, files: dict):
     """Embed the shards of ``sets`` (``name -> (indexed table, CropScheme)``) not yet on disk
     under ``out/embeddings/<set>``; returns ``(dirs, shard stats, shards per set, shards
-    computed)``."""
+    computed)``. ``files``: each set's input identity (a listing fingerprint): parts made from
+    files since replaced under the same names are embedded again."""
     cur = cfg.curate
     dirs = {name: storage.join(out, "embeddings", name) for name in SETS}
     blocks, n_shards = [], {}
@@ -56,6 +57,7 @@ def embed_sets(cfg: Config, encoder: EncoderSpec, sets: dict, out: str):
             "shard_rows": cur.shard_rows,
             "dtype": EMBEDDING_DTYPE,
             "images": shards.fingerprint(table, (C.IMAGE_ID, C.SOURCE)),
+            "files": files[name],
         }
         n_shards[name] = math.ceil(len(table) / cur.shard_rows)
         pending = shards.prepare(dirs[name], spec, n_shards[name])

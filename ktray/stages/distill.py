@@ -10,12 +10,13 @@ on the same view (no logits pass then). The rows stream to the workers through R
 
 from __future__ import annotations
 
+from ktray import storage
 from ktray.config import Config, config_hash
 from ktray.data import columns as C
 from ktray.errors import KtrayError
 from ktray.models import read_spec
 from ktray.pipeline import replicates
-from ktray.pipeline.tasks import prepare_task, read_transfer
+from ktray.pipeline.tasks import prepare_task, read_transfer, transfer_identity
 from ktray.predict import expand_views
 from ktray.stages import logits as logits_stage
 from ktray.stages import teacher as teacher_stage
@@ -51,6 +52,7 @@ def run(
         hash_inputs = {
             "teacher": teacher["config_hash"],
             "transfer": transfer,
+            "files": transfer_identity(cfg, transfer),  # images replaced under the same path
             "views": config_hash(
                 views,
                 cfg.logits.scale_min,
@@ -62,7 +64,7 @@ def run(
     else:
         if cfg.distill.targets:
             uri = cfg.distill.targets
-            hash_inputs = {"targets": uri}
+            hash_inputs = {"targets": uri, "files": storage.fingerprint(uri)}
         else:
             logits = logits_stage.run(
                 cfg, transfer, features=True if spec.objective == "features" else None

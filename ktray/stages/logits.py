@@ -24,7 +24,7 @@ from ktray.data import columns as C
 from ktray.data.segmentation import is_segmentation
 from ktray.dense_predict import make_predictor
 from ktray.pipeline import manifest
-from ktray.pipeline.tasks import read_transfer
+from ktray.pipeline.tasks import read_transfer, transfer_identity
 from ktray.predict import VIEW_COLUMNS, Predictor, expand_views, order_for_reading
 from ktray.stages import decode_tasks, shards
 
@@ -89,11 +89,12 @@ def run(
     out = logits_dir(cfg, transfer)
     features = needs_features(cfg, transfer) if features is None else features
     teacher = teacher_stage.run(cfg)
-    done = _finished(cfg, transfer, teacher, features)
+    identity = transfer_identity(cfg, transfer)
+    done = _finished(cfg, transfer, teacher, features, identity)
     if done is not None:
         log.info("logits[%s]: reusing the finished run in %s", transfer, out)
         return done
-    h = _hash(cfg, transfer, teacher, features)
+    h = _hash(cfg, transfer, teacher, features, identity)
     started = time.perf_counter()
     table = order_for_reading(read_transfer(cfg, transfer))
     rows = expand_views(table, cfg.logits.views, cfg.data.seed, cfg.logits.scale_min)
@@ -158,22 +159,24 @@ def _manifest_head(
     }
 
 
-def _hash(cfg: Config, transfer: str, teacher: dict, features: bool) -> str:
-    # a curated set changes with the curate settings: its hash is part of this one
-    extra = (_curated_hash(cfg),) if transfer == "curated" else ()
+def _hash(cfg: Config, transfer: str, teacher: dict, features: bool, identity: str) -> str:
+    """``identity``: :func:`transfer_identity` of ``transfer`` (the task's files, the curate
+    run or the URI's listing), asked for once per stage run."""
     # the actor pool (infer.*) and batch size change how, not what, is computed
     what = {"views": cfg.logits.views, "scale_min": cfg.logits.scale_min}
     what.update(_dense(cfg) or {})
     return config_hash(
-        config_hash(what, cfg.data, teacher["config_hash"], transfer, *extra), features
+        config_hash(what, cfg.data, teacher["config_hash"], transfer, identity), features
     )
 
 
-def _finished(cfg: Config, transfer: str, teacher: dict, features: bool) -> dict | None:
+def _finished(
+    cfg: Config, transfer: str, teacher: dict, features: bool, identity: str
+) -> dict | None:
     """A finished run for these settings (one with features serves a request without)."""
     for feats in (True,) if features else (True, False):
         done = manifest.load_finished(
-            logits_dir(cfg, transfer), _hash(cfg, transfer, teacher, feats)
+            logits_dir(cfg, transfer), _hash(cfg, transfer, teacher, feats, identity)
         )
         if done is not None:
             return done
@@ -198,7 +201,8 @@ def slice_from(
     out = logits_dir(cfg, transfer)
     features = needs_features(cfg, transfer) if features is None else features
     teacher = teacher_stage.run(cfg)
-    done = _finished(cfg, transfer, teacher, features)
+    identity = transfer_identity(cfg, transfer)
+    done = _finished(cfg, transfer, teacher, features, identity)
     if done is not None:
         return done
     src = storage.read_json(storage.join(source, manifest.MANIFEST))
@@ -219,7 +223,7 @@ def slice_from(
     missing = len(ids) - len(found)
     if missing > src.get("skipped_images", 0):  # not a subset of the source
         return None
-    h = _hash(cfg, transfer, teacher, features)
+    h = _hash(cfg, transfer, teacher, features, identity)
     n_shards = shards.n_shards(n_rows, shard_rows)
     spec = {"config_hash": h, "shard_rows": shard_rows, "features": features, "sliced_from": source}
     pending = set(shards.prepare(out, spec, n_shards))
@@ -273,11 +277,6 @@ def _dense(cfg: Config) -> dict | None:
     if not is_segmentation(cfg.data.kind):
         return None
     return {"dense_size": cfg.logits.dense_size, "feature_size": cfg.logits.dense_feature_size}
-
-
-def _curated_hash(cfg: Config) -> str:
-    uri = storage.join(cfg.out, "curate", manifest.MANIFEST)
-    return storage.read_json(uri).get("config_hash", "") if storage.exists(uri) else ""
 
 
 def _compute(

@@ -37,7 +37,6 @@ from ktray.errors import KtrayError
 from ktray.pipeline import manifest
 from ktray.stages import decode_tasks, shards
 from ktray.stages.decode_tasks import HEIGHT, WIDTH
-from ktray.stages.shards import part_name
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 1024
@@ -213,25 +212,23 @@ def run(
         raise KtrayError("ktray predict needs out=DIR")
     spec = read_spec(model_dir)
     out = predictions_dir(cfg)
-    h = config_hash(model_dir, input_uri, shard_rows, spec)
+    # the model's and the input's files too: a model retrained or images replaced under the
+    # same path are predicted afresh
+    files = [storage.fingerprint(model_dir), storage.fingerprint(input_uri)]
+    h = config_hash(model_dir, input_uri, shard_rows, spec, files)
     done = manifest.load_finished(out, h)
     if done is not None:
         log.info("predict: reusing the finished run in %s", out)
         return done
     started = time.perf_counter()
     table = read_gallery(input_uri).select([C.IMAGE_ID, C.SOURCE])
-    storage.makedirs(out)
-    fs, path = storage.fs_and_path(out)
-    existing = (
-        {os.path.basename(p) for p in fs.ls(path, detail=False)} if fs.exists(path) else set()
-    )
-    if storage.exists(storage.join(out, manifest.MANIFEST)):  # finished under other settings
-        for name in existing:
-            if name.startswith("part-"):
-                fs.rm(storage.fs_and_path(storage.join(out, name))[1])
-        existing = set()
     n_shards = max(1, math.ceil(len(table) / shard_rows))
-    pending = [s for s in range(n_shards) if part_name(s) not in existing]
+    done_uri = storage.join(out, manifest.MANIFEST)
+    if storage.exists(done_uri):  # finished under other settings: not finished any more
+        fs, path = storage.fs_and_path(done_uri)
+        fs.rm(path)
+    # parts of a killed run of this very run are kept, any others dropped
+    pending = shards.prepare(out, {"config_hash": h}, n_shards)
     log.info("predict: %d images, %d/%d shards to compute", len(table), len(pending), n_shards)
     stats: list[dict] = []
     if pending:
