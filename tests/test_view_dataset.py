@@ -92,6 +92,35 @@ def test_parquet_views_stream_their_passes_in_new_file_orders_without_a_barrier(
     assert one.passes == 1 and one.count() == rows
 
 
+def test_an_in_memory_table_streams_its_passes_in_one_execution(tmp_path, ray_local, monkeypatch):
+    """An online run's views (an in-memory table) take the Parquet path's route: ranges of
+    the table (one copy in the object store) in a new order each pass, all the passes a run
+    needs in one execution of one decode actor pool."""
+    from ktray.stages import train_data
+
+    _, table = _parts(tmp_path)
+    monkeypatch.setattr(train_data, "task_rows", lambda sizes: 16)  # 8 ranges of 16 rows
+    cfg = load_config(
+        None,
+        [f"out={tmp_path}/out", "train.decode_concurrency=1", "distill.batch_size=64"],
+    )
+    spec = DistillSpec.from_config(cfg, "task")
+    rows = table.num_rows
+    ds = view_dataset(table, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3, steps=3)
+    assert ds.passes == 2
+    got = np.concatenate(
+        [b[C.LOGITS][:, 0] for b in ds.iter_batches(batch_size=8, batch_format="numpy")]
+    ).astype(int)
+    assert len(got) == 2 * rows
+    orders = []
+    for one in (got[:rows], got[rows:]):
+        assert sorted(one.tolist()) == list(range(rows))  # every row once a pass
+        orders.append(list(dict.fromkeys((one // 16).tolist())))
+    assert orders[0] != orders[1] and sorted(orders[0]) == list(range(8))
+    stats = ds.stats()
+    assert _tasks(stats, "MapBatches(DecodeSlices)") == 2 * 8  # each range once a pass
+
+
 def test_passes_cover_the_steps_and_keep_the_range_list_bounded():
     from ktray.stages.train_data import MAX_PASS_RANGES, passes_for, range_order
 

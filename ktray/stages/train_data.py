@@ -15,7 +15,8 @@ batch, and the object store holds the decoded blocks in flight, not the transfer
 every block of the table went into the object store before the first batch, 2 GiB at 1M rows of
 1,000 float16 logits.) Only the columns the run needs are read: source, box, flip and the one target
 column (logits for the task objective, features for the features objective, none online); the views
-of an online run come as an in-memory table cut into blocks of the same size.
+of an online run come as an in-memory table, put in the object store once and cut into ranges of
+the same size, decoded by the same actor pool (:class:`DecodeSlices`).
 ``TorchTrainer(datasets={"train": ds})`` splits it over the workers, which consume it with
 ``iter_torch_batches`` (local shuffle buffer, prefetching): a worker holds the blocks in flight,
 never the transfer set.
@@ -178,7 +179,7 @@ def view_dataset(
     again).
 
     ``steps``: the optimizer steps the run takes (of ``spec.batch_size`` rows). A streamed
-    Parquet table then runs all the passes they need in one execution (:func:`passes_for`;
+    table (Parquet or in memory) then runs all the passes they need in one execution (:func:`passes_for`;
     its attribute ``passes`` says how many): each pass every range once, in its own order, with
     one pool of decode actors for the run (a new pool for each pass took ~2 s to start its
     first batch here, ~5.5 s under a Ray Train worker). Without ``steps``, one pass; a second
@@ -225,34 +226,34 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
     """The decoded view dataset and the passes over ``source`` one execution of it makes."""
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
-    if isinstance(source, pa.Table):  # in memory already: its block order is free to shuffle
-        source = source.select(columns)
+    decode = DecodeViews(sizes, target, fresh)
+    if isinstance(source, pa.Table):  # in memory (an online run's views): slices of it
+        table = source.select(columns)
         n = task_rows(sizes)
-        ds = ray.data.from_arrow(
-            [source.slice(i, n) for i in range(0, max(1, source.num_rows), n)]
-        ).randomize_block_order(seed=_epoch_seed(ray, seed))
-        ds = map_without_restarts(
-            ds.map_batches,
-            DecodeViews,
-            fn_constructor_args=(sizes, target, fresh),
-            batch_size=spec.decode_batch,
-            **_decode_stage(ray, spec, trainer_cpus),
-        )
-        return ds, 1
-    # A Parquet table: one decode call per range of ~task_rows rows (cut from the footers),
-    # the ranges in a new (seeded) order each pass, the run's passes in one execution (one
-    # decode actor pool). The actors read the rows themselves: nothing
-    # but the range list (a few KB) is read before the first batch, and the object store
-    # holds decoded blocks in flight, not the table. (Ray Data's Parquet reader cuts blocks by
-    # bytes, 8 MiB here: ~80k rows of a 10-class table, one task on one core for them; its
-    # streaming repartition by rows let the read run ahead into the object store, 2 GiB at 1M
-    # rows; ``randomize_block_order`` after a read is a barrier that reads the whole table.)
-    if described is not None:
-        ranges = row_ranges(described["files"], task_rows(sizes), described["footers"])
+        ranges = [
+            {"start": i, "rows": min(n, table.num_rows - i)} for i in range(0, table.num_rows, n)
+        ]
+        # one copy in the object store, read zero-copy by every decode actor
+        reader = (DecodeSlices, (ray.put(table), decode, spec.decode_batch))
+        what = "the transfer set"
     else:
-        ranges = row_ranges(parquet_files(source), task_rows(sizes))
+        # A Parquet table: one decode call per range of ~task_rows rows (cut from the
+        # footers). The actors read the rows themselves: nothing but the range list (a few
+        # KB) is read before the first batch, and the object store holds decoded blocks in
+        # flight, not the table. (Ray Data's Parquet reader cuts blocks by bytes, 8 MiB here:
+        # ~80k rows of a 10-class table, one task on one core for them; its streaming
+        # repartition by rows let the read run ahead into the object store, 2 GiB at 1M rows;
+        # ``randomize_block_order`` after a read is a barrier that reads the whole table.)
+        if described is not None:
+            ranges = row_ranges(described["files"], task_rows(sizes), described["footers"])
+        else:
+            ranges = row_ranges(parquet_files(source), task_rows(sizes))
+        reader = (ReadDecodeRanges, (columns, decode, spec.decode_batch))
+        what = f"the view table {source}"
     if not ranges:
-        raise KtrayError(f"the view table {source} has no rows")
+        raise KtrayError(f"{what} has no rows")
+    # The ranges in a new (seeded) order each pass, the run's passes in one execution (one
+    # decode actor pool).
     passes = (
         passes_for(steps, spec.batch_size, sum(r["rows"] for r in ranges), len(ranges))
         if steps
@@ -262,12 +263,31 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = map_without_restarts(
         ds.map_batches,
-        ReadDecodeRanges,
-        fn_constructor_args=(columns, DecodeViews(sizes, target, fresh), spec.decode_batch),
+        reader[0],
+        fn_constructor_args=reader[1],
         batch_size=1,
         **_decode_stage(ray, spec, trainer_cpus),
     )
     return ds, passes
+
+
+class DecodeSlices:
+    """Ranges ``{"start", "rows"}`` of an in-memory table (an online run's views, put in the
+    object store once) -> decoded views, ``batch_rows`` rows per output: what
+    :class:`ktray.data.row_ranges.ReadDecodeRanges` is to a Parquet table."""
+
+    def __init__(self, table_ref, decode, batch_rows: int):
+        import ray
+
+        self.table = ray.get(table_ref)
+        self.decode = decode
+        self.batch_rows = int(batch_rows)
+
+    def __call__(self, batch: pa.Table):
+        for r in batch.to_pylist():
+            part = self.table.slice(r["start"], r["rows"])
+            for i in range(0, part.num_rows, self.batch_rows):
+                yield self.decode(part.slice(i, self.batch_rows))
 
 
 DECODE_TASKS_IN_FLIGHT = 2
