@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        args.fn(args)
+        from ktray.storage import listings_fixed
+
+        with listings_fixed():  # the inputs as they were when the command started
+            args.fn(args)
     except KtrayError as e:
         print(f"ktray: error: {e}", file=sys.stderr)
         return 2

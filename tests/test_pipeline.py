@@ -15,9 +15,15 @@ def run_cli(*args):
     return cli.main(list(args))
 
 
-def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, capsys):
+def test_tiny_pipeline_end_to_end_and_reuse(tiny_task, tmp_path, ray_local, capsys, monkeypatch):
+    from ktray import storage
+
     out = str(tmp_path / "out")
+    listed = []  # data.root is listed once a command, however many stages key on it
+    take = storage._fingerprint
+    monkeypatch.setattr(storage, "_fingerprint", lambda uri: listed.append(uri) or take(uri))
     assert run_cli("run", "tiny", f"data.root={tiny_task}", f"out={out}") == 0
+    assert listed == [tiny_task]
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["task"] == "tiny" and results["num_classes"] == 3
     assert set(results["methods"]) == {"teacher", "scratch", "task@in_domain"}

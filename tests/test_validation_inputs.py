@@ -246,6 +246,25 @@ def test_fingerprint_sees_added_removed_and_replaced_files(tmp_path):
     assert storage.fingerprint(braces) not in (first, storage.fingerprint(str(d / "s-000.tar")))
 
 
+def test_a_command_takes_each_listing_once(tmp_path):
+    """Within ``listings_fixed`` (a CLI command, a sweep trial) a listing is taken once: the
+    inputs as they were when the command started; outside it, afresh every time."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"1")
+    before = storage.fingerprint(str(d))
+    with storage.listings_fixed():
+        assert storage.fingerprint(str(d)) == before
+        (d / "b.png").write_bytes(b"2")
+        assert storage.fingerprint(str(d)) == before
+        with storage.listings_fixed():  # nested: the same command
+            assert storage.fingerprint(str(d)) == before
+    after = storage.fingerprint(str(d))
+    assert after != before
+    with storage.listings_fixed():
+        assert storage.fingerprint(str(d)) == after
+
+
 def _tar_shards(folder, n=2, per=3):
     import io
     import tarfile

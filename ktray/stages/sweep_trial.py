@@ -49,7 +49,13 @@ def _run_method(cfg: Config, method: str) -> dict:
 
 
 def trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_dir: str):
-    """One trial, in its own Ray process: the method on base + this trial's values."""
+    """One trial, in its own Ray process: the method on base + this trial's values (its
+    inputs' listings taken once, :func:`ktray.storage.listings_fixed`)."""
+    with storage.listings_fixed():
+        _trial(config, base, shared, keys, method, out_dir)
+
+
+def _trial(config: dict, base: dict, shared: dict, keys: list, method: str, out_dir: str):
     import ray.tune
 
     _trial_logging()

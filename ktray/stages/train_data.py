@@ -179,11 +179,12 @@ def view_dataset(
     again).
 
     ``steps``: the optimizer steps the run takes (of ``spec.batch_size`` rows). A streamed
-    table (Parquet or in memory) then runs all the passes they need in one execution (:func:`passes_for`;
-    its attribute ``passes`` says how many): each pass every range once, in its own order, with
-    one pool of decode actors for the run (a new pool for each pass took ~2 s to start its
-    first batch here, ~5.5 s under a Ray Train worker). Without ``steps``, one pass; a second
-    execution repeats the first's order when seeded (:func:`range_order`)."""
+    table (Parquet or in memory) then runs all the passes they need in one execution
+    (:func:`passes_for`; its attribute ``passes`` says how many): each pass every range once,
+    in its own order, with one pool of decode actors for the run (a new pool for each pass
+    took ~2 s to start its first batch here, ~5.5 s under a Ray Train worker). Without
+    ``steps``, one pass; a second execution repeats the first's order when seeded
+    (:func:`range_order`)."""
     import ray
 
     ordered = spec.reproducible and seed is not None
