@@ -315,6 +315,7 @@ def _fingerprint(uri: str) -> str:
             listings = "\t".join(fingerprint(n) for n in names)
             return hashlib.sha256(listings.encode()).hexdigest()[:16]
     fs, path = fs_and_path(uri)
+    fs.invalidate_cache(path)  # s3fs answers info / isdir from listings it cached before
     if any(c in path for c in "*?["):
         entries = {p: fs.info(p) for p in fs.glob(path)}
     elif fs.isdir(path):

@@ -1,4 +1,5 @@
-"""A faiss index saved to and loaded from a real S3 server (skipped when none can start)."""
+"""On a real S3 server (skipped when none can start): a faiss index saved and loaded, and a
+listing fingerprint that sees an object replaced."""
 
 import faiss
 import numpy as np
@@ -20,3 +21,21 @@ def test_index_roundtrip_on_s3(s3_server):
     assert faiss.extract_index_ivf(loaded).nprobe == 7
     for a, b in zip(search(index, queries, 5), search(loaded, queries, 5)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_s3_listing_fingerprint_sees_a_replaced_object(s3_server):
+    """s3fs answers ``info`` from a listing it cached: a fingerprint must not (a model or a
+    targets table rewritten on S3 between two runs in one process would be served stale)."""
+    import time
+
+    from ktray import storage
+
+    uri = s3_server.url("fp", "t.parquet")
+    s3_server.fs.pipe(uri, b"1234")
+    fs, _ = storage.fs_and_path(uri)
+    before = storage.fingerprint(uri)
+    fs.ls(s3_server.url("fp"), detail=True)  # the parent's listing cached
+    time.sleep(1.1)  # S3 modification times are whole seconds
+    other = type(fs)(skip_instance_cache=True, **fs.storage_options)  # another process's
+    other.pipe(uri, b"1234")  # same size, new object
+    assert storage.fingerprint(uri) != before
