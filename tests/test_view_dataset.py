@@ -121,14 +121,46 @@ def test_an_in_memory_table_streams_its_passes_in_one_execution(tmp_path, ray_lo
     assert _tasks(stats, "MapBatches(DecodeSlices)") == 2 * 8  # each range once a pass
 
 
+def _order(ds) -> list[int]:
+    """The rows (by their first logit) one execution of ``ds`` delivers, in order."""
+    batches = ds.iter_batches(batch_size=8, batch_format="numpy")
+    return np.concatenate([b[C.LOGITS][:, 0] for b in batches]).astype(int).tolist()
+
+
+def test_executions_beyond_the_first_take_a_new_seeded_order(tmp_path, ray_local, monkeypatch):
+    """A run whose passes do not fit one execution's range list (a web-scale set: 10M rows
+    are ~5,000 ranges a pass) gets a new order every execution: not the first one again
+    (a seeded order fixed in the driver gave every epoch the same batches), and the same
+    orders again from the same seed."""
+    from ktray.stages import train_data
+
+    uri, _ = _parts(tmp_path)  # 64 ranges, one a file
+    rows = FILES * PER_FILE
+    cfg = load_config(
+        None, [f"out={tmp_path}/out", "train.decode_concurrency=1", "distill.batch_size=64"]
+    )
+    spec = DistillSpec.from_config(cfg, "task")
+    for cap, passes in ((100, 1), (130, 2)):  # 1 pass an execution fits, then 2
+        monkeypatch.setattr(train_data, "MAX_PASS_RANGES", cap)
+        ds = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3, steps=20)
+        assert ds.passes == passes  # of the 10 the 20 steps need
+        first, second = _order(ds), _order(ds)
+        for one in (first, second):  # every row once a pass
+            assert sorted(one) == sorted(list(range(rows)) * passes)
+        assert first != second
+        again = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3, steps=20)
+        assert _order(again) == first and _order(again) == second
+
+
 def test_passes_cover_the_steps_and_keep_the_range_list_bounded():
     from ktray.stages.train_data import MAX_PASS_RANGES, passes_for, range_order
 
-    assert passes_for(10, 64, 640) == 1
-    assert passes_for(11, 64, 640) == 2  # 704 rows: a second pass
-    assert passes_for(0, 64, 640) == 1
-    assert passes_for(10**6, 256, 1000, ranges=1) == MAX_PASS_RANGES  # capped
-    assert passes_for(10**6, 256, 1000, ranges=MAX_PASS_RANGES * 2) == 1
+    assert passes_for(10, 64, 640) == (1, True)
+    assert passes_for(11, 64, 640) == (2, True)  # 704 rows: a second pass
+    assert passes_for(0, 64, 640) == (1, True)
+    assert passes_for(10**6, 256, 1000, ranges=1) == (MAX_PASS_RANGES, False)  # capped
+    assert passes_for(10**6, 256, 1000, ranges=MAX_PASS_RANGES * 2) == (1, False)
+    assert passes_for(4, 256, 1000, ranges=MAX_PASS_RANGES // 2 + 1) == (1, False)  # 2 needed
     order = range_order(5, 3, seed=0)
     assert [sorted(order[i : i + 5]) for i in (0, 5, 10)] == [list(range(5))] * 3
     assert order == range_order(5, 3, seed=0) and order != range_order(5, 3, seed=1)

@@ -132,17 +132,18 @@ def describe_targets(uri: str, target: str | None) -> dict:
 
 
 MAX_PASS_RANGES = 2048
-"""Ranges one execution of a streamed Parquet input holds at most (:func:`passes_for`): the
-driver makes a block of each (``ray.data.from_items``: 1.6 s for 2,048 here, 6 s for 8,192),
-so a small set run for many steps starts a new execution every 2,048 ranges instead."""
+"""Ranges one execution of a streamed input holds at most (:func:`passes_for`): the driver
+makes a block of each (``ray.data.from_items``: 1.6 s for 2,048 here, 6 s for 8,192)."""
 
 
-def passes_for(steps: int, batch_size: int, rows: int, ranges: int = 1) -> int:
-    """Passes over a table of ``rows`` rows that ``steps`` batches of ``batch_size`` (global)
-    take, at most as many as keep one execution's range list under ``MAX_PASS_RANGES``
-    (``ranges``: the table's ranges; the loop starts another execution if it needs more)."""
+def passes_for(steps: int, batch_size: int, rows: int, ranges: int = 1) -> tuple[int, bool]:
+    """``(passes, whole)``: the passes over a table of ``rows`` rows (``ranges`` ranges) one
+    execution makes, and whether they are all that ``steps`` batches of ``batch_size`` (global)
+    take. Whole when they fit ``MAX_PASS_RANGES``; else as many passes as fit (at least one),
+    and the loop starts another execution when they are done."""
     needed = -(-max(1, steps) * max(1, batch_size) // max(1, rows))
-    return max(1, min(needed, MAX_PASS_RANGES // max(1, ranges)))
+    fit = max(1, MAX_PASS_RANGES // max(1, ranges))
+    return min(needed, fit), needed <= fit
 
 
 def decoded_mib(rows: int, sizes: dict[str, int], target_dim: int = 0) -> float:
@@ -180,11 +181,13 @@ def view_dataset(
 
     ``steps``: the optimizer steps the run takes (of ``spec.batch_size`` rows). A streamed
     table (Parquet or in memory) then runs all the passes they need in one execution
-    (:func:`passes_for`; its attribute ``passes`` says how many): each pass every range once,
-    in its own order, with one pool of decode actors for the run (a new pool for each pass
-    took ~2 s to start its first batch here, ~5.5 s under a Ray Train worker). Without
-    ``steps``, one pass; a second execution repeats the first's order when seeded
-    (:func:`range_order`)."""
+    (:func:`passes_for`; its attribute ``passes`` says how many an execution makes): each pass
+    every range once, in its own seeded order (:func:`range_order`), with one pool of decode
+    actors for the run (a new pool for each pass took ~2 s to start its first batch here,
+    ~5.5 s under a Ray Train worker). When they do not fit one execution's range list
+    (``MAX_PASS_RANGES``), or without ``steps``, every execution takes as many passes as fit,
+    their ranges in a new order each execution (reseeded per execution from ``seed``: a seeded
+    run is reproducible, and its epochs are not one order repeated)."""
     import ray
 
     ordered = spec.reproducible and seed is not None
@@ -255,13 +258,20 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
         raise KtrayError(f"{what} has no rows")
     # The ranges in a new (seeded) order each pass, the run's passes in one execution (one
     # decode actor pool).
-    passes = (
+    passes, whole = (
         passes_for(steps, spec.batch_size, sum(r["rows"] for r in ranges), len(ranges))
         if steps
-        else 1
+        else (1, False)
     )
-    items = [ranges[i] for i in range_order(len(ranges), passes, seed)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if whole:  # one execution: each pass every range once, in its own seeded order
+        items = [ranges[i] for i in range_order(len(ranges), passes, seed)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+    else:
+        # More executions follow (a set of thousands of ranges, 10M rows = ~5,000): each
+        # takes its passes' ranges in a new order, reseeded every execution (a seeded order
+        # fixed in the driver would make every execution's batches the same).
+        ds = ray.data.from_items(ranges * passes, override_num_blocks=len(ranges) * passes)
+        ds = ds.randomize_block_order(seed=_epoch_seed(ray, seed))
     ds = map_without_restarts(
         ds.map_batches,
         reader[0],
