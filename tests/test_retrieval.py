@@ -256,6 +256,30 @@ def test_index_save_load_roundtrip(tmp_path, planted, ivf_index):
         load_index(str(tmp_path / "missing.faiss"))
 
 
+def test_a_short_ivf_search_has_seen_every_list():
+    """A row that comes back short (fewer than k hits) has seen the whole index, whatever the
+    tuned ``nprobe``: the balanced selection stops deepening such a query, so with lists out
+    of reach a tiny curate run (IVF4 at nprobe 2) left 2 queries short as "gallery
+    exhausted" with 6 free images in the other lists. Rows with k hits within the probed
+    lists are answered from them, and ``nprobe`` is left as it was."""
+    x = l2_normalize(np.random.default_rng(0).standard_normal((400, 8)))
+    index = build_index("IVF8,Flat", 8, x, [x], nprobe=1)
+    ivf = faiss.extract_index_ivf(index)
+    q = x[:3]
+    ivf.nprobe = 1
+    _, probed = index.search(q, 5)  # k hits within one list: not short
+    for k in (5, 100, len(x) - 1, len(x)):
+        _, ids = search(index, q, k)
+        if k == 5:
+            np.testing.assert_array_equal(ids, probed)
+        else:  # one list of 8 holds ~50: without every list these rows come back short
+            assert all(len(set(row)) == k and (row >= 0).all() for row in ids), k
+        assert ivf.nprobe == 1
+    _, ids = search(index, q, len(x) + 10)
+    assert all(sorted(row[: len(x)]) == list(range(len(x))) for row in ids)
+    assert (ids[:, len(x) :] == -1).all()
+
+
 def test_build_index_rejects_bad_input():
     x = l2_normalize(np.random.default_rng(0).standard_normal((300, 8)))
     with pytest.raises(KtrayError, match="shape"):

@@ -11,11 +11,12 @@ maps a vector id to its gallery image.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -331,18 +332,52 @@ def search(
     Returns:
         ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Missing results (k above
         what the index can return) have id -1 and score -inf.
+
+    A row that comes back short (fewer than ``k`` hits: ids -1) has seen the whole index, as
+    callers take it (the balanced selection stops deepening such a query): an IVF index with
+    ``nprobe`` below its lists answers those rows again from every list (and every row at once
+    when ``k >= index.ntotal``), since lists not probed are out of reach at any depth. On a
+    tiny gallery, IVF4 at nprobe 2, queries were left short of images as "gallery exhausted"
+    with free images in the other two lists. A web-scale gallery (thousands of vectors a
+    list) never comes back short at the selection's depths, so nothing is searched twice.
     """
     queries = as_embeddings(queries, index.d, "queries")
     if k <= 0:
         raise KtrayError(f"search k must be positive, got {k}")
+    ivf = faiss.try_extract_index_ivf(index)
+    partial = ivf is not None and ivf.nprobe < ivf.nlist
+    if partial and k >= index.ntotal:
+        with _every_list(index, ivf):
+            scores, ids = _search_rows(index, queries, k, batch_size)
+    else:
+        scores, ids = _search_rows(index, queries, k, batch_size)
+        short = np.flatnonzero(ids[:, -1] < 0) if partial else []
+        if len(short):
+            with _every_list(index, ivf):
+                scores[short], ids[short] = _search_rows(index, queries[short], k, batch_size)
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+def _search_rows(index: faiss.Index, queries: np.ndarray, k: int, batch_size: int):
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), batch_size):
         s, i = index.search(queries[start : start + batch_size], k)
         scores[start : start + len(s)] = s
         ids[start : start + len(i)] = i
-    scores[ids < 0] = -np.inf
     return scores, ids
+
+
+@contextlib.contextmanager
+def _every_list(index: faiss.Index, ivf) -> Iterator[None]:
+    """Within: ``index`` scans all the lists of its IVF part ``ivf``; its nprobe after."""
+    saved = ivf.nprobe
+    set_nprobe(index, ivf.nlist)
+    try:
+        yield
+    finally:
+        set_nprobe(index, saved)
 
 
 def save_index(index: faiss.Index, uri: str) -> None:
