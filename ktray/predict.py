@@ -9,6 +9,7 @@ in a CPU stage and runs a Predictor inside Ray Data actors; benchmarks run it in
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -63,12 +64,21 @@ def output_schema(num_classes: int, feature_dim: int = 0) -> pa.Schema:
 
 
 def order_for_reading(table: pa.Table) -> pa.Table:
-    """Rows sorted by the file their source names, then by row number within it, so a pass
-    reads every Parquet / IDX / tar file sequentially (a curated set comes in retrieval order,
-    which would make every read random access)."""
+    """Rows in the order a pass reads them best: the rows of one container file (a Parquet,
+    tar or IDX file: ``URI#ROW``, ``URI#MEMBER``) together and in row order, so that each is
+    read sequentially (a curated set comes in retrieval order, which would make every read
+    random access); an image that is a file of its own (no ``#``) where a hash of its name puts
+    it. Such files cost the same to read in any order, and in path order an ImageFolder's
+    images come class by class: the logits stage writes its rows in this order and
+    distillation reads them in ranges of thousands of rows, so its batches held few classes
+    (10 classes of 1,000 files: 7.9 classes a batch of 128, the largest 29% of it, against
+    10.0 and 15% in hash order; 100 classes of 100: 48.8 against 72.7, what shuffled rows
+    give)."""
     keys = []
     for i, source in enumerate(table[C.SOURCE].to_pylist()):
-        uri, _, frag = source.partition("#")
+        uri, sep, frag = source.partition("#")
+        if not sep:  # a file of its own: a stable pseudo-random place
+            uri = hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
         keys.append((uri, int(frag) if frag.isdigit() else -1, frag, i))
     order = [k[-1] for k in sorted(keys)]
     return table.take(pa.array(order, pa.int64()))

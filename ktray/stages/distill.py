@@ -17,7 +17,7 @@ from ktray.errors import KtrayError
 from ktray.models import read_spec
 from ktray.pipeline import replicates
 from ktray.pipeline.tasks import prepare_task, read_transfer, transfer_identity
-from ktray.predict import expand_views
+from ktray.predict import expand_views, order_for_reading
 from ktray.stages import logits as logits_stage
 from ktray.stages import teacher as teacher_stage
 from ktray.stages.common import trainer_cpus
@@ -43,8 +43,13 @@ def run(
         sizes["xt"] = int(read_spec(teacher_dir)["img_size"])
         # fresh views (augment=consistent): one row per image, its view drawn at each step
         views = 1 if spec.augment == "consistent" else cfg.logits.views
+        # in the logits stage's order: container files read sequentially, image files of
+        # their own not class by class
         rows = expand_views(
-            read_transfer(cfg, transfer), views, cfg.data.seed, cfg.logits.scale_min
+            order_for_reading(read_transfer(cfg, transfer)),
+            views,
+            cfg.data.seed,
+            cfg.logits.scale_min,
         )
         columns = [C.SOURCE, *C.BOX, C.FLIP]
         source, n = rows, rows.num_rows
