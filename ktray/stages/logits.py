@@ -1,7 +1,8 @@
 """``ktray logits``: teacher predictions over a transfer set with Ray Data.
 
-The transfer set is ordered by file and row (every read sequential), expanded to one row per
-(image, view) and cut into shards of ``shard_rows`` rows. Each shard is one Ray Data block: a
+The transfer set is ordered by file and row (every read sequential; image files of their own
+in a hash order, not class by class: :func:`ktray.predict.order_for_reading`), expanded to one
+row per (image, view) and cut into shards of ``shard_rows`` rows. Each shard is one Ray Data block: a
 CPU stage decodes it and cuts its views to ``uint8`` arrays, then an actor pool of
 :class:`LogitsWriter` (``infer.*``: one actor per GPU of the cluster by default) normalises them
 on the device, runs the teacher (bf16 on GPU) and writes ``part-NNNNN.parquet`` atomically:
