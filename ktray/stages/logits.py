@@ -2,13 +2,14 @@
 
 The transfer set is ordered by file and row (every read sequential; image files of their own
 in a hash order, not class by class: :func:`ktray.predict.order_for_reading`), expanded to one
-row per (image, view) and cut into shards of ``shard_rows`` rows. Each shard is one Ray Data block: a
-CPU stage decodes it and cuts its views to ``uint8`` arrays, then an actor pool of
-:class:`LogitsWriter` (``infer.*``: one actor per GPU of the cluster by default) normalises them
-on the device, runs the teacher (bf16 on GPU) and writes ``part-NNNNN.parquet`` atomically:
-logits as float16, features (float16) only when a method needs them. A ``spec.json`` names what
-the parts were made for: a rerun (or a resumed killed job) computes only the missing shards of
-the same spec, and drops parts made under another one (:mod:`ktray.stages.shards`).
+row per (image, view) and cut into shards of ``shard_rows`` rows. Each shard is one Ray Data
+block: a CPU stage decodes it and cuts its views to ``uint8`` arrays, then an actor pool of
+:class:`LogitsWriter` (``infer.*``: one actor per GPU of the cluster by default) normalises
+them on the device, runs the teacher (bf16 on GPU) and writes ``part-NNNNN.parquet``
+atomically: logits as float16, features (float16) only when a method needs them. A
+``spec.json`` names what the parts were made for: a rerun (or a resumed killed job) computes
+only the missing shards of the same spec, and drops parts made under another one
+(:mod:`ktray.stages.shards`).
 """
 
 from __future__ import annotations
