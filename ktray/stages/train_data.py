@@ -256,8 +256,8 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
         what = f"the view table {source}"
     if not ranges:
         raise KtrayError(f"{what} has no rows")
-    # The ranges in a new (seeded) order each pass, the run's passes in one execution (one
-    # decode actor pool).
+    # All the run's passes in one execution (one decode actor pool) when they fit, each pass
+    # in its own seeded order; else as many as fit, an execution at a time.
     passes, whole = (
         passes_for(steps, spec.batch_size, sum(r["rows"] for r in ranges), len(ranges))
         if steps
