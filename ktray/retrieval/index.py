@@ -330,16 +330,10 @@ def search(
         batch_size: queries per faiss call, bounding the result buffers of one call.
 
     Returns:
-        ``(scores [Q, k] float32, ids [Q, k] int64)``, best first. Missing results (k above
-        what the index can return) have id -1 and score -inf.
-
-    A row that comes back short (fewer than ``k`` hits: ids -1) has seen the whole index, as
-    callers take it (the balanced selection stops deepening such a query): an IVF index with
-    ``nprobe`` below its lists answers those rows again from every list (and every row at once
-    when ``k >= index.ntotal``), since lists not probed are out of reach at any depth. On a
-    tiny gallery, IVF4 at nprobe 2, queries were left short of images as "gallery exhausted"
-    with free images in the other two lists. A web-scale gallery (thousands of vectors a
-    list) never comes back short at the selection's depths, so nothing is searched twice.
+        ``(scores [Q, k] float32, ids [Q, k] int64)``, best first; missing results id -1,
+        score -inf. A short row has seen the whole index, as the balanced selection takes it:
+        an IVF index at ``nprobe`` below its lists answers such rows again from every list (all
+        rows when ``k >= ntotal``); a web-scale gallery never comes back short at its depths.
     """
     queries = as_embeddings(queries, index.d, "queries")
     if k <= 0:
