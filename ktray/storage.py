@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -303,6 +303,41 @@ def fingerprint(uri: str) -> str:
     if uri not in _LISTINGS:
         _LISTINGS[uri] = _fingerprint(uri)
     return _LISTINGS[uri]
+
+
+FILE_STAT_THREADS = 32
+"""Files stat-ed at once by :func:`files_fingerprint` (on s3 each is a HEAD, ~30-50 ms)."""
+
+
+def files_fingerprint(uris: Iterable[str]) -> str:
+    """A short hash of the sizes and modification times of the files ``uris`` name (one stat
+    each, no listing; missing files count as such): the labeled images a stage trained on,
+    so one replaced under the same name retrains it. Taken once a command within
+    :func:`listings_fixed`."""
+    names = sorted(set(uris))
+    key = "files:" + hashlib.sha256("\0".join(names).encode()).hexdigest()
+    if _LISTINGS is not None and key in _LISTINGS:
+        return _LISTINGS[key]
+
+    def stat(uri: str) -> str:
+        fs, path = fs_and_path(uri)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return f"{uri}\tmissing"
+        return f"{uri}\t{info.get('size')}\t{stamp(info)}"
+
+    if len(names) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(FILE_STAT_THREADS, len(names))) as pool:
+            lines = list(pool.map(stat, names))
+    else:
+        lines = [stat(n) for n in names]
+    value = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    if _LISTINGS is not None:
+        _LISTINGS[key] = value
+    return value
 
 
 def _fingerprint(uri: str) -> str:

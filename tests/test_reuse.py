@@ -1,11 +1,14 @@
 """Reuse of finished stages: an unchanged config reuses the finished run (its files untouched);
-a changed stage setting retrains. (Logits: tests/test_logits_stage.py.)"""
+a changed stage setting or a labeled image replaced in place retrains. (Logits:
+tests/test_logits_stage.py.)"""
 
 import os
+import shutil
 
 import pytest
 from imagegen import make_imagefolder
 
+from ktray import storage
 from ktray.config import load_config
 from ktray.pipeline import manifest
 from ktray.stages import finetune as finetune_stage
@@ -61,6 +64,16 @@ def test_train_stages_reuse_only_an_identical_config(tmp_path, ray_local):
     assert teacher_stage.run(load_config("tiny", base)) == t1 and _stamp(teacher_dir) == stamp
     t2 = teacher_stage.run(load_config("tiny", base + ["teacher.lr=0.002"]))
     assert t2["config_hash"] != t1["config_hash"] and _stamp(teacher_dir) != stamp
+    # a labeled image replaced under its own name (same ids, sources and labels): retrained
+    from ktray.pipeline.tasks import prepare_task
+
+    cfg = load_config("tiny", base + ["teacher.lr=0.002"])
+    train = storage.read_parquet(prepare_task(cfg)["outputs"]["train"])["source"].to_pylist()
+    stamp = _stamp(teacher_dir)
+    shutil.copy(train[1], train[0])
+    t3 = teacher_stage.run(cfg)
+    assert t3["config_hash"] != t2["config_hash"] and _stamp(teacher_dir) != stamp
+    assert teacher_stage.run(cfg)["config_hash"] == t3["config_hash"]  # and then reused
 
 
 def test_a_finished_run_of_another_config_is_not_reused(tmp_path):

@@ -265,6 +265,28 @@ def test_a_command_takes_each_listing_once(tmp_path):
         assert storage.fingerprint(str(d)) == after
 
 
+def test_files_fingerprint_stats_the_named_files(tmp_path):
+    """The labeled images' stamp: each named file's size and modification time (no listing),
+    a missing file counted as missing; taken once a command."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    first = storage.files_fingerprint([str(a), str(b)])
+    assert storage.files_fingerprint([str(b), str(a), str(a)]) == first  # a set of names
+    (tmp_path / "c.png").write_bytes(b"3")  # another file in the folder: not named, no change
+    assert storage.files_fingerprint([str(a), str(b)]) == first
+    os.utime(a, (1, 1))
+    replaced = storage.files_fingerprint([str(a), str(b)])
+    assert replaced != first
+    os.remove(b)
+    assert storage.files_fingerprint([str(a), str(b)]) not in (first, replaced)
+    with storage.listings_fixed():
+        taken = storage.files_fingerprint([str(a)])
+        os.utime(a, (2, 2))
+        assert storage.files_fingerprint([str(a)]) == taken
+    assert storage.files_fingerprint([str(a)]) != taken
+
+
 def _tar_shards(folder, n=2, per=3):
     import io
     import tarfile

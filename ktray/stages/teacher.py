@@ -26,8 +26,8 @@ def run(cfg: Config) -> dict:
     train_uri, val_uri = info["outputs"]["train"], info["outputs"].get("val", "")
     inputs = {"train_uri": train_uri, "val_uri": val_uri}
     hash_inputs = {
-        "train": table_fingerprint(train_uri),
-        "val": table_fingerprint(val_uri),
+        "train": table_fingerprint(train_uri, files=True),  # a labeled image replaced: retrain
+        "val": table_fingerprint(val_uri, files=True),
         "num_classes": info["num_classes"],
     }
     return run_train_stage(cfg, "teacher", "", spec, inputs, hash_inputs)
