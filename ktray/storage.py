@@ -298,11 +298,16 @@ def fingerprint(uri: str) -> str:
     names, sizes and modification times, so that a file added, removed or replaced changes it.
     Reads no file contents. A webdataset brace pattern (``DIR/unl-{000..009}.tar``) is the
     listing of every file it names."""
+    return _once(uri, lambda: _fingerprint(uri))
+
+
+def _once(key: str, take) -> str:
+    """``take()``, or within :func:`listings_fixed` the value it gave for ``key`` before."""
     if _LISTINGS is None:
-        return _fingerprint(uri)
-    if uri not in _LISTINGS:
-        _LISTINGS[uri] = _fingerprint(uri)
-    return _LISTINGS[uri]
+        return take()
+    if key not in _LISTINGS:
+        _LISTINGS[key] = take()
+    return _LISTINGS[key]
 
 
 FILE_STAT_THREADS = 32
@@ -316,9 +321,10 @@ def files_fingerprint(uris: Iterable[str]) -> str:
     :func:`listings_fixed`."""
     names = sorted(set(uris))
     key = "files:" + hashlib.sha256("\0".join(names).encode()).hexdigest()
-    if _LISTINGS is not None and key in _LISTINGS:
-        return _LISTINGS[key]
+    return _once(key, lambda: _files_fingerprint(names))
 
+
+def _files_fingerprint(names: list[str]) -> str:
     def stat(uri: str) -> str:
         fs, path = fs_and_path(uri)
         try:
@@ -334,10 +340,7 @@ def files_fingerprint(uris: Iterable[str]) -> str:
             lines = list(pool.map(stat, names))
     else:
         lines = [stat(n) for n in names]
-    value = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
-    if _LISTINGS is not None:
-        _LISTINGS[key] = value
-    return value
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def _fingerprint(uri: str) -> str:
