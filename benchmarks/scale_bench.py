@@ -12,6 +12,7 @@ N either (a barrier in the input path, such as ``randomize_block_order`` on the 
 puts the whole table there first). Usage:
 
     python benchmarks/scale_bench.py [--sizes 50000,1000000] [--steps 40] [--workers 0]
+                                     [--part-rows 2048]
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CLASSES = 1000
-PART_ROWS = 50_000
+PART_ROWS = 2048
+"""Rows per logits part: the logits stage's (``ktray.stages.logits.SHARD_ROWS``). Releases
+before the 64-row groups used 50,000-row parts here."""
+GROUP_ROWS = 64
+"""Rows per row group of a logits part (``ktray.stages.logits.GROUP_ROWS``)."""
 
 
 def make_images(work: str, n: int = 3000, side: int = 48, shards: int = 3) -> list[str]:
@@ -87,7 +92,7 @@ def make_logits(work: str, sources: list[str], rows: int, part_rows: int = PART_
             table,
             os.path.join(out, f"part-{p:05d}.parquet"),
             compression="none",
-            row_group_size=8192,
+            row_group_size=GROUP_ROWS,  # as the logits stage writes them
         )
     return out
 
@@ -210,6 +215,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument(
+        "--part-rows",
+        type=int,
+        default=PART_ROWS,
+        help="rows per logits part (2,048: what the logits stage writes)",
+    )
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--work", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,7 +233,7 @@ def main() -> None:
         t = time.perf_counter()
         sources = make_images(work, args.images)
         for n in sizes:
-            make_logits(work, sources, n)
+            make_logits(work, sources, n, part_rows=args.part_rows)
         print(
             f"synthesized {args.images} JPEGs + logits tables {sizes} in "
             f"{time.perf_counter() - t:.0f} s"

@@ -120,9 +120,11 @@ def read_json(uri: str):
     return json.loads(read_bytes(uri))
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def write_parquet(uri: str, table: pa.Table, row_group_rows: int | None = None) -> None:
+    """``table`` to ``uri`` atomically (a temporary name, renamed when complete);
+    ``row_group_rows``: rows per Parquet row group (pyarrow's default: one group up to 1M)."""
     with atomic_local_path(uri) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_rows)
 
 
 def parquet_parts(uri: str) -> list[str]:
@@ -327,6 +329,7 @@ def files_fingerprint(uris: Iterable[str]) -> str:
 def _files_fingerprint(names: list[str]) -> str:
     def stat(uri: str) -> str:
         fs, path = fs_and_path(uri)
+        fs.invalidate_cache(path)  # s3fs answers info from a listing it cached before
         try:
             info = fs.info(path)
         except FileNotFoundError:

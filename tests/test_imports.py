@@ -100,14 +100,15 @@ def test_a_decode_task_never_imports_torch(tmp_path):
     from PIL import Image
 
     from ktray.data.decode import DecodeViews
-    from ktray.data.row_ranges import ReadDecodeRanges, row_ranges
+    from ktray.data.row_ranges import ReadDecodeRanges, call_items, row_ranges
 
     img = tmp_path / "a.jpg"
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(img)
     table = tmp_path / "views.parquet"
     pq.write_table(pa.table({"source": [str(img)] * 3, "logits": [[0.5, 1.0]] * 3}), table)
     task = ReadDecodeRanges(["source", "logits"], DecodeViews({"x": 8}, ["logits"]), 2)
-    payload = pickle.dumps((task, pa.Table.from_pylist(row_ranges([str(table)], 4))))
+    calls = call_items(row_ranges([str(table)], 4), 1, 1, seed=0)
+    payload = pickle.dumps((task, pa.Table.from_pylist(calls)))
     code = (
         "import pickle, sys\n"
         f"task, ranges = pickle.loads({payload!r})\n"

@@ -39,3 +39,21 @@ def test_an_s3_listing_fingerprint_sees_a_replaced_object(s3_server):
     other = type(fs)(skip_instance_cache=True, **fs.storage_options)  # another process's
     other.pipe(uri, b"1234")  # same size, new object
     assert storage.fingerprint(uri) != before
+
+
+def test_an_s3_files_fingerprint_sees_a_replaced_object(s3_server):
+    """``files_fingerprint`` (the labeled images a teacher trained on) stats each file; s3fs
+    would answer from a listing it cached before: it must not."""
+    import time
+
+    from ktray import storage
+
+    uri = s3_server.url("ffp", "a.png")
+    s3_server.fs.pipe(uri, b"1234")
+    fs, _ = storage.fs_and_path(uri)
+    before = storage.files_fingerprint([uri])
+    fs.ls(s3_server.url("ffp"), detail=True)  # the parent's listing cached
+    time.sleep(1.1)  # S3 modification times are whole seconds
+    other = type(fs)(skip_instance_cache=True, **fs.storage_options)  # another process's
+    other.pipe(uri, b"1234")  # same size, new object
+    assert storage.files_fingerprint([uri]) != before

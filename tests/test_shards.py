@@ -161,6 +161,28 @@ def test_writer_refuses_a_partial_shard_and_writes_whole_ones(tmp_path):
     assert not (tmp_path / "part-00002.parquet").exists()
 
 
+def test_a_writer_writes_its_parts_in_row_groups_of_its_size(tmp_path):
+    """A logits part is written in 64-row groups: distillation reads it in stripes of whole
+    groups from many places (``train.stripes``)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ktray.stages import logits as logits_stage
+
+    class Echo(shards.ShardWriter):
+        row_group_rows = 2
+
+        def process(self, part):
+            return pa.table({"v": part["v"]}), 0
+
+    n = 5
+    cols = {shards.SET: np.array(["a"] * n), shards.SHARD: np.zeros(n, int), "v": np.arange(n)}
+    Echo({"a": str(tmp_path)})(shards.decoded(cols, np.zeros((n, 2, 2, 3), np.uint8), np.ones(n)))
+    meta = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [2, 2, 1]
+    assert logits_stage.LogitsWriter.row_group_rows == logits_stage.GROUP_ROWS == 64
+
+
 def test_a_batch_of_one_whole_shard_reaches_the_model_uncopied(tmp_path):
     import numpy as np
     import pyarrow as pa

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import numpy as np
@@ -57,6 +58,7 @@ def test_parquet_views_stream_their_passes_in_new_file_orders_without_a_barrier(
             "train.decode_concurrency=1",
             "train.decode_batch=4",
             "distill.batch_size=64",
+            "train.stripes=1",  # a call a file: the order of the files
         ],
     )
     spec = DistillSpec.from_config(cfg, "task")
@@ -102,7 +104,12 @@ def test_an_in_memory_table_streams_its_passes_in_one_execution(tmp_path, ray_lo
     monkeypatch.setattr(train_data, "task_rows", lambda sizes: 16)  # 8 ranges of 16 rows
     cfg = load_config(
         None,
-        [f"out={tmp_path}/out", "train.decode_concurrency=1", "distill.batch_size=64"],
+        [
+            f"out={tmp_path}/out",
+            "train.decode_concurrency=1",
+            "distill.batch_size=64",
+            "train.stripes=1",
+        ],
     )
     spec = DistillSpec.from_config(cfg, "task")
     rows = table.num_rows
@@ -136,9 +143,8 @@ def test_executions_beyond_the_first_take_a_new_seeded_order(tmp_path, ray_local
 
     uri, _ = _parts(tmp_path)  # 64 ranges, one a file
     rows = FILES * PER_FILE
-    cfg = load_config(
-        None, [f"out={tmp_path}/out", "train.decode_concurrency=1", "distill.batch_size=64"]
-    )
+    over = ["train.decode_concurrency=1", "distill.batch_size=64", "train.stripes=1"]
+    cfg = load_config(None, [f"out={tmp_path}/out", *over])
     spec = DistillSpec.from_config(cfg, "task")
     for cap, passes in ((100, 1), (130, 2)):  # 1 pass an execution fits, then 2
         monkeypatch.setattr(train_data, "MAX_PASS_RANGES", cap)
@@ -153,7 +159,7 @@ def test_executions_beyond_the_first_take_a_new_seeded_order(tmp_path, ray_local
 
 
 def test_passes_cover_the_steps_and_keep_the_range_list_bounded():
-    from ktray.stages.train_data import MAX_PASS_RANGES, passes_for, range_order
+    from ktray.stages.train_data import MAX_PASS_RANGES, passes_for
 
     assert passes_for(10, 64, 640) == (1, True)
     assert passes_for(11, 64, 640) == (2, True)  # 704 rows: a second pass
@@ -161,9 +167,6 @@ def test_passes_cover_the_steps_and_keep_the_range_list_bounded():
     assert passes_for(10**6, 256, 1000, ranges=1) == (MAX_PASS_RANGES, False)  # capped
     assert passes_for(10**6, 256, 1000, ranges=MAX_PASS_RANGES * 2) == (1, False)
     assert passes_for(4, 256, 1000, ranges=MAX_PASS_RANGES // 2 + 1) == (1, False)  # 2 needed
-    order = range_order(5, 3, seed=0)
-    assert [sorted(order[i : i + 5]) for i in (0, 5, 10)] == [list(range(5))] * 3
-    assert order == range_order(5, 3, seed=0) and order != range_order(5, 3, seed=1)
 
 
 def _tasks(stats: str, op: str) -> int:
@@ -246,8 +249,9 @@ def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray
     from ktray.stages.common import trainer_cpus
     from ktray.stages.train_data import decode_pool, describe_targets
 
-    def spec(*over):
-        return DistillSpec.from_config(load_config(None, [f"out={tmp_path}/o", *over]), "task")
+    def spec(*over):  # a call a file: 64 calls, enough for the pool to grow into
+        over = [f"out={tmp_path}/o", "train.stripes=1", *over]
+        return DistillSpec.from_config(load_config(None, over), "task")
 
     assert ray.cluster_resources()["CPU"] == 2
     assert decode_pool(spec()) == 2
@@ -302,3 +306,75 @@ def test_large_views_come_in_blocks_of_many_rows(tmp_path, ray_local):
     blocks = [len(b["x"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(blocks) == len(big)
     assert sorted(blocks) == [len(big) - td.MIN_BLOCK_ROWS, td.MIN_BLOCK_ROWS], blocks
+
+
+def _class_sorted(tmp_path, images: str) -> str:
+    """10 classes x 64 view rows, sorted by class (an in-domain set written class by class),
+    in parts of 64 rows with row groups of 8; row r's logits: class one-hot, r in column 10.
+    ``images``: "files" (a PNG each row) or "parquet" (rows of one Parquet image file whose
+    row groups hold 64 images)."""
+    rng = np.random.default_rng(0)
+    n = 640
+    blobs = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (6, 7, 3), dtype=np.uint8)).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    if images == "files":
+        srcs = []
+        for i, b in enumerate(blobs):
+            (tmp_path / f"img{i}.png").write_bytes(b)
+            srcs.append(str(tmp_path / f"img{i}.png"))
+    else:
+        pq.write_table(pa.table({"png": blobs}), tmp_path / "images.parquet", row_group_size=64)
+        srcs = [f"{tmp_path}/images.parquet#{i}" for i in range(n)]
+    logits = np.zeros((n, 11), np.float16)
+    logits[np.arange(n), np.arange(n) // 64] = 1
+    logits[:, 10] = np.arange(n)
+    table = pa.table(
+        {
+            C.IMAGE_ID: [f"i{i}" for i in range(n)],
+            C.SOURCE: srcs,
+            C.LOGITS: pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), 11),
+        }
+    )
+    d = tmp_path / "parts"
+    d.mkdir()
+    for k in range(0, n, 64):
+        pq.write_table(table.slice(k, 64), d / f"part-{k // 64:03d}.parquet", row_group_size=8)
+    return str(d)
+
+
+def test_a_class_sorted_table_gives_batches_of_many_classes(tmp_path, ray_local, monkeypatch):
+    """Each decode call reads ``train.stripes`` stripes from places of the table drawn anew
+    each pass and shuffles their rows together, so a table sorted by class still gives mixed
+    batches; a stripe never cuts a row group of the images' own Parquet file (a reader of one
+    of its images reads the whole group), so images in 64-row groups get one place a call."""
+    from ktray.stages import train_data
+
+    monkeypatch.setattr(train_data, "task_rows", lambda sizes: 64)  # a call: 64 rows
+    mean_classes = {}
+    made = {}
+    for images in ("parquet", "files", "in memory"):
+        if images == "in memory":  # an online run's views: the files' table, in memory
+            uri = pq.read_table(made["files"])
+        else:
+            (tmp_path / images).mkdir()
+            uri = made[images] = _class_sorted(tmp_path / images, images)
+        for stripes in (1, 8):
+            over = [f"out={tmp_path}/out", "train.decode_concurrency=1", "distill.batch_size=64"]
+            over.append(f"train.stripes={stripes}")
+            spec = DistillSpec.from_config(load_config(None, over), "task")
+            ds = view_dataset(uri, [C.SOURCE, C.LOGITS], {"x": 8}, spec, seed=3, steps=20)
+            assert ds.passes == 2  # 20 steps of 64 rows: two passes of 640
+            batches = list(ds.iter_batches(batch_size=16, batch_format="numpy"))
+            got = np.concatenate([b[C.LOGITS][:, 10] for b in batches]).astype(int)
+            assert sorted(got.tolist()) == sorted(list(range(640)) * 2)  # each row once a pass
+            classes = [len(set(b[C.LOGITS][:, :10].argmax(1).tolist())) for b in batches]
+            mean_classes[images, stripes] = float(np.mean(classes))
+    # a call of one place is one class (16 of its 64 rows a batch); 8 stripes of 8 rows from
+    # 8 places hold ~5.8 of the 10 classes, a batch of 16 of them 5.3 (one place a call: 1.9)
+    assert mean_classes["files", 1] == 1.0, mean_classes
+    assert mean_classes["files", 8] > 3.5, mean_classes
+    assert mean_classes["parquet", 1] == mean_classes["parquet", 8] == 1.0, mean_classes
+    assert mean_classes["in memory", 1] == 1.0 and mean_classes["in memory", 8] > 3.5

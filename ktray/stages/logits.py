@@ -32,10 +32,18 @@ from ktray.stages import decode_tasks, shards
 
 log = logging.getLogger("ktray")
 SHARD_ROWS = 2048
+GROUP_ROWS = 64
+"""Rows per row group of a logits part: distillation reads its rows in stripes from many places
+(``train.stripes``; 55-512 rows at 224-64 px), each whole groups, for a piece of a group
+re-reads the group. Measured here (1,000 float16 logits a row): 512-row stripes of 2,048-row
+groups 61 us a row, of 64-row groups 16 us (as whole 2,048-row groups, 15); 64-row stripes
+22 us, against ~3 ms decoding a 224 px view. Parts are ~14% larger than in one group."""
 
 
 class LogitsWriter(shards.ShardWriter):
     """Ray Data actor: the teacher over one decoded shard -> its logits part file."""
+
+    row_group_rows = GROUP_ROWS
 
     def __init__(
         self,
@@ -238,7 +246,8 @@ def slice_from(
         while rows is not None and (len(rows) >= shard_rows or (final and len(rows))):
             if shard in pending:
                 part = rows.slice(0, shard_rows)
-                storage.write_parquet(storage.join(out, shards.part_name(shard)), part)
+                uri = storage.join(out, shards.part_name(shard))
+                storage.write_parquet(uri, part, GROUP_ROWS)
             rows, shard = rows.slice(shard_rows), shard + 1
         buffer = [rows] if rows is not None and len(rows) else []
 

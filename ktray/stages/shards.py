@@ -134,6 +134,9 @@ class ShardWriter:
     imports done), ``ready``, ``start``; :func:`timeline` reads them.
     """
 
+    row_group_rows: int | None = None
+    """Rows per row group of the part files (None: one group a part)."""
+
     def __init__(self, out_dirs: dict, threads: int = 0):
         import socket
 
@@ -170,7 +173,8 @@ class ShardWriter:
             if rows != expected:  # a split shard would be written partially
                 raise RuntimeError(f"{name} shard {shard}: got {rows} of {expected} rows")
             table, skipped = self.process(part)
-            storage.write_parquet(storage.join(self.out_dirs[name], part_name(shard)), table)
+            uri = storage.join(self.out_dirs[name], part_name(shard))
+            storage.write_parquet(uri, table, self.row_group_rows)
             values = (name, shard, len(table), skipped, time.perf_counter() - start)
             values += (self.actor, self.spawned, self.born, self.loaded, began)
             for k, v in zip(stats, values):

@@ -33,7 +33,17 @@ import pyarrow.parquet as pq
 from ktray import storage
 from ktray.data import columns as C
 from ktray.data.decode import DecodeViews
-from ktray.data.row_ranges import ReadDecodeRanges, footers, row_ranges
+from ktray.data.row_ranges import (
+    Groups,
+    ReadDecodeRanges,
+    call_items,
+    decode_mixed,
+    footers,
+    read_range,
+    row_ranges,
+    stripe_rows,
+)
+from ktray.data.sources import parquet_group_rows
 from ktray.errors import KtrayError
 from ktray.stages.shards import map_without_restarts
 from ktray.train.specs import DistillSpec
@@ -86,14 +96,15 @@ def parquet_files(uri: str) -> list[str]:
 def describe_targets(uri: str, target: str | None) -> dict:
     """Check a view table against the logits contract and measure it: ``{"files", "rows",
     "columns", "feature_dim", "target_width"}`` (values per row of the target column).
-    ``"footers"`` holds the files' Parquet footers, for :func:`view_dataset` to cut the
-    table without reading them again. Raises KtrayError naming a missing column, or on a
+    ``"footers"`` holds the files' row groups (:class:`ktray.data.row_ranges.Groups`, from
+    their Parquet footers), for :func:`view_dataset` to cut the table without reading them
+    again. Raises KtrayError naming a missing column, or on a
     table without rows."""
     files = parquet_files(uri)
     if not files:
         raise KtrayError(f"no .parquet files at {uri}")
     metas = footers(files)
-    rows, schema = sum(m.num_rows for m in metas), metas[0].schema.to_arrow_schema()
+    rows, schema = sum(m.num_rows for m in metas), _schema(files[0])
     if not rows:
         raise KtrayError(f"targets table {uri} has no rows")
     needed = [C.IMAGE_ID, C.SOURCE] + ([target] if target else [])
@@ -182,7 +193,8 @@ def view_dataset(
     ``steps``: the optimizer steps the run takes (of ``spec.batch_size`` rows). A streamed
     table (Parquet or in memory) then runs all the passes they need in one execution
     (:func:`passes_for`; its attribute ``passes`` says how many an execution makes): each pass
-    every range once, in its own seeded order (:func:`range_order`), with one pool of decode
+    every stripe once, in calls of its own seeded draw (:func:`ktray.data.row_ranges.
+    call_items`: ``train.stripes`` places a call, shuffled together), with one pool of decode
     actors for the run (a new pool for each pass took ~2 s to start its first batch here,
     ~5.5 s under a Ray Train worker). When they do not fit one execution's range list
     (``MAX_PASS_RANGES``), or without ``steps``, every execution takes as many passes as fit,
@@ -219,58 +231,67 @@ def _epoch_seed(ray, seed: int | None):
     return ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def range_order(n: int, passes: int, seed: int | None) -> list[int]:
-    """The order of ``n`` ranges over ``passes`` passes: each pass a permutation of its own,
-    drawn from ``seed`` (fresh entropy without one)."""
-    rng = np.random.default_rng(seed)
-    return [int(i) for _ in range(passes) for i in rng.permutation(n)]
-
-
 def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, described, steps):
     """The decoded view dataset and the passes over ``source`` one execution of it makes."""
     target = [c for c in columns if c in (C.LOGITS, C.FEATURES)]
     fresh = (spec.scale_min, 1.0) if spec.augment == "consistent" else None
     decode = DecodeViews(sizes, target, fresh)
+    task = task_rows(sizes)
     if isinstance(source, pa.Table):  # in memory (an online run's views): slices of it
         table = source.select(columns)
-        n = task_rows(sizes)
-        ranges = [
-            {"start": i, "rows": min(n, table.num_rows - i)} for i in range(0, table.num_rows, n)
+        rows = stripe_rows(task, spec.stripes, [_image_group_rows(table.slice(0, task))])
+        stripes = [
+            {"start": i, "rows": min(rows, table.num_rows - i)}
+            for i in range(0, table.num_rows, rows)
         ]
         # one copy in the object store, read zero-copy by every decode actor
         reader = (DecodeSlices, (ray.put(table), decode, spec.decode_batch))
         what = "the transfer set"
     else:
-        # A Parquet table: one decode call per range of ~task_rows rows (cut from the
-        # footers). The actors read the rows themselves: nothing but the range list (a few
-        # KB) is read before the first batch, and the object store holds decoded blocks in
-        # flight, not the table. (Ray Data's Parquet reader cuts blocks by bytes, 8 MiB here:
-        # ~80k rows of a 10-class table, one task on one core for them; its streaming
-        # repartition by rows let the read run ahead into the object store, 2 GiB at 1M rows;
-        # ``randomize_block_order`` after a read is a barrier that reads the whole table.)
+        # A Parquet table: one decode call per ~task_rows rows, read as stripes (cut from the
+        # footers) from several places of the table. The actors read the rows themselves:
+        # nothing but the stripe list (a few KB) and one call's sources are read before the
+        # first batch, and the object store holds decoded blocks in flight, not the table.
+        # (Ray Data's Parquet reader cuts blocks by bytes, 8 MiB here: ~80k rows of a 10-class
+        # table, one task on one core for them; its streaming repartition by rows let the read
+        # run ahead into the object store, 2 GiB at 1M rows; ``randomize_block_order`` after a
+        # read is a barrier that reads the whole table.)
         if described is not None:
-            ranges = row_ranges(described["files"], task_rows(sizes), described["footers"])
+            files, metas = described["files"], described["footers"]
         else:
-            ranges = row_ranges(parquet_files(source), task_rows(sizes))
+            files = parquet_files(source)
+            metas = footers(files)
+        stripes = []
+        if any(m.num_rows for m in metas):
+            first = row_ranges(files, task, metas)[0]
+            units = [
+                _table_group_rows(metas, task),
+                _image_group_rows(read_range(first, [C.SOURCE])),
+            ]
+            rows = stripe_rows(task, spec.stripes, units)
+            stripes = row_ranges(files, rows, metas)
         reader = (ReadDecodeRanges, (columns, decode, spec.decode_batch))
         what = f"the view table {source}"
-    if not ranges:
+    if not stripes:
         raise KtrayError(f"{what} has no rows")
+    per_call = min(spec.stripes, max(1, task // rows))  # (small files give shorter stripes)
+    calls = -(-len(stripes) // per_call)
     # All the run's passes in one execution (one decode actor pool) when they fit, each pass
     # in its own seeded order; else as many as fit, an execution at a time.
     passes, whole = (
-        passes_for(steps, spec.batch_size, sum(r["rows"] for r in ranges), len(ranges))
+        passes_for(steps, spec.batch_size, sum(r["rows"] for r in stripes), calls)
         if steps
         else (1, False)
     )
-    if whole:  # one execution: each pass every range once, in its own seeded order
-        items = [ranges[i] for i in range_order(len(ranges), passes, seed)]
+    if whole:  # one execution: each pass every stripe once, in its own seeded calls
+        items = call_items(stripes, per_call, passes, seed)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
     else:
-        # More executions follow (a set of thousands of ranges, 10M rows = ~5,000): each
-        # takes its passes' ranges in a new order, reseeded every execution (a seeded order
+        # More executions follow (a set of thousands of calls, 10M rows = ~5,000): each
+        # takes its passes' calls in a new order, reseeded every execution (a seeded order
         # fixed in the driver would make every execution's batches the same).
-        ds = ray.data.from_items(ranges * passes, override_num_blocks=len(ranges) * passes)
+        items = call_items(stripes, per_call, 1, seed) * passes
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.randomize_block_order(seed=_epoch_seed(ray, seed))
     ds = map_without_restarts(
         ds.map_batches,
@@ -280,6 +301,34 @@ def _view_dataset(ray, source, columns, sizes, spec, seed, trainer_cpus, describ
         **_decode_stage(ray, spec, trainer_cpus),
     )
     return ds, passes
+
+
+def _schema(uri: str) -> pa.Schema:
+    fs, path = storage.fs_and_path(uri)
+    with fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).schema_arrow
+
+
+def _table_group_rows(metas: list[Groups], task: int) -> int:
+    """The view table's usual rows per row group (the median), at most ``task``: a table of
+    groups larger than a call is read a call's piece at a time, one place a call (stripes of
+    it would re-read a group once per stripe)."""
+    groups = np.concatenate([m.rows for m in metas]) if metas else np.zeros(0, np.int64)
+    groups = groups[groups > 0]
+    return min(task, int(np.median(groups))) if len(groups) else 0
+
+
+def _image_group_rows(rows: pa.Table) -> int:
+    """The fewest rows of a stripe over the Parquet image files behind ``rows`` (a sample: one
+    call's rows): two of their row groups, in view rows (times the rows per image in the
+    sample: an image's views are adjacent rows). 0 when the images are files, tar members or
+    IDX rows."""
+    sources = rows.column(C.SOURCE).to_pylist()
+    group = parquet_group_rows(sources)
+    if not group:
+        return 0
+    # twice: a stripe starting mid-group reads at most 1.5x the images it uses (one: 2x)
+    return -(-2 * group * len(sources) // max(1, len(set(sources))))
 
 
 class DecodeSlices:
@@ -295,10 +344,9 @@ class DecodeSlices:
         self.batch_rows = int(batch_rows)
 
     def __call__(self, batch: pa.Table):
-        for r in batch.to_pylist():
-            part = self.table.slice(r["start"], r["rows"])
-            for i in range(0, part.num_rows, self.batch_rows):
-                yield self.decode(part.slice(i, self.batch_rows))
+        for item in batch.to_pylist():
+            parts = (self.table.slice(r["start"], r["rows"]) for r in item["parts"])
+            yield from decode_mixed(parts, self.decode, self.batch_rows, item["seed"])
 
 
 DECODE_TASKS_IN_FLIGHT = 2

@@ -172,6 +172,7 @@ class DistillSpec(_Run, _Student):
     decode_batch: int = _k("train.decode_batch")
     cache_decoded_mb: int = _k("train.cache_decoded_mb")
     reproducible: bool = _k("train.reproducible", default=True)
+    stripes: int = _k("train.stripes", default=32)
     dense_size: int = _k("logits.dense_size", default=0)
     """Segmentation: side of the teacher's stored per-pixel predictions (0: classification)."""
     dense_feature_size: int = _k("logits.dense_feature_size", default=0)
@@ -206,6 +207,7 @@ class DistillSpec(_Run, _Student):
             decode_cpus=t.decode_cpus,
             decode_concurrency=t.decode_concurrency,
             decode_batch=t.decode_batch,
+            stripes=t.stripes,
             cache_decoded_mb=t.cache_decoded_mb,
             reproducible=t.reproducible,
             dense_size=cfg.logits.dense_size if _task_type(cfg) == "segmentation" else 0,
