@@ -233,6 +233,7 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
             f"distill.steps={steps}",
             "distill.batch_size=12",
             "train.decode_batch=2",
+            "train.stripes=1",  # a call a part: 16 calls keep the pool busy past a checkpoint
             "train.cache_decoded_mb=0",  # streamed: the passes decode in one actor pool
             "train.shuffle_buffer=24",  # the first batch waits for 24 rows, not the whole input
             "train.checkpoint_every=5",
@@ -250,9 +251,11 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
                     return True
         return False
 
+    done = threading.Event()  # the test is over: kill nothing more (later tests' processes)
+
     def kill_decode_actors_until_the_workers_restart():
         deadline, first_worker, seen = time.monotonic() + 240, None, {}
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done.is_set():
             procs = {p: cmdline(p) for p in descendants(os.getpid())}
             workers = sorted(p for p, c in procs.items() if "RayTrainWorker" in c)
             if workers and first_worker is None:
@@ -271,8 +274,11 @@ def test_a_killed_decode_actor_fails_the_epoch_and_the_run_resumes(tiny_task, tm
     watcher = threading.Thread(target=kill_decode_actors_until_the_workers_restart, daemon=True)
     start = time.perf_counter()
     watcher.start()
-    m = distill_stage.run(cfg, "in_domain", "task")
-    watcher.join(timeout=5)
+    try:
+        m = distill_stage.run(cfg, "in_domain", "task")
+    finally:
+        done.set()
+        watcher.join(timeout=5)
     print(f"\nfault tolerance (decode actors): {time.perf_counter() - start:.1f}s, killed {killed}")
     assert killed, "no decode actor was found to kill after the first checkpoint"
     assert m["steps"] == steps

@@ -105,6 +105,8 @@ def test_a_stripe_never_cuts_a_unit_read_whole():
     assert rr.stripe_rows(4096, 8, [2048]) == 2048  # a 2,048-row group is not cut
     assert rr.stripe_rows(4096, 8, [10_000]) == 4096  # at most one call
     assert rr.stripe_rows(445, 8) == 55  # large views: short stripes
+    assert rr.stripe_rows(256, 64) == rr.MIN_STRIPE_ROWS == 32  # never tiny reads
+    assert rr.stripe_rows(16, 8) == 16  # at most a call
     assert rr.stripe_rows(4096, 1) == 4096
 
 

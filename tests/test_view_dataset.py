@@ -312,7 +312,7 @@ def _class_sorted(tmp_path, images: str) -> str:
     """10 classes x 64 view rows, sorted by class (an in-domain set written class by class),
     in parts of 64 rows with row groups of 8; row r's logits: class one-hot, r in column 10.
     ``images``: "files" (a PNG each row) or "parquet" (rows of one Parquet image file whose
-    row groups hold 64 images)."""
+    row groups hold 256 images)."""
     rng = np.random.default_rng(0)
     n = 640
     blobs = []
@@ -326,7 +326,7 @@ def _class_sorted(tmp_path, images: str) -> str:
             (tmp_path / f"img{i}.png").write_bytes(b)
             srcs.append(str(tmp_path / f"img{i}.png"))
     else:
-        pq.write_table(pa.table({"png": blobs}), tmp_path / "images.parquet", row_group_size=64)
+        pq.write_table(pa.table({"png": blobs}), tmp_path / "images.parquet", row_group_size=256)
         srcs = [f"{tmp_path}/images.parquet#{i}" for i in range(n)]
     logits = np.zeros((n, 11), np.float16)
     logits[np.arange(n), np.arange(n) // 64] = 1
@@ -349,10 +349,10 @@ def test_a_class_sorted_table_gives_batches_of_many_classes(tmp_path, ray_local,
     """Each decode call reads ``train.stripes`` stripes from places of the table drawn anew
     each pass and shuffles their rows together, so a table sorted by class still gives mixed
     batches; a stripe never cuts a row group of the images' own Parquet file (a reader of one
-    of its images reads the whole group), so images in 64-row groups get one place a call."""
+    of its images reads the whole group), so images in 256-row groups get one place a call."""
     from ktray.stages import train_data
 
-    monkeypatch.setattr(train_data, "task_rows", lambda sizes: 64)  # a call: 64 rows
+    monkeypatch.setattr(train_data, "task_rows", lambda sizes: 256)  # a call: 256 rows
     mean_classes = {}
     made = {}
     for images in ("parquet", "files", "in memory"):
@@ -372,8 +372,8 @@ def test_a_class_sorted_table_gives_batches_of_many_classes(tmp_path, ray_local,
             assert sorted(got.tolist()) == sorted(list(range(640)) * 2)  # each row once a pass
             classes = [len(set(b[C.LOGITS][:, :10].argmax(1).tolist())) for b in batches]
             mean_classes[images, stripes] = float(np.mean(classes))
-    # a call of one place is one class (16 of its 64 rows a batch); 8 stripes of 8 rows from
-    # 8 places hold ~5.8 of the 10 classes, a batch of 16 of them 5.3 (one place a call: 1.9)
+    # a call of one place is one class (a file of 64 rows: ranges never span files); 8 stripes
+    # of 32 rows from 8 places hold ~5.8 of the 10 classes, a batch of 16 of them ~5
     assert mean_classes["files", 1] == 1.0, mean_classes
     assert mean_classes["files", 8] > 3.5, mean_classes
     assert mean_classes["parquet", 1] == mean_classes["parquet", 8] == 1.0, mean_classes

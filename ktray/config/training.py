@@ -298,11 +298,11 @@ class TrainConfig:
     from places drawn anew every pass, interleaved and shuffled as they decode), so a set
     stored sorted by class (an in-domain set written class by class) still gives batches of
     many classes: 100 classes of 200 rows gave 34 classes a batch of 128 with 1, 37 with 8, 48
-    with 32 (rows in random order: 72). A stripe never splits a row group of the view table
-    (the logits stage writes 64-row groups) and spans at least two of the images' own Parquet
-    files' row groups (a reader of one image reads its whole group), so such sets get fewer,
-    longer stripes. A call's stripes are read at once, a thread each (on s3 as long as one
-    read). 1 = one run of consecutive rows a call."""
+    with 32 (rows in random order: 72). A stripe holds at least 32 rows, never splits a row
+    group of the view table (the logits stage writes 64-row groups) and spans at least two of
+    the images' own Parquet files' row groups (a reader of one image reads its whole group),
+    so such sets get fewer, longer stripes. A call's stripes are read at once, a thread each
+    (on s3 as long as one read). 1 = one run of consecutive rows a call."""
     shuffle_buffer: int = setting(2048, ge=0)
     """Distillation input: rows in each worker's local shuffle buffer (after the row ranges'
     order is shuffled every pass); 0 = none. The first batch waits until it is full (or the

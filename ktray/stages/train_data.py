@@ -1,13 +1,15 @@
 """Distillation input through Ray Data: view rows -> decoded uint8 views + targets.
 
 ``view_dataset`` cuts a table of views (the logits stage's parts, a ``distill.targets`` table)
-into row ranges from its Parquet footers (:mod:`ktray.data.row_ranges`; at most
-``BLOCK_ROWS`` rows or ``TASK_BYTES`` of decoded views each), shuffles the ranges' order every
-pass (the passes a run needs come in one execution: one actor pool), and sends each range to a
-pool of CPU decode actors (``train.decode_cpus`` each, starting with as many as the CPUs the
-training workers leave and growing into CPUs that free up, at most ``train.decode_concurrency``
-when set; two ranges queued on each, so none waits between ranges) that read its rows and
-decode + crop their views, ``train.decode_batch`` rows at a time. Rows, not bytes, cut the
+into stripes of consecutive rows from its Parquet footers (:mod:`ktray.data.row_ranges`),
+groups them ``train.stripes`` to a decode call (at most ``BLOCK_ROWS`` rows or ``TASK_BYTES``
+of decoded views a call) anew every pass, from places all over the table, so a table sorted
+by class still gives mixed batches (the passes a run needs come in one execution: one actor
+pool), and sends each call to a pool of CPU decode actors (``train.decode_cpus`` each,
+starting with as many as the CPUs the training workers leave and growing into CPUs that free
+up, at most ``train.decode_concurrency`` when set; two calls queued on each, so none waits
+between calls) that read its stripes, interleave them and decode + crop their views,
+``train.decode_batch`` rows at a time. Rows, not bytes, cut the
 work: Ray Data's Parquet reader coalesces files into 8 MiB blocks, ~80k rows of a 10-class
 table, which one task on one core decoded. Nothing but the range list is read before the first
 batch, and the object store holds the decoded blocks in flight, not the transfer set.
