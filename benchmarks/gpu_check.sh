@@ -90,6 +90,10 @@ if [ -z "${GPU_CHECK_DRY:-}" ]; then
 fi
 if [ "$HAVE_RAY" = 1 ]; then
     RAY=("$PY" -m ray.scripts.scripts)
+    # Without the dashboard, Ray Train V2's PlacementGroupCleaner logs "Failed to query Ray
+    # Train Controller actor state" every few seconds (it polls the state API, which the
+    # dashboard serves; ~140 lines a run): noise only, left as is (the carried wheels are not
+    # known to hold the dashboard's dependencies).
     "${RAY[@]}" start --head --disable-usage-stats --include-dashboard=false \
         --num-gpus "$GPU_CHECK_GPUS" > "$GPU_CHECK_OUT/ray-start.log" 2>&1 \
         && export RAY_ADDRESS=auto || note "ray start failed: each part starts its own Ray"
