@@ -267,20 +267,3 @@ def test_memory_filesystem_uris():
     rows = read_parquet_images(f"memory://{root}-pq")
     assert rows.column("image_id").to_pylist() == ["part-0/0"]
     assert load_images(rows.column("source").to_pylist())[0].size == (32, 32)
-
-
-def test_the_row_groups_of_parquet_image_files_are_measured_from_their_footers(tmp_path):
-    """``parquet_group_rows``: the largest row group of the Parquet image files behind some
-    sources (a reader of one of their images reads its whole group); 0 for files."""
-    from ktray.data.sources import parquet_group_rows
-
-    blobs = [encode(image(i), "PNG") for i in range(12)]
-    small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
-    pq.write_table(pa.table({"png": blobs}), small, row_group_size=5)  # groups 5, 5, 2
-    pq.write_table(pa.table({"png": blobs}), big, row_group_size=12)
-    assert parquet_group_rows([f"{small}#0", f"{small}#11"]) == 5
-    assert parquet_group_rows([f"{small}#0", f"{big}#3"]) == 12
-    assert parquet_group_rows([f"{big}#3"], files=0) == 0  # none sampled
-    png = tmp_path / "a.png"
-    png.write_bytes(blobs[0])
-    assert parquet_group_rows([str(png), f"{tmp_path}/missing.parquet#1"]) == 0

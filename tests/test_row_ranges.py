@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datafiles import encode, image
 
 from ktray.data import row_ranges as rr
 
@@ -155,3 +156,18 @@ def test_footers_read_once_serve_the_ranges_without_reading_the_files_again(tmp_
         rr.row_ranges([a, b], 12)
     with pytest.raises(ValueError, match="1 footers for 2 files"):
         rr.row_ranges([a, b], 12, metas[:1])
+
+
+def test_the_row_groups_of_parquet_image_files_are_measured_from_their_footers(tmp_path):
+    """``parquet_group_rows``: the largest row group of the Parquet image files behind some
+    sources (a reader of one of their images reads its whole group); 0 for files."""
+    blobs = [encode(image(i), "PNG") for i in range(12)]
+    small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    pq.write_table(pa.table({"png": blobs}), small, row_group_size=5)  # groups 5, 5, 2
+    pq.write_table(pa.table({"png": blobs}), big, row_group_size=12)
+    assert rr.parquet_group_rows([f"{small}#0", f"{small}#11"]) == 5
+    assert rr.parquet_group_rows([f"{small}#0", f"{big}#3"]) == 12
+    assert rr.parquet_group_rows([f"{big}#3"], files=0) == 0  # none sampled
+    png = tmp_path / "a.png"
+    png.write_bytes(blobs[0])
+    assert rr.parquet_group_rows([str(png), f"{tmp_path}/missing.parquet#1"]) == 0

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray import storage
+from ktray.data.sources import parse_source
+from ktray.errors import KtrayError
 
 READ_BYTES_PER_ROW = 64 * 2**10
 """A piece of a row group has at least group bytes / this many rows: re-reading a 64 KiB
@@ -95,6 +97,22 @@ def footers(files: Sequence[str]) -> list[Groups]:
         return [read(f) for f in files]
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files))) as pool:
         return list(pool.map(read, files))
+
+
+def parquet_group_rows(sources: Sequence[str], files: int = 4) -> int:
+    """Rows per row group of the Parquet image files behind image ``sources``: the largest
+    among the first ``files`` of them (:func:`footers` only), 0 when none is one (files, tar
+    members and IDX rows are read one by one, or an IDX file whole once). A reader of one
+    image of such a file reads its whole row group."""
+    uris = list(dict.fromkeys(u for k, u, _ in map(parse_source, sources) if k == "parquet"))
+    largest = 0
+    for uri in uris[:files]:
+        try:
+            (groups,) = footers([uri])
+        except (OSError, pa.ArrowException, KtrayError):
+            continue  # unreadable: reported when its images load
+        largest = max([largest, *groups.rows.tolist()])
+    return largest
 
 
 def _file_ranges(uri: str, meta: Groups, rows: int) -> list[dict]:

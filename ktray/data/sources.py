@@ -240,23 +240,6 @@ def _row_group_bytes(h: _ParquetHandle, g: int) -> tuple[list, int]:
     return values, sum(len(v) for v in values if v is not None) + 64 * len(values)
 
 
-def parquet_group_rows(sources: list[str], files: int = 4) -> int:
-    """Rows per row group of the Parquet image files behind ``sources``: the largest among the
-    first ``files`` of them (their footers only), 0 when none is one (files, tar members and
-    IDX rows are read one by one, or an IDX file whole once). A reader of one image of such a
-    file reads its whole row group."""
-    uris = list(dict.fromkeys(u for k, u, _ in map(parse_source, sources) if k == "parquet"))
-    largest = 0
-    for uri in uris[:files]:
-        try:
-            with _open_rb(uri) as fh:
-                md = pq.ParquetFile(fh).metadata
-        except (OSError, pa.ArrowException, KtrayError):
-            continue  # unreadable: reported when its images load
-        largest = max([largest, *(md.row_group(g).num_rows for g in range(md.num_row_groups))])
-    return largest
-
-
 def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
     with _lock:
         h = _handle_cache.get(("parquet", uri), lambda: (_ParquetHandle(uri), 0))

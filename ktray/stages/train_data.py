@@ -41,11 +41,11 @@ from ktray.data.row_ranges import (
     call_items,
     decode_mixed,
     footers,
+    parquet_group_rows,
     read_range,
     row_ranges,
     stripe_rows,
 )
-from ktray.data.sources import parquet_group_rows
 from ktray.errors import KtrayError
 from ktray.stages.shards import map_without_restarts
 from ktray.train.specs import DistillSpec
