@@ -9,7 +9,10 @@ A source is one of:
 - ``URI#MEMBER`` for a member of a webdataset ``.tar`` shard.
 
 Requests are grouped by file, and opened files (Parquet row groups, IDX arrays, tar indexes)
-are kept in a small per-process LRU, so batched and sequential loads read each file once.
+are kept in a small per-process LRU (:mod:`ktray.data.source_cache`), so batched and sequential
+loads read each file once; rows of Parquet image files are read by
+:mod:`ktray.data.parquet_images`. The image files of a batch on a remote filesystem (s3://) are
+read side by side, a GET each (``source_cache.FETCH_THREADS`` at a time).
 """
 
 from __future__ import annotations
@@ -17,27 +20,24 @@ from __future__ import annotations
 import gzip
 import io
 import logging
-import os
 import re
 import tarfile
-import threading
-from bisect import bisect_right
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections import defaultdict
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from ktray.data import source_cache as sc
+from ktray.data.parquet_images import IMAGE_COLUMNS, image_column, load_parquet
+from ktray.data.source_cache import clear_cache
 from ktray.errors import CorruptImageError, KtrayError
 
-log = logging.getLogger(__name__)
+__all__ = ["IMAGE_COLUMNS", "clear_cache", "image_column", "load_images", "parse_source"]
 
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "bytes", "img")
-"""Parquet columns holding encoded image bytes, in order of preference."""
+log = logging.getLogger(__name__)
 
 _IDX_RE = re.compile(r"idx\d-ubyte(\.gz)?$")
 _TAR_RE = re.compile(r"\.(tar|tar\.gz|tgz)$")
@@ -46,60 +46,8 @@ _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class _LRU:
-    """A byte-budgeted LRU; evicted values with a ``close`` method are closed."""
-
-    def __init__(self, max_bytes: int, max_items: int):
-        self.max_bytes, self.max_items = max_bytes, max_items
-        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key][0]
-        value, nbytes = make()
-        self._items[key] = (value, nbytes)
-        self._bytes += nbytes
-        while len(self._items) > 1 and (
-            self._bytes > self.max_bytes or len(self._items) > self.max_items
-        ):
-            _, (old, old_bytes) = self._items.popitem(last=False)
-            self._bytes -= old_bytes
-            if hasattr(old, "close"):
-                old.close()
-        return value
-
-    def clear(self) -> None:
-        for value, _ in self._items.values():
-            if hasattr(value, "close"):
-                value.close()
-        self._items.clear()
-        self._bytes = 0
-
-
-_CACHE_MB = int(os.environ.get("KTRAY_SOURCE_CACHE_MB", "512"))
-_data_cache = _LRU(_CACHE_MB * 2**20, max_items=64)  # decoded IDX arrays, parquet row groups
-_handle_cache = _LRU(2**62, max_items=16)  # open ParquetFile / tar handles (tiny)
-_lock = threading.RLock()
-_pid = os.getpid()
+_lock = sc.lock
 _warned: set[str] = set()
-
-
-def clear_cache() -> None:
-    """Drop every cached file handle and decoded array of this process."""
-    with _lock:
-        _data_cache.clear()
-        _handle_cache.clear()
-
-
-def _check_fork() -> None:
-    # A forked DataLoader worker must not share the parent's open file offsets; the decoded
-    # arrays it inherited stay valid (copy-on-write memory), so only the handles are dropped.
-    global _pid
-    if os.getpid() != _pid:
-        _handle_cache._items.clear()
-        _pid = os.getpid()
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
@@ -134,11 +82,6 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def _open_rb(uri: str):
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.open(path, "rb")
-
-
 # ---------------------------------------------------------------------------------------------
 # IDX
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +98,7 @@ def read_idx_array(uri: str) -> np.ndarray:
         KtrayError: The file is missing or not a valid IDX file.
     """
     try:
-        with _open_rb(uri) as f:
+        with sc.open_rb(uri) as f:
             raw = gzip.GzipFile(fileobj=f).read() if uri.endswith(".gz") else f.read()
     except (OSError, EOFError) as e:
         raise KtrayError(f"cannot read IDX file {uri}: {e}")
@@ -175,7 +118,7 @@ def read_idx_array(uri: str) -> np.ndarray:
 def idx_count(uri: str) -> int:
     """Number of items in an IDX file, read from its header only."""
     try:
-        with _open_rb(uri) as f:
+        with sc.open_rb(uri) as f:
             head = (gzip.GzipFile(fileobj=f) if uri.endswith(".gz") else f).read(8)
     except (OSError, EOFError) as e:
         raise KtrayError(f"cannot read IDX file {uri}: {e}")
@@ -190,7 +133,7 @@ def _load_idx(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
         return arr, arr.nbytes
 
     with _lock:
-        arr = _data_cache.get(("idx", uri), make)
+        arr = sc.data_cache.get(("idx", uri), make)
     if arr.ndim not in (3, 4) or arr.dtype != np.uint8:
         return [(None, f"IDX file {uri} does not hold uint8 images")] * len(frags)
     out = []
@@ -206,56 +149,8 @@ def _load_idx(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
 # ---------------------------------------------------------------------------------------------
 # Parquet
 # ---------------------------------------------------------------------------------------------
-def image_column(schema: pa.Schema) -> str | None:
-    """The name of the encoded-image column in a Parquet schema, or None."""
-    for name in IMAGE_COLUMNS:
-        if name not in schema.names:
-            continue
-        t = schema.field(name).type
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-            return name
-        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:
-            return name
-    return None
-
-
-class _ParquetHandle:
-    def __init__(self, uri: str):
-        self.file = _open_rb(uri)
-        self.pf = pq.ParquetFile(self.file)
-        self.column = image_column(self.pf.schema_arrow)
-        md = self.pf.metadata
-        sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-        self.starts = np.cumsum([0] + sizes)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _row_group_bytes(h: _ParquetHandle, g: int) -> tuple[list, int]:
-    col = h.pf.read_row_group(g, columns=[h.column]).column(0).combine_chunks()
-    if pa.types.is_struct(col.type):
-        col = col.field("bytes")
-    values = col.to_pylist()
-    return values, sum(len(v) for v in values if v is not None) + 64 * len(values)
-
-
 def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
-    with _lock:
-        h = _handle_cache.get(("parquet", uri), lambda: (_ParquetHandle(uri), 0))
-        if h.column is None:
-            msg = f"no image column ({', '.join(IMAGE_COLUMNS)}) in {uri}"
-            return [(None, msg)] * len(frags)
-        encoded = []
-        for frag in frags:
-            row = int(frag) if frag.isdigit() else -1
-            if not 0 <= row < h.starts[-1]:
-                encoded.append((None, f"row {frag} out of range in {uri}"))
-                continue
-            g = bisect_right(h.starts, row) - 1
-            values = _data_cache.get(("parquet", uri, g), lambda h=h, g=g: _row_group_bytes(h, g))
-            data = values[row - h.starts[g]]
-            encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
+    encoded = load_parquet(uri, frags)
     # Decode outside the lock: PIL releases the GIL, so threads decode in parallel.
     return [_decode_or_reason(d, r, f"{uri}#{f}") for (d, r), f in zip(encoded, frags)]
 
@@ -265,7 +160,7 @@ def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
 # ---------------------------------------------------------------------------------------------
 class _TarHandle:
     def __init__(self, uri: str):
-        self.file = _open_rb(uri)
+        self.file = sc.open_rb(uri)
         self.tar = tarfile.open(fileobj=self.file, mode="r:*")
         self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
 
@@ -277,9 +172,9 @@ class _TarHandle:
 def list_tar_members(uri: str) -> list[str]:
     """Names of the regular-file members of a tar shard, in archive order."""
     with _lock:
-        _check_fork()
+        sc.check_fork()
         try:
-            h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+            h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
         except (OSError, tarfile.TarError) as e:
             raise KtrayError(f"cannot read tar shard {uri}: {e}")
         return list(h.members)
@@ -292,9 +187,9 @@ def load_tar_bytes(uri: str, members: list[str]) -> list[bytes]:
         KtrayError: The shard cannot be read or a member is missing.
     """
     with _lock:
-        _check_fork()
+        sc.check_fork()
         try:
-            h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+            h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
             return [h.tar.extractfile(h.members[m]).read() for m in members]
         except KeyError as e:
             raise KtrayError(f"no member {e.args[0]} in tar shard {uri}")
@@ -305,7 +200,7 @@ def load_tar_bytes(uri: str, members: list[str]) -> list[bytes]:
 def _load_tar(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
     encoded = []
     with _lock:
-        h = _handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+        h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
         for frag in frags:
             m = h.members.get(frag)
             if m is None:
@@ -318,16 +213,23 @@ def _load_tar(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
 # ---------------------------------------------------------------------------------------------
 # Plain files
 # ---------------------------------------------------------------------------------------------
+def _read_file(uri: str) -> tuple[bytes | None, str | None]:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.cat_file(path), None
+    except (OSError, ValueError) as e:
+        return None, f"cannot read {uri}: {type(e).__name__}: {e}"
+
+
 def _load_files(uris: list[str]) -> list[tuple[Any, str | None]]:
+    """Image files: remote ones (s3://, ...) read side by side (one GET each), local ones in
+    this thread."""
+    remote = [u for u in uris if sc.is_remote(u)]
+    read = dict(zip(remote, sc.fetch_pool().map(_read_file, remote))) if len(remote) > 1 else {}
     out = []
     for uri in uris:
-        try:
-            fs, path = fsspec.core.url_to_fs(uri)
-            data = fs.cat_file(path)
-        except (OSError, ValueError) as e:
-            out.append((None, f"cannot read {uri}: {type(e).__name__}: {e}"))
-            continue
-        out.append(_decode_or_reason(data, None, uri))
+        data, reason = read[uri] if uri in read else _read_file(uri)
+        out.append(_decode_or_reason(data, reason, uri))
     return out
 
 
@@ -354,7 +256,7 @@ def _load_with_reasons(sources: list[str]) -> list[tuple[Image.Image | None, str
         else:
             groups[(kind, uri)].append((i, frag))
     with _lock:
-        _check_fork()
+        sc.check_fork()
     for (kind, uri), items in groups.items():
         try:
             loaded = _LOADERS[kind](uri, [frag for _, frag in items])

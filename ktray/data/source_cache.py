@@ -1,0 +1,104 @@
+"""Per-process caches of the image readers (:mod:`ktray.data.sources`), and their thread pool.
+
+Opened files (Parquet files, tar indexes) and read data (Parquet row groups, IDX arrays) are
+kept in small LRUs, so batched and sequential loads read each file once; one re-entrant lock
+guards them. :func:`fetch_pool` runs reads of remote files side by side (a GET is a round
+trip: one after another, a batch of image files on s3 waited one round trip each).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import fsspec
+
+FETCH_THREADS = 16
+"""Remote image files one process reads at once."""
+
+
+class LRU:
+    """A byte-budgeted LRU; evicted values with a ``close`` method are closed."""
+
+    def __init__(self, max_bytes: int, max_items: int):
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: Any, make: Callable[[], tuple[Any, int]]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value, nbytes = make()
+        self.put(key, value, nbytes)
+        return value
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if key in self._items:
+            return
+        self._items[key] = (value, nbytes)
+        self._bytes += nbytes
+        while len(self._items) > 1 and (
+            self._bytes > self.max_bytes or len(self._items) > self.max_items
+        ):
+            _, (old, old_bytes) = self._items.popitem(last=False)
+            self._bytes -= old_bytes
+            if hasattr(old, "close"):
+                old.close()
+
+    def clear(self) -> None:
+        for value, _ in self._items.values():
+            if hasattr(value, "close"):
+                value.close()
+        self._items.clear()
+        self._bytes = 0
+
+
+_CACHE_MB = int(os.environ.get("KTRAY_SOURCE_CACHE_MB", "512"))
+data_cache = LRU(_CACHE_MB * 2**20, max_items=64)  # decoded IDX arrays, parquet row groups
+handle_cache = LRU(2**62, max_items=16)  # open ParquetFile / tar handles (tiny)
+lock = threading.RLock()
+_pid = os.getpid()
+_pool: ThreadPoolExecutor | None = None
+
+
+def clear_cache() -> None:
+    """Drop every cached file handle and decoded array of this process."""
+    with lock:
+        data_cache.clear()
+        handle_cache.clear()
+
+
+def check_fork() -> None:
+    """In a forked process (a DataLoader worker), drop the handles and the thread pool it
+    inherited: open file offsets must not be shared, and the pool's threads did not survive
+    the fork. The decoded arrays stay valid (copy-on-write memory)."""
+    global _pid, _pool
+    if os.getpid() != _pid:
+        handle_cache._items.clear()
+        _pool = None
+        _pid = os.getpid()
+
+
+def fetch_pool() -> ThreadPoolExecutor:
+    """This process's pool of ``FETCH_THREADS`` threads for remote reads."""
+    global _pool
+    with lock:
+        check_fork()
+        if _pool is None:
+            _pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="ktray-fetch")
+        return _pool
+
+
+def open_rb(uri: str):
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.open(path, "rb")
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` is on a remote filesystem (s3://, gs://, ...): not a local path."""
+    return "://" in uri and not uri.startswith(("file://", "local://"))
