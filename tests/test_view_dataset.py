@@ -13,7 +13,7 @@ from PIL import Image
 
 from ktray.config import load_config
 from ktray.data import columns as C
-from ktray.stages.train_data import view_dataset
+from ktray.stages.train_data import describe_targets, view_dataset
 from ktray.train.specs import DistillSpec
 
 FILES, PER_FILE = 64, 2
@@ -243,11 +243,11 @@ def _decode_actors() -> set[str]:
 
 
 def test_a_pool_of_decode_actors_takes_the_cpus_the_trainer_leaves(tmp_path, ray_local):
-    """Ranges go to long-lived decode actors, two queued on each (one-off tasks waited ~200 ms
+    """Ranges go to long-lived decode actors, four sent to each (one-off tasks waited ~200 ms
     for Ray Data's scheduler between ranges): as many actors as the free CPUs allow, growing
     into CPUs that free up, or at most ``train.decode_concurrency``."""
     from ktray.stages.common import trainer_cpus
-    from ktray.stages.train_data import decode_pool, describe_targets
+    from ktray.stages.train_data import decode_pool
 
     def spec(*over):  # a call a file: 64 calls, enough for the pool to grow into
         over = [f"out={tmp_path}/o", "train.stripes=1", *over]
@@ -306,6 +306,33 @@ def test_large_views_come_in_blocks_of_many_rows(tmp_path, ray_local):
     blocks = [len(b["x"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
     assert sum(blocks) == len(big)
     assert sorted(blocks) == [len(big) - td.MIN_BLOCK_ROWS, td.MIN_BLOCK_ROWS], blocks
+
+
+def test_small_views_run_further_ahead_of_the_scheduling_loop(tmp_path, ray_local):
+    """A decode call holds more blocks of small views ahead of Ray Data's scheduling loop
+    (2 by default: at 64 px the actors waited on the loop), 2 of large ones; the dataset
+    carries it, and the caller's context is left as it was."""
+    import ktray.stages.train_data as td
+
+    assert td.DECODE_CALLS_AT_ONCE == 2  # 64 MiB an actor: 4 blocks of 8 MiB a call
+    assert td.gen_buffer_blocks({"x": 64}) == 4
+    assert td.gen_buffer_blocks({"x": 96}) == 2
+    assert td.gen_buffer_blocks({"x": 224}) == 2
+    assert td.gen_buffer_blocks({"x": 64, "xt": 224}) == 2
+    uri, _ = _parts(tmp_path)
+    info = describe_targets(uri, C.LOGITS)
+    spec = DistillSpec.from_config(load_config(None, [f"out={tmp_path}/out"]), "task")
+    ctx = ray.data.DataContext.get_current()
+    before = ctx._max_num_blocks_in_streaming_gen_buffer
+    ds = view_dataset(uri, info["columns"], {"x": 64}, spec, seed=0, described=info)
+    assert ds.context._max_num_blocks_in_streaming_gen_buffer == 4
+    assert ctx._max_num_blocks_in_streaming_gen_buffer == before == 2
+    rows = sum(len(b["x"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert rows == info["rows"]
+    # two calls side by side in each actor: one's reads overlap the other's decoding
+    compute = td._decode_stage(ray, spec, 0.0)["compute"]
+    assert compute.max_concurrent_calls_per_actor == td.DECODE_CALLS_AT_ONCE == 2
+    assert compute.enable_true_multi_threading
 
 
 def _class_sorted(tmp_path, images: str) -> str:

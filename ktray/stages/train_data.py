@@ -7,8 +7,9 @@ of decoded views a call) anew every pass, from places all over the table, so a t
 by class still gives mixed batches (the passes a run needs come in one execution: one actor
 pool), and sends each call to a pool of CPU decode actors (``train.decode_cpus`` each,
 starting with as many as the CPUs the training workers leave and growing into CPUs that free
-up, at most ``train.decode_concurrency`` when set; two calls queued on each, so none waits
-between calls) that read its stripes, interleave them and decode + crop their views,
+up, at most ``train.decode_concurrency`` when set; two calls running side by side on each,
+one's reads overlapping the other's decoding, and two queued, so none waits between calls)
+that read its stripes, interleave them and decode + crop their views,
 ``train.decode_batch`` rows at a time. Rows, not bytes, cut the
 work: Ray Data's Parquet reader coalesces files into 8 MiB blocks, ~80k rows of a 10-class
 table, which one task on one core decoded. Nothing but the range list is read before the first
@@ -83,6 +84,23 @@ def block_bytes(sizes: dict[str, int]) -> int:
     """Ray Data's target block size for views of ``sizes``: ``BLOCK_BYTES``, or
     ``MIN_BLOCK_ROWS`` rows of views when that is more."""
     return max(BLOCK_BYTES, MIN_BLOCK_ROWS * sum(3 * s * s for s in sizes.values()))
+
+
+GEN_BUFFER_BYTES = 64 * 2**20
+"""Decoded blocks a decode call may hold ahead of Ray Data's scheduling loop, in bytes
+(:func:`gen_buffer_blocks`)."""
+
+
+def gen_buffer_blocks(sizes: dict[str, int]) -> int:
+    """Blocks a decode call runs ahead of the scheduling loop that takes them (Ray Data's
+    ``_max_num_blocks_in_streaming_gen_buffer``, 2 by default; counted in its object-store
+    budget): ``GEN_BUFFER_BYTES`` of blocks an actor (``DECODE_CALLS_AT_ONCE`` calls), 2 to 8
+    a call. Small views decode a block in ~90 ms, about one turn of the loop on a busy node, so
+    with 2 an actor waited on the loop: at 64 px on the 2-core machine, one call at a time, 8
+    gave 1.06x the img/s of 2 (9 runs each, alternated; input_bench ratio 0.75 -> 0.81), 4
+    1.03x. Large views take longer a block and keep 2."""
+    per_call = GEN_BUFFER_BYTES // DECODE_CALLS_AT_ONCE
+    return max(2, min(8, per_call // block_bytes(sizes)))
 
 
 def parquet_files(uri: str) -> list[str]:
@@ -206,8 +224,13 @@ def view_dataset(
 
     ordered = spec.reproducible and seed is not None
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.target_max_block_size, ctx.execution_options
+    saved = (
+        ctx.target_max_block_size,
+        ctx.execution_options,
+        ctx._max_num_blocks_in_streaming_gen_buffer,
+    )
     ctx.target_max_block_size = block_bytes(sizes)
+    ctx._max_num_blocks_in_streaming_gen_buffer = gen_buffer_blocks(sizes)
     if ordered:  # blocks leave in the (seeded) order of their inputs, not as decoded
         ctx.execution_options = copy.copy(ctx.execution_options)
         ctx.execution_options.preserve_order = True
@@ -222,7 +245,11 @@ def view_dataset(
         ds.passes = passes
         return ds
     finally:
-        ctx.target_max_block_size, ctx.execution_options = saved
+        (
+            ctx.target_max_block_size,
+            ctx.execution_options,
+            ctx._max_num_blocks_in_streaming_gen_buffer,
+        ) = saved
 
 
 def _epoch_seed(ray, seed: int | None):
@@ -351,12 +378,21 @@ class DecodeSlices:
             yield from decode_mixed(parts, self.decode, self.batch_rows, item["seed"])
 
 
-DECODE_TASKS_IN_FLIGHT = 2
-"""Ranges queued on one decode actor: the next starts the moment the last is done. (As
-one-off tasks, each range waited ~200 ms for Ray Data's scheduling loop, 10-100 ms a turn, to
-see the last one finish and send it: on this 2-core machine the two decode processes were
-busy ~68% of the time at 2,048 rows a range and delivered 5,400-5,800 img/s to a loop reading
-the dataset; as two actors, 7,200.)"""
+DECODE_CALLS_AT_ONCE = 2
+"""Ranges a decode actor runs side by side (threads; its CPU budget is unchanged): one's reads
+of its stripes, a few round trips on s3 before its first row decodes, overlap the other's
+decoding. Measured with ``benchmarks/s3_input_bench.py`` (50 ms round trips): 0.71 of the
+same table's rate from local disk one at a time, 0.79 two at a time; from local disk no
+change (``input_bench``)."""
+
+DECODE_TASKS_IN_FLIGHT = 2 * DECODE_CALLS_AT_ONCE
+"""Ranges sent to one decode actor at once: those it runs and as many queued, so the next
+starts the moment one is done. (As one-off tasks, each range waited ~200 ms for Ray Data's
+scheduling loop, 10-100 ms a turn, to see the last one finish and send it: on this 2-core
+machine the two decode processes were busy ~68% of the time at 2,048 rows a range and
+delivered 5,400-5,800 img/s to a loop reading the dataset; as two actors, 7,200.) Ray Data
+grows the pool when an actor's ranges reach 1.75 x the calls it runs at once: 2 x keeps
+that."""
 
 
 def decode_pool(spec: DistillSpec, trainer_cpus: float = 0.0) -> int:
@@ -373,7 +409,8 @@ def decode_pool(spec: DistillSpec, trainer_cpus: float = 0.0) -> int:
 
 def _decode_stage(ray, spec: DistillSpec, trainer_cpus: float) -> dict:
     """``map_batches`` keywords of the decode stage: a pool of CPU actors started with
-    :func:`decode_pool` actors, ``DECODE_TASKS_IN_FLIGHT`` ranges queued on each. Without
+    :func:`decode_pool` actors, ``DECODE_CALLS_AT_ONCE`` ranges running on each and
+    ``DECODE_TASKS_IN_FLIGHT`` sent to it. Without
     ``train.decode_concurrency`` the pool has no upper bound: Ray Data grows it within the
     CPUs its budget sees free, so on an autoscaling cluster the nodes that join for the
     training workers decode too (a pool capped at the start would keep a head node's few
@@ -390,5 +427,7 @@ def _decode_stage(ray, spec: DistillSpec, trainer_cpus: float) -> dict:
             max_size=spec.decode_concurrency or None,
             initial_size=decode_pool(spec, trainer_cpus),
             max_tasks_in_flight_per_actor=DECODE_TASKS_IN_FLIGHT,
+            max_concurrent_calls_per_actor=DECODE_CALLS_AT_ONCE,
+            enable_true_multi_threading=True,
         ),
     )
