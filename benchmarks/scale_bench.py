@@ -40,9 +40,17 @@ GROUP_ROWS = 64
 """Rows per row group of a logits part (``ktray.stages.logits.GROUP_ROWS``)."""
 
 
-def make_images(work: str, n: int = 3000, side: int = 48, shards: int = 3) -> list[str]:
-    """``n`` small JPEGs in ``shards`` Parquet files (column ``jpg``); returns their sources
-    (``URI#ROW``)."""
+def make_images(
+    work: str,
+    n: int = 3000,
+    side: int = 48,
+    shards: int = 3,
+    group_rows: int = 100,
+    files: bool = False,
+) -> list[str]:
+    """``n`` small JPEGs in ``shards`` Parquet files (column ``jpg``, row groups of
+    ``group_rows``), or with ``files`` a ``.jpg`` file each; returns their sources (``URI#ROW``
+    or the files' paths)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -56,14 +64,27 @@ def make_images(work: str, n: int = 3000, side: int = 48, shards: int = 3) -> li
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=85)
             blobs.append(buf.getvalue())
+        if files:
+            for i, blob in enumerate(blobs):
+                path = os.path.join(work, "images", f"{s:03d}-{i:06d}.jpg")
+                with open(path, "wb") as f:
+                    f.write(blob)
+                sources.append(path)
+            continue
         uri = os.path.join(work, "images", f"shard-{s:03d}.parquet")
-        pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), uri, row_group_size=100)
+        pq.write_table(
+            pa.table({"jpg": pa.array(blobs, pa.binary())}), uri, row_group_size=group_rows
+        )
         sources += [f"{uri}#{i}" for i in range(len(blobs))]
     return sources
 
 
-def make_logits(work: str, sources: list[str], rows: int, part_rows: int = PART_ROWS) -> str:
-    """``rows`` view rows over ``sources`` with float16 logits, in parts of ``part_rows``."""
+def make_logits(
+    work: str, sources: list[str], rows: int, part_rows: int = PART_ROWS, in_order: bool = False
+) -> str:
+    """``rows`` view rows over ``sources`` with float16 logits, in parts of ``part_rows``: each
+    row's image drawn at random, or with ``in_order`` the images in their order, an image's
+    views adjacent (as the logits stage writes a set it read shard by shard)."""
     out = os.path.join(work, f"logits-{rows}")
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -72,6 +93,8 @@ def make_logits(work: str, sources: list[str], rows: int, part_rows: int = PART_
     for p in range(-(-rows // part_rows)):
         n = min(part_rows, rows - p * part_rows)
         idx = rng.integers(0, len(src), n)
+        if in_order:
+            idx = (np.arange(p * part_rows, p * part_rows + n) * len(src)) // rows
         x0 = rng.uniform(0, 0.3, n).astype(np.float32)
         y0 = rng.uniform(0, 0.3, n).astype(np.float32)
         table = pa.table(
