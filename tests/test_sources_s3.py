@@ -1,6 +1,6 @@
 """Image sources on a real S3 server (skipped when none can start): image files of a batch are
 read side by side, one GET each (one after another, a batch of files waited one round trip
-each: 27 img/s at 50 ms round trips in ``benchmarks/s3_input_bench.py``)."""
+each: 9 img/s at 50 ms round trips in ``benchmarks/s3_input_bench.py``, 80 side by side)."""
 
 import io
 import threading
