@@ -161,13 +161,23 @@ def start_ray(attempts: int = 3, **init_kwargs) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, no dashboard, token auth on)."""
+def _ray_session():
+    """The session's local Ray (2 CPUs, no dashboard, token auth on), shut down at the end."""
     import ray
 
     start_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """The session's local Ray, running when a module starts: started again if a module
+    before shut it down (``ray_s3`` and the fixtures of ``test_ddp.py`` and ``test_shards.py``
+    start Rays of their own and shut them down)."""
+    if not _ray_session.is_initialized():
+        start_ray()
+    return _ray_session
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ def ray_with_probe(tmp_path, ray_local):
     try:
         yield probe
     finally:
-        ray.shutdown()  # the next stage that needs Ray starts a plain one (ensure_ray)
+        ray.shutdown()
+        start_ray()  # the session's plain Ray again, for the tests after this one
 
 
 def test_distill_with_two_ddp_workers_keeps_ranks_in_sync(tiny_task, tmp_path, ray_with_probe):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import ray
 from test_view_dataset import FILES, PER_FILE, _parts
 
@@ -13,18 +12,6 @@ from ktray.config import load_config
 from ktray.data import columns as C
 from ktray.stages.train_data import describe_targets, view_dataset
 from ktray.train.specs import DistillSpec
-
-
-@pytest.fixture(autouse=True)
-def ray_running(ray_local):
-    """The session's Ray, started again if a module before shut it down (``test_ddp.py`` does;
-    in ``test_view_dataset.py`` these tests ran after others had started it)."""
-    if not ray_local.is_initialized():
-        from ktray.config import RayConfig
-        from ktray.stages.common import ensure_ray
-
-        ensure_ray(RayConfig(num_cpus=2))
-    return ray_local
 
 
 def _decode_actors() -> set[str]:
