@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "predict",
             cmd_predict,
-            "Batch inference (Ray Data: CPU decode tasks, model actors on the GPUs; infer.* "
+            "Batch inference (Ray Data: CPU decoding, model actors on the GPUs; infer.* "
             "sizes them) over an image folder, Parquet "
             "or tar shards: OUT/predictions/part-*.parquet, a class per image (pred, prob, "
             "probs), or for a segmentation model a PNG mask per image at its own size (mask, "

@@ -272,3 +272,77 @@ def test_read_only_pixels_from_the_object_store_go_to_the_model_without_a_warnin
         warnings.simplefilter("error")
         x = normalize_on_device(pixels, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), torch.float32)
     assert x.shape == (2, 3, 4, 4) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_a_long_pass_decodes_on_a_pool_of_actors_each_sent_two(tmp_path, ray_local, monkeypatch):
+    """A pass of more than 24 shards a decode slot decodes on a pool of long-lived actors,
+    each sent the shard it decodes and the next (as one-off tasks each shard waited for Ray
+    Data's scheduling loop: 0.67-0.71 of the bare decode rate in
+    ``benchmarks/infer_input_bench.py``, 0.89-0.90 as actors sent two): as many actors as the
+    CPUs the model actors leave allow, or ``infer.decode_concurrency``. A shorter pass decodes
+    in tasks (no actor start-up, ~2 s here)."""
+    import pyarrow as pa
+
+    from ktray.config import InferConfig
+    from ktray.stages import decode_tasks
+
+    def stage(blocks, free_cpus=15.0, **infer):
+        got = decode_tasks.decode_stage(len, InferConfig(**infer), free_cpus, blocks)
+        return got.get("compute"), got
+
+    pool, got = stage(15 * 24 + 1)
+    assert got["fn"] is decode_tasks.DecodeCalls and got["fn_constructor_args"] == (len,)
+    assert (pool.initial_size, pool.min_size, pool.max_size) == (15, 1, float("inf"))
+    assert pool.max_tasks_in_flight_per_actor == 2
+    assert stage(15 * 24) == (None, {"fn": len, "concurrency": None})  # 24 a slot: tasks
+    assert stage(49, free_cpus=1, decode_cpus=0.5)[0].initial_size == 2
+    assert stage(25, free_cpus=0.5)[0].initial_size == 1
+    capped, _ = stage(73, decode_concurrency=3)
+    assert (capped.initial_size, capped.max_size) == (3, 3)
+    assert stage(72, decode_concurrency=3) == (None, {"fn": len, "concurrency": 3})
+
+    class Copy(shards.ShardWriter):
+        def process(self, part):
+            return pa.table({"v": part["v"]}), 0
+
+    def _decode_where(block, out):
+        """A decode function that says which process decoded each shard (its title and PID)."""
+        import numpy as np
+
+        with open("/proc/self/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0].decode(errors="replace")
+        shard = int(block[shards.SHARD][0].as_py())
+        with open(os.path.join(out, f"{shard}.txt"), "w") as f:
+            f.write(f"{os.getpid()} {title}")
+        n = len(block)
+        cols = {k: block[k].to_numpy(zero_copy_only=False) for k in (shards.SET, shards.SHARD, "v")}
+        return shards.decoded(cols, np.zeros((n, 2, 2, 3), np.uint8), np.ones(n, bool))
+
+    cfg = load_config(None, [f"out={tmp_path}/out", "ray.num_cpus=2"])
+    monkeypatch.setattr(decode_tasks, "TASK_SHARDS_PER_SLOT", 2)  # short passes for the test
+    for n, title in (
+        (5, "ray::MapWorker(MapBatches(DecodeCalls)).submit"),
+        (2, "ray::MapBatches(_decode_where)"),
+    ):
+        where, out = tmp_path / f"where{n}", tmp_path / f"out{n}"
+        where.mkdir()
+        out.mkdir()
+        blocks = [shards.shard_block(pa.table({"v": list(range(40))}), "a", s, 8) for s in range(n)]
+        rows = shards.map_shards(
+            cfg,
+            blocks,
+            _decode_where,
+            {"out": str(where)},
+            Copy,
+            {"out_dirs": {"a": str(out)}},
+            8 * 12,
+            lambda row: "",
+        )
+        assert sorted(r["shard"] for r in rows) == list(range(n))
+        seen = [(where / f"{s}.txt").read_text().split(" ", 1) for s in range(n)]
+        assert {t for _, t in seen} == {title}, seen
+        if n == 5:  # 2 CPUs: the model actor's and one decode actor's
+            assert len({pid for pid, _ in seen}) == 1
+        for s in range(n):
+            got = pq.read_table(out / f"part-{s:05d}.parquet")["v"].to_pylist()
+            assert got == list(range(8 * s, 8 * s + 8))

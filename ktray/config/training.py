@@ -201,9 +201,11 @@ class InferConfig:
     the pool's actors (the model is the slow part: the decode tasks share those cores). On GPU
     nodes the actor uses ``cpus_per_actor`` threads."""
     decode_cpus: float = setting(1.0, gt=0)
-    """CPUs per decode task (decoding + view cropping, separate from the model actors)."""
+    """CPUs per decode worker (decoding + view cropping, separate from the model actors): an
+    actor of a long pass's pool, or a task of a short pass."""
     decode_concurrency: int = setting(0, ge=0)
-    """Decode tasks running at once at most; 0 = as many as the free CPUs allow."""
+    """Decode workers at once at most; 0 = as many as the CPUs the model actors leave allow
+    (a long pass's actor pool grows as nodes join)."""
     eval_rows: int = setting(20000, ge=0)
     """Test sets with more images than this are evaluated by Ray Data batch inference on the
     cluster; smaller ones in the driver process (no actor start-up)."""

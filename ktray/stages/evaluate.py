@@ -2,9 +2,10 @@
 
 :func:`evaluate` picks where the work runs: a test set of at most ``infer.eval_rows`` images is
 evaluated in this process (no actor start-up); a larger one by Ray Data batch inference on the
-cluster, where the data is: the test table is read by Ray Data, decoded in CPU tasks and run
-through an autoscaling pool of model actors (``infer.*``, bf16 on GPU); each batch returns only
-its confusion counts and loss sum, so the driver never holds the images.
+cluster, where the data is: the test table's rows (sources and labels) are sent as blocks of
+``DECODE_ROWS``, their images decoded on CPU (:mod:`ktray.stages.decode_tasks`) and run
+through an autoscaling pool of model actors (``infer.*``, bf16 on GPU); each batch returns
+only its confusion counts and loss sum, so the driver never holds the images.
 """
 
 from __future__ import annotations
@@ -97,7 +98,12 @@ def evaluate_distributed(cfg: Config, model_dir: str, table_uri: str, num_classe
             f"task has {num_classes}"
         )
     ensure_ray(cfg.ray)
-    ds = ray.data.read_parquet(table_uri, columns=[C.SOURCE, C.LABEL])
+    # The rows (sources and labels, not images) are read here and sent as blocks: a Ray Data
+    # read stage would need CPUs of its own beside the decode and model actors, which hold
+    # theirs for the whole pass (on 2 CPUs the reads never ran).
+    rows = storage.read_parquet(table_uri, columns=[C.SOURCE, C.LABEL])
+    blocks = [rows.slice(i, DECODE_ROWS) for i in range(0, max(1, len(rows)), DECODE_ROWS)]
+    ds = ray.data.from_arrow(blocks)
     size = int(spec["img_size"])
     ds = inference(
         cfg,
@@ -108,6 +114,7 @@ def evaluate_distributed(cfg: Config, model_dir: str, table_uri: str, num_classe
         {"model_dir": model_dir, "batch_size": cfg.eval_batch_size},
         decode_bytes=DECODE_ROWS * size * size * 3,
         batch_size=DECODE_ROWS,
+        blocks=len(blocks),
     )
     confusion = np.zeros(num_classes * num_classes, np.int64)
     loss = 0.0

@@ -3,10 +3,11 @@
 A pass cuts its rows into shards; each shard is one Ray Data block and ends as one part file
 ``<dir>/part-NNNNN.parquet``. The pipeline has two stages:
 
-1. **decode** (Ray Data tasks on CPU, ``infer.decode_cpus`` each, ``infer.decode_concurrency``
-   at once): a whole shard's images are read in order (sources grouped by file) and decoded,
-   and every view or crop is cut and resized to a ``uint8 [S, S, 3]`` array (column
-   ``pixels``; unreadable images give one ``ok=False`` row);
+1. **decode** (Ray Data on CPU, ``infer.decode_cpus`` each, ``infer.decode_concurrency`` at
+   once at most; a pool of actors, or tasks for a few shards: :mod:`ktray.stages.decode_tasks`):
+   a whole shard's images are read in order (sources grouped by file) and decoded, and every
+   view or crop is cut and resized to a ``uint8 [S, S, 3]`` array (column ``pixels``;
+   unreadable images give one ``ok=False`` row);
 2. **model** (an autoscaling actor pool of :class:`ShardWriter` subclasses, ``infer.actors``,
    one GPU per actor when the cluster has GPUs): the actor checks that it got the whole shard,
    normalises the pixels on the device, runs the model (bf16 on GPU) and writes the part file
@@ -20,6 +21,7 @@ missing shards are computed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -212,13 +214,6 @@ def actor_threads(inf, cluster_gpus: float, pool: int) -> int:
     return max(1, int(node_cpus // max(1, pool)))
 
 
-DECODE_WORKER_BYTES = 384 * 2**20
-"""Resident memory of a Ray worker process that decodes a shard, its batch aside (Python,
-numpy, PIL, pyarrow, Ray and the decode modules, :mod:`ktray.stages.decode_tasks`, which import
-no torch): 310 MiB at its peak in ``benchmarks/logits_bench.py`` (500-view shards at 96 px),
-964 MiB when the decode modules imported torch (an earlier release declared 768 MiB)."""
-
-
 def inference(
     cfg: Config,
     ds,
@@ -228,12 +223,14 @@ def inference(
     actor_kwargs: dict,
     decode_bytes: int,
     batch_size: int | None = None,
+    blocks: int = 0,
 ):
-    """``ds`` -> decode tasks on CPU -> an autoscaling pool of model actors (``infer.*``).
+    """``ds`` -> decode on CPU -> an autoscaling pool of model actors (``infer.*``).
 
     Args:
         decode_bytes: the pixels of one decoded batch (or block) in bytes.
         batch_size: rows per decode call and per actor call; None = one block each.
+        blocks: ``ds``'s blocks (few decode in tasks, more in actors: ``decode_stage``).
     """
     import ray
 
@@ -251,20 +248,25 @@ def inference(
             f"{cpus:g} CPUs (the decode stage would never run)"
         )
     gpus = inf.gpus_per_actor if inf.gpus_per_actor >= 0 else (1.0 if cluster_gpus else 0.0)
-    decoded_ds = ds.map_batches(
-        decode,
+    pool = pool_size(cfg, gpus, cluster_gpus)
+    from ktray.stages import decode_tasks as dt  # (it imports this module)
+
+    stage = dt.decode_stage(decode, inf, cpus - pool * inf.cpus_per_actor, blocks)
+    actors = "compute" in stage  # (else one-off tasks: max_restarts is no option of theirs)
+    decoded_ds = (
+        functools.partial(map_without_restarts, ds.map_batches) if actors else ds.map_batches
+    )(
+        stage.pop("fn"),
         fn_kwargs=decode_kwargs,
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=inf.decode_cpus,
-        concurrency=inf.decode_concurrency or None,
-        # The memory a decode task holds: the worker process itself plus its batch of pixels
-        # twice (PIL images + array). Declared, so that Ray schedules decode tasks by real
-        # memory (and its issue detector stops warning that they use more than declared). It
-        # also keeps the stage separate: Ray Data fuses a task stage into the next actor
-        # stage when their resource requests match, and decoding would then run serially
-        # inside the model actor.
-        memory=DECODE_WORKER_BYTES + 2 * decode_bytes,
+        **stage,
+        # What a decode worker holds: its process and a batch of pixels twice (PIL images +
+        # array), declared so that Ray places decode workers by real memory. It also keeps a
+        # task stage apart: Ray Data fuses a task stage into the next actor stage when their
+        # resource requests match (decoding would run serially inside the model actor).
+        memory=dt.DECODE_WORKER_BYTES + 2 * decode_bytes,
     )
     # Whole blocks (batch_size None: one shard per call) on GPU actors: Ray's public
     # map_batches refuses GPUs without a batch size, and any row count would split shards
@@ -275,7 +277,6 @@ def inference(
         if batch_size is None and gpus > 0
         else decoded_ds.map_batches
     )
-    pool = pool_size(cfg, gpus, cluster_gpus)
     calls = actor_calls(inf, cluster_gpus)
     return map_without_restarts(
         map_actor,
@@ -329,7 +330,7 @@ def map_shards(
 
     def run(todo: list[pa.Table]):
         args = (decode, decode_kwargs, writer, writer_kwargs, block_bytes)
-        return inference(cfg, ray.data.from_arrow(todo), *args)
+        return inference(cfg, ray.data.from_arrow(todo), *args, blocks=len(todo))
 
     try:
         stats, started, began = [], time.perf_counter(), time.time()
