@@ -85,6 +85,8 @@ def make_logits(
     """``rows`` view rows over ``sources`` with float16 logits, in parts of ``part_rows``: each
     row's image drawn at random, or with ``in_order`` the images in their order, an image's
     views adjacent (as the logits stage writes a set it read shard by shard)."""
+    from ktray.storage import dictionary_columns
+
     out = os.path.join(work, f"logits-{rows}")
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -116,6 +118,7 @@ def make_logits(
             os.path.join(out, f"part-{p:05d}.parquet"),
             compression="none",
             row_group_size=GROUP_ROWS,  # as the logits stage writes them
+            use_dictionary=dictionary_columns(table.schema),  # (and so)
         )
     return out
 
