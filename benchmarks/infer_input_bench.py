@@ -69,26 +69,6 @@ def _bare_pass(_: int) -> int:
     return len(_bare["block"])
 
 
-class Ceiling(input_bench.Ceiling):
-    """``input_bench.Ceiling`` with the logits pass's decode function."""
-
-    def __init__(self, cpus: int, uri: str, size: int, shard_rows: int):
-        import multiprocessing
-
-        self.cpus = cpus
-        ctx = multiprocessing.get_context("fork")
-        self.pool = ctx.Pool(cpus, initializer=_bare_init, initargs=(uri, size, shard_rows))
-        self.pool.map(_bare_pass, range(cpus))
-
-    def sample(self) -> float:
-        rates = []
-        for _ in range(input_bench.CEILING_SAMPLES):
-            t = time.perf_counter()
-            n = sum(self.pool.map(_bare_pass, range(self.cpus), chunksize=1))
-            rates.append(n / (time.perf_counter() - t))
-        return sorted(rates)[len(rates) // 2]
-
-
 def run_pass(cfg, rows: pa.Table, shard_rows: int, size: int, out: str) -> dict:
     """One logits-shaped pass over ``rows`` with the no-op writer: its rates."""
     from ktray.stages import decode_tasks, shards
@@ -174,7 +154,9 @@ def main() -> None:
                 *args.overrides,
             ],
         )
-        ceiling = Ceiling(args.cpus, rows_uri, args.size, args.shard_rows)  # before Ray
+        ceiling = input_bench.Ceiling(
+            args.cpus, (rows_uri, args.size, args.shard_rows), _bare_init, _bare_pass
+        )  # before Ray
         ensure_ray(cfg.ray)
         runs = []
         for r in range(args.repeat):

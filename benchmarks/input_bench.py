@@ -90,18 +90,20 @@ class Ceiling:
     """``cpus`` plain processes decoding side by side: what the cores can do right now.
     Forked before Ray starts, so they carry none of its threads; idle between samples."""
 
-    def __init__(self, cpus: int, uri: str, columns: list[str], size: int):
-        self.cpus = cpus
+    def __init__(self, cpus: int, initargs: tuple, init=None, work=None):
+        """``init(*initargs)`` readies each process, ``work(_)`` decodes once and returns the
+        images it decoded (by default :func:`_bare_init` and :func:`_bare_pass`)."""
+        self.cpus, self.work = cpus, work or _bare_pass
         ctx = multiprocessing.get_context("fork")
-        self.pool = ctx.Pool(cpus, initializer=_bare_init, initargs=(uri, columns, size))
-        self.pool.map(_bare_pass, range(cpus))  # all warm before the first sample
+        self.pool = ctx.Pool(cpus, initializer=init or _bare_init, initargs=initargs)
+        self.pool.map(self.work, range(cpus))  # all warm before the first sample
 
     def sample(self) -> float:
         """img/s of all the processes together over one pass each (median of a few)."""
         rates = []
         for _ in range(CEILING_SAMPLES):
             t = time.perf_counter()
-            n = sum(self.pool.map(_bare_pass, range(self.cpus), chunksize=1))
+            n = sum(self.pool.map(self.work, range(self.cpus), chunksize=1))
             rates.append(n / (time.perf_counter() - t))
         return sorted(rates)[len(rates) // 2]
 
@@ -187,7 +189,7 @@ def main() -> None:
             ],
         )
         spec = DistillSpec.from_config(cfg, "task")
-        ceiling = Ceiling(args.cpus, uri, info["columns"], args.size)  # before Ray starts
+        ceiling = Ceiling(args.cpus, (uri, info["columns"], args.size))  # before Ray starts
         ensure_ray(cfg.ray)
         runs = []
         for r in range(args.repeat):  # each run: a fresh dataset and trainer
