@@ -24,51 +24,23 @@ import time
 
 import numpy as np
 
-OUT = os.environ.get("GPU_CHECK_OUT", "/tmp/ktray-gpu-check")
-IMAGES = int(os.environ.get("GPU_CHECK_IMAGES", "20000"))
-SECONDS = float(os.environ.get("GPU_CHECK_SECONDS", "8"))  # each bare baseline's timed loop
-RESULTS = os.environ.get("GPU_CHECK_RESULTS", os.path.join(OUT, "results.jsonl"))
-UNIQUE = 4000
-SIZE = 224
-MODELS = {"vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224"}
-STUDENT = "fastvit_s12"
-if os.environ.get("GPU_CHECK_DRY"):  # rehearse the orchestration on a CPU machine, tiny models
-    MODELS = {"vit_b": "test_vit", "vit_l": "test_vit"}
-    STUDENT = "test_resnet"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def record(
-    what: str, path: str, img_s: float, baseline: str = "", goal: float = 0.0, note: str = ""
-) -> None:
-    os.makedirs(OUT, exist_ok=True)
-    row = {
-        "what": what,
-        "path": path,
-        "img_s": img_s,
-        "baseline": baseline,
-        "goal": goal,
-        "note": note,
-    }
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps(row), flush=True)
-
-
-def made_at_this_size(folder: str) -> bool:
-    """Whether ``folder`` was made before for IMAGES images; if not, it is removed (made
-    again: another size's data must not be reused)."""
-    done = os.path.join(folder, "done")
-    if os.path.exists(done):
-        with open(done) as f:
-            if f.read().strip() == str(IMAGES):
-                return True
-    shutil.rmtree(folder, ignore_errors=True)
-    return False
-
-
-def mark_made(folder: str) -> None:
-    with open(os.path.join(folder, "done"), "w") as f:
-        f.write(str(IMAGES))
+from gpu_check_common import (  # noqa: E402
+    GPUS,
+    IMAGES,
+    OUT,
+    RESULTS,
+    SECONDS,
+    SIZE,
+    STUDENT,
+    UNIQUE,
+    cfg_args,
+    made_at_this_size,
+    mark_made,
+    record,
+    teacher_dir,
+)
 
 
 def part_data() -> None:
@@ -156,29 +128,6 @@ def part_targets() -> None:
     mark_made(out)
 
 
-def teacher_dir(key: str) -> str:
-    """A random-weight ktray teacher checkpoint (TaskModel, 10 classes, 224 px)."""
-    from ktray.models import TaskModel, create_backbone, save_model
-
-    d = os.path.join(OUT, f"teacher-{key}")
-    if not os.path.exists(os.path.join(d, "model.json")):
-        backbone = create_backbone(MODELS[key], pretrained=False, img_size=SIZE)
-        save_model(
-            TaskModel(backbone, 10),
-            d,
-            {
-                "kind": "teacher",
-                "arch": MODELS[key],
-                "backbone": MODELS[key],
-                "num_classes": 10,
-                "img_size": SIZE,
-                "mean": list(backbone.mean),
-                "std": list(backbone.std),
-            },
-        )
-    return d
-
-
 def part_bare(key: str) -> None:
     import torch
 
@@ -201,22 +150,30 @@ def part_bare(key: str) -> None:
     record(f"teacher {key}", "bare bf16 forward (batch 256)", n / (time.perf_counter() - start))
 
 
-def cfg_args(extra: list[str]) -> list[str]:
-    return [
-        f"data.root={os.path.join(OUT, 'data')}",
-        "data.kind=parquet",
-        "data.labels_per_class=0",
-        "data.generic_images=0",
-        "tracking.mlflow=false",
-        "ray.shared_storage=true",
-        *extra,
-    ]
+def measure_afresh(run: str, stage: str) -> None:
+    """Remove ``stage``'s outputs and Ray Train runs from the ``run`` folder: ktray resumes a
+    stage whose outputs (or checkpoints) are there, and a second ``gpu_check.sh`` on the same
+    machine would time nothing."""
+    shutil.rmtree(os.path.join(run, stage), ignore_errors=True)
+    ray_runs = os.path.join(run, "ray")
+    for name in os.listdir(ray_runs) if os.path.isdir(ray_runs) else []:
+        if name.startswith(f"{stage}-"):
+            shutil.rmtree(os.path.join(ray_runs, name), ignore_errors=True)
 
 
-def part_logits(key: str) -> None:
+def part_logits(key: str, decode: str = "auto") -> None:
+    """``decode``: ``auto`` (ktray's choice: one-off decode tasks for a pass this short),
+    ``actors`` (the decode actor pool a long pass gets: more than
+    ``decode_tasks.TASK_SHARDS_PER_SLOT`` shards a decode slot, ~740k rows on 16 cores) or
+    ``tasks``."""
     from ktray.config import load_config
+    from ktray.stages import decode_tasks
     from ktray.stages import logits as logits_stage
+    from ktray.stages.timeline import steady_rate, timeline
 
+    if decode != "auto":
+        decode_tasks.TASK_SHARDS_PER_SLOT = 0 if decode == "actors" else 10**9
+    measure_afresh(os.path.join(OUT, f"run-{key}"), "logits")
     cfg = load_config(
         "imagefolder",
         cfg_args(
@@ -232,41 +189,29 @@ def part_logits(key: str) -> None:
     compute, timed = logits_stage._compute, {}
 
     def timed_compute(*args, **kwargs):  # the Ray Data pass alone (planning, actors, run)
-        from ktray.stages.timeline import timeline
-
         start, began = time.perf_counter(), time.time()
         try:
             stats = compute(*args, **kwargs)
             print(f"  logits {key}, where the time went: {timeline(stats, began, time.time())}")
+            timed["steady"] = steady_rate(stats)
             return stats
         finally:
             timed["seconds"] = time.perf_counter() - start
 
     logits_stage._compute = timed_compute
     m = logits_stage.run(cfg, "in_domain", shard_rows=512, features=False)
-    if timed:
-        record(
-            f"teacher {key}",
-            "ktray logits pass, Ray Data execution (actor start incl.)",
-            m["rows"] / timed["seconds"],
-            "bare bf16 forward (batch 256)",
-            0.9,
-        )
-    actors = max(1, int(os.environ.get("GPU_CHECK_GPUS", "1")))
-    record(
-        f"teacher {key}",
-        "ktray logits pass, JPEG Parquet (end to end, incl. start-up)",
-        m["rows"] / m["seconds"],
-        "bare bf16 forward (batch 256)",
-        0.9,
-    )
-    record(
-        f"teacher {key}",
-        "ktray logits pass (inside the GPU actor)",
-        m["rows"] / (m["device_seconds"] / actors),
-        "bare bf16 forward (batch 256)",
-        0.9,
-    )
+    base, how = "bare bf16 forward (batch 256)", f"ktray logits pass ({decode} decode)"
+    rows = [
+        ("end to end, incl. start-up", m["rows"] / m["seconds"]),
+        ("Ray Data execution", m["rows"] / timed["seconds"] if timed else None),
+        # what a long pass gets once its start-up is paid
+        ("steady, after the 1st shard", timed.get("steady")),
+        # the model's own time: GPUs x shards' seconds
+        ("inside the GPU actor", m["rows"] / (m["device_seconds"] / GPUS)),
+    ]
+    for what, img_s in rows:
+        if img_s:
+            record(f"teacher {key}", f"{how}: {what}", img_s, base, 0.9)
 
 
 def part_bare_train() -> None:
@@ -323,6 +268,7 @@ def part_distill(mode: str) -> None:
     from ktray.stages import distill as distill_stage
 
     steps = int(os.environ.get("GPU_CHECK_STEPS", "600"))
+    measure_afresh(os.path.join(OUT, "run-vit_b"), "distill")
     every = max(1, steps // 6)
     cfg = load_config(
         "imagefolder",

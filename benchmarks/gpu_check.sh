@@ -19,7 +19,9 @@
 # (distillation steps, default 480; 20 in a dry run: a bf16 student on 2 CPU cores),
 # GPU_CHECK_RESULTS (the result rows, default $GPU_CHECK_OUT/results.jsonl). The Ray
 # parts share one Ray head started here (token authentication on), so each pays no Ray
-# start-up. GPU_CHECK_ONLY="data bare_train ..." runs only the parts named (first words).
+# start-up. GPU_CHECK_ONLY="data bare_train ..." runs only the parts named (first words);
+# GPU_CHECK_ONLY=inputs (not in the default run, CPU only, ~2 minutes) measures which decode
+# stage an inference pass should take on the node's cores (GPU_CHECK_INPUT_ROWS, 120000).
 # GPU_CHECK_DRY=1 rehearses everything but the bare GPU parts on a CPU machine with
 # tiny models. Make .whl/ with benchmarks/gpu_wheels.sh where pip reaches PyPI.
 set -u
@@ -97,10 +99,28 @@ if [ "$HAVE_RAY" = 1 ]; then
     "${RAY[@]}" start --head --disable-usage-stats --include-dashboard=false \
         --num-gpus "$GPU_CHECK_GPUS" > "$GPU_CHECK_OUT/ray-start.log" 2>&1 \
         && export RAY_ADDRESS=auto || note "ray start failed: each part starts its own Ray"
-    part 60 logits vit_b
+    # ViT-B outruns the decode cores (~10k img/s against ~9k on 16 cores): its pass takes the
+    # decode actor pool a long pass (~740k rows and up on 16 cores) gets; ViT-L is the model's
+    # own limit: ktray's choice for this short pass (one-off decode tasks)
+    part 60 logits vit_b actors
     part 70 logits vit_l
     part 115 distill targets
     part 115 distill online
+    # Not in the default run (~2 minutes, CPU only): which decode stage a pass should take on
+    # this node's cores. decode_tasks.TASK_SHARDS_PER_SLOT (24 shards a decode slot) was set
+    # from a 2-core machine's actor start-up; GPU_CHECK_ONLY=inputs measures both stages here
+    # (224-px views of 288-px JPEGs into a no-op model actor, against plain decoding on every
+    # core, benchmarks/infer_input_bench.py).
+    if [[ " ${GPU_CHECK_ONLY:-} " == *" inputs "* ]]; then
+        for d in tasks actors; do
+            t0=$(date +%s)
+            timeout 150 "$PY" benchmarks/infer_input_bench.py --side 288 --size 224 \
+                --rows "${GPU_CHECK_INPUT_ROWS:-120000}" --repeat 1 --decode "$d" 2>&1 \
+                | grep -E -A 9 'where the time went|^[0-9]+ views' \
+                || note "inputs ($d decode) failed or past 150s"
+            note "inputs ($d decode): $(( $(date +%s) - t0 ))s"
+        done
+    fi
     "${RAY[@]}" stop --force > /dev/null 2>&1
 else
     note "SKIPPED the logits and distillation passes: no ray (and no .whl/ray-*.whl to install)"

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from scale_bench import make_images  # noqa: E402
 
 from ktray.stages.shards import ShardWriter  # noqa: E402
+from ktray.stages.timeline import steady_rate, timeline  # noqa: E402
 
 
 class NoopWriter(ShardWriter):
@@ -88,10 +89,14 @@ def run_pass(cfg, rows: pa.Table, shard_rows: int, size: int, out: str) -> dict:
         lambda row: f"shard {row['shard']}",
     )
     wall = time.time() - start
-    ends = sorted((s["start"] + s["seconds"], s["rows"]) for s in stats)
-    steady_rows = sum(r for _, r in ends[1:])
-    steady = steady_rows / max(1e-9, ends[-1][0] - ends[0][0])
-    return {"steady": steady, "whole": len(rows) / wall, "wall": wall, "first": ends[0][0] - start}
+    print(f"  where the time went: {timeline(stats, start, start + wall)}", flush=True)
+    first = min(s["start"] + s["seconds"] for s in stats) - start
+    return {
+        "steady": steady_rate(stats) or 0.0,
+        "whole": len(rows) / wall,
+        "wall": wall,
+        "first": first,
+    }
 
 
 def main() -> None:

@@ -64,6 +64,11 @@ def test_a_pass_says_where_its_time_went(tmp_path, tiny_task, ray_local):
         dict(actor="a", spawned=100.5, born=101.0, ready=103.0, start=106.0, seconds=2.0),
         dict(actor="b", spawned=100.2, born=102.0, ready=105.0, start=107.0, seconds=1.0),
     ]
+    for row, rows in zip(stats, (100, 300, 500)):
+        row["rows"] = rows
+    # after the first shard's end (t=106): 300 + 500 rows by t=108
+    assert timeline.steady_rate(stats) == pytest.approx(800 / 2)
+    assert timeline.steady_rate(stats[:1]) is None
     assert timeline.timeline(stats, 100.0, 110.0) == (
         "3 shards in 10.0 s: the first model actor's process started after 0.2 s, had imported "
         "its code after 1.0 s and had its model after 3.0 s; the first shard reached a model "

@@ -39,6 +39,15 @@ def timeline(stats: list[dict], began: float, ended: float) -> str:
     )
 
 
+def steady_rate(stats: list[dict]) -> float | None:
+    """Rows a second a pass's model actors finished from the end of its first shard to the end
+    of its last (what a long pass gets once its start-up is paid); None below two shards."""
+    ends = sorted((row["start"] + row["seconds"], row["rows"]) for row in stats)
+    if len(ends) < 2 or ends[-1][0] <= ends[0][0]:
+        return None
+    return sum(rows for _, rows in ends[1:]) / (ends[-1][0] - ends[0][0])
+
+
 def process_start() -> float | None:
     """When this process started (wall clock), from Linux's /proc; None elsewhere."""
     try:
