@@ -3,8 +3,8 @@
 Every file ktray writes goes to a temporary name beside its final name and is renamed when
 complete, so a killed run never leaves a half-written file that looks whole.
 
-Object stores get bounded timeouts (connect 10 s, read 60 s, 3 attempts; set through fsspec's
-config, so every reader uses them) and :func:`probe` turns the errors of a missing credential,
+Object stores get bounded timeouts (:mod:`ktray.s3_settings`, applied on ``import ktray`` in
+every process) and :func:`probe` turns the errors of a missing credential,
 bucket or endpoint into one line naming the URI and where credentials are looked for.
 """
 
@@ -23,14 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray.errors import KtrayError
-
-S3_TIMEOUTS = {
-    "connect_timeout": 10,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 3, "mode": "standard"},
-}
-"""botocore settings of every s3:// filesystem (unless the fsspec config already has some)."""
-fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", dict(S3_TIMEOUTS))
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

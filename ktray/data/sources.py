@@ -12,7 +12,8 @@ Requests are grouped by file, and opened files (Parquet row groups, IDX arrays, 
 are kept in a small per-process LRU (:mod:`ktray.data.source_cache`), so batched and sequential
 loads read each file once; rows of Parquet image files are read by
 :mod:`ktray.data.parquet_images`. The image files of a batch on a remote filesystem (s3://) are
-read side by side, a GET each (``source_cache.FETCH_THREADS`` at a time).
+read side by side, a GET each (``source_cache.cat_files``: on s3fs's event loop,
+``FETCH_AT_ONCE`` at a time).
 """
 
 from __future__ import annotations
@@ -221,11 +222,29 @@ def _read_file(uri: str) -> tuple[bytes | None, str | None]:
         return None, f"cannot read {uri}: {type(e).__name__}: {e}"
 
 
+def _read_remote(uris: list[str]) -> dict[str, tuple[bytes | None, str | None]]:
+    """Remote image files read side by side (one GET each: ``source_cache.cat_files``)."""
+    by_fs: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+    for uri in dict.fromkeys(uris):
+        fs, path = fsspec.core.url_to_fs(uri)
+        by_fs.setdefault(id(fs), (fs, []))[1].append((uri, path))
+    read = {}
+    for fs, items in by_fs.values():
+        for (uri, _), got in zip(items, sc.cat_files(fs, [path for _, path in items])):
+            if isinstance(got, (OSError, ValueError)):
+                read[uri] = None, f"cannot read {uri}: {type(got).__name__}: {got}"
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                read[uri] = got, None
+    return read
+
+
 def _load_files(uris: list[str]) -> list[tuple[Any, str | None]]:
     """Image files: remote ones (s3://, ...) read side by side (one GET each), local ones in
     this thread."""
     remote = [u for u in uris if sc.is_remote(u)]
-    read = dict(zip(remote, sc.fetch_pool().map(_read_file, remote))) if len(remote) > 1 else {}
+    read = _read_remote(remote) if len(remote) > 1 else {}
     out = []
     for uri in uris:
         data, reason = read[uri] if uri in read else _read_file(uri)
