@@ -175,7 +175,15 @@ def find_yaml(path: str, packaged_root: Path) -> Path:
         for c in (cand, cand.with_suffix(".yaml")):
             if c.is_file() and c.suffix in (".yaml", ".yml"):
                 return c
-    raise KtrayError(f"config file not found: {path}")
+    names = sorted(
+        str(f.relative_to(packaged_root).with_suffix("")) for f in packaged_root.rglob("*.yaml")
+    )
+    if "=" in str(path):  # an override where the config goes: `ktray run out=/tmp/x`
+        raise KtrayError(
+            f"config file not found: {path} (the first argument is the config: a YAML path or "
+            f"a packaged name, {', '.join(names)}; overrides follow it, e.g. `demo {path}`)"
+        )
+    raise KtrayError(f"config file not found: {path} (packaged: {', '.join(names)})")
 
 
 def read_yaml_tree(path: str, packaged_root: Path, _seen: tuple = ()) -> dict:

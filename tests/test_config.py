@@ -44,8 +44,11 @@ def test_wrong_type_and_bad_override_are_one_line_errors():
         load_config(None, ["teacher.img_size=big"])
     with pytest.raises(KtrayError, match="key.sub=value"):
         parse_overrides(["teacher.img_size"])
-    with pytest.raises(KtrayError, match="config file not found"):
+    with pytest.raises(KtrayError, match=r"config file not found: /no/such.yaml \(packaged: demo,"):
         load_config("/no/such.yaml")
+    # an override where the config goes (`ktray run out=/tmp/x`): says where it belongs
+    with pytest.raises(KtrayError, match=r"overrides follow it, e.g. `demo out=/tmp/x`"):
+        load_config("out=/tmp/x")
 
 
 def test_yaml_roundtrip_and_hash(tmp_path):
