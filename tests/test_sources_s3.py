@@ -11,6 +11,17 @@ import numpy as np
 from PIL import Image
 
 
+def random_images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (5, 6, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_image_files_on_s3_are_read_side_by_side(s3_server, monkeypatch):
     import asyncio
 
@@ -18,17 +29,11 @@ def test_image_files_on_s3_are_read_side_by_side(s3_server, monkeypatch):
 
     from ktray.data import sources
 
-    rng = np.random.default_rng(0)
-    arrays, uris = [], []
-    for i in range(12):
-        a = rng.integers(0, 255, (5, 6, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "PNG")
+    arrays, uris = random_images(12, 0), []
+    for i, a in enumerate(arrays):
         name = "img[0].png" if i == 0 else f"img{i}.png"  # not a glob pattern: a name
-        uri = s3_server.url("files", name)
-        s3_server.fs.pipe(uri, buf.getvalue())
-        arrays.append(a)
-        uris.append(uri)
+        uris.append(s3_server.url("files", name))
+        s3_server.fs.pipe(uris[-1], png(a))
     missing = s3_server.url("files", "missing.png")
 
     fs = fsspec.core.url_to_fs(uris[0])[0]  # the (cached) filesystem the reader gets
@@ -60,15 +65,10 @@ def test_image_files_of_a_filesystem_without_async_reads_come_from_threads(monke
     from ktray.data import source_cache, sources
 
     fs = fsspec.filesystem("memory")
-    rng = np.random.default_rng(1)
-    arrays, uris = [], []
-    for i in range(6):
-        a = rng.integers(0, 255, (4, 3, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "PNG")
-        fs.pipe(f"/ktray-test-threads/{i}.png", buf.getvalue())
-        arrays.append(a)
-        uris.append(f"memory://ktray-test-threads/{i}.png")
+    arrays = random_images(6, 1)
+    uris = [f"memory://ktray-test-threads/{i}.png" for i in range(len(arrays))]
+    for uri, a in zip(uris, arrays):
+        fs.pipe(uri, png(a))
     threads = set()
     cat = fs.cat_file
 
