@@ -140,6 +140,60 @@ def test_parquet_img2dataset_and_hf_layouts(tmp_path):
         read_parquet_images(str(d))
 
 
+def test_parquet_groups_of_two_files_are_read_at_once_and_survive_eviction(tmp_path, monkeypatch):
+    """A row group's read (a round trip or more on s3) holds up only readers of its own file:
+    two decode calls of one actor read their files' groups side by side. A handle evicted
+    from the cache while read closes after the read, and the next read opens the file again."""
+    import threading
+    import time
+
+    from ktray.data import parquet_images
+    from ktray.data import source_cache as sc
+
+    imgs = [image(i) for i in range(4)]
+    uris = []
+    for f in range(2):
+        uris.append(str(tmp_path / f"shard{f}.parquet"))
+        pq.write_table(pa.table({"jpg": [encode(im, "PNG") for im in imgs]}), uris[-1])
+    sc.clear_cache()
+    read = parquet_images.row_group_bytes
+
+    def slow(h, g):  # a group read that takes a round trip
+        time.sleep(0.3)
+        return read(h, g)
+
+    monkeypatch.setattr(parquet_images, "row_group_bytes", slow)
+    got = {}
+
+    def load(uri):
+        got[uri] = load_images([f"{uri}#1", f"{uri}#3"])
+
+    threads = [threading.Thread(target=load, args=(u,)) for u in uris]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.perf_counter() - start < 0.5  # one read after the other: >= 0.6 s
+    for uri in uris:
+        assert [np.asarray(im).tolist() for im in got[uri]] == [
+            np.asarray(imgs[i]).tolist() for i in (1, 3)
+        ]
+
+    sc.clear_cache()  # evicted while a read is in progress
+    reader = threading.Thread(target=load, args=(uris[0],))
+    reader.start()
+    time.sleep(0.1)
+    with sc.lock:
+        h = sc.handle_cache.peek(("parquet", uris[0]))
+        sc.handle_cache.clear()  # waits for the read, then closes the file
+    reader.join()
+    assert h.closed and np.array_equal(np.asarray(got[uris[0]][1]), np.asarray(imgs[3]))
+    sc.data_cache.clear()
+    assert np.array_equal(np.asarray(load_images([f"{uris[0]}#2"])[0]), np.asarray(imgs[2]))
+    sc.clear_cache()
+
+
 def _parquet_task(root, train_labels, test_labels) -> str:
     os.makedirs(root, exist_ok=True)
     for split, labels in (("train", train_labels), ("test", test_labels)):

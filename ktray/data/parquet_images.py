@@ -3,13 +3,17 @@
 A source ``URI#ROW`` names a row of a Parquet file of encoded image bytes. Rows are read a row
 group at a time into the per-process cache (:mod:`ktray.data.source_cache`), in the caller's
 thread: on s3 the file's read-ahead (5 MB blocks) serves the next groups of a file read in
-order. (Reading the groups a batch needs side by side, each fetch thread with its own file and
-one request a group, was slower in ``benchmarks/s3_input_bench.py``: 0.56 of local disk
+order. A read holds its file's lock, not the cache's: the two decode calls of an actor read
+groups of two files side by side (one group at a time a process before: 0.67 / 0.73 of local
+disk against 0.71 / 0.76 at 50 ms round trips, ``benchmarks/s3_input_bench.py``, alternated).
+(Reading the groups a batch needs side by side, each fetch thread with its own file and one
+request a group, was slower in ``benchmarks/s3_input_bench.py``: 0.56 of local disk
 against 0.71 at 50 ms round trips, 64-image groups; no better with 512-image groups.)
 """
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from typing import Any
 
@@ -37,9 +41,15 @@ def image_column(schema: pa.Schema) -> str | None:
 
 
 class ParquetHandle:
-    """An open Parquet image file: its image column and each row group's first row."""
+    """An open Parquet image file: its image column and each row group's first row.
+
+    ``read_lock`` lets one thread at a time read through its file object (not thread-safe);
+    :func:`load_parquet` holds it, not the cache's lock, while a group is read, so a read
+    (a round trip or more on s3) holds up only readers of the same file."""
 
     def __init__(self, uri: str):
+        self.read_lock = threading.Lock()
+        self.closed = False
         self.file = sc.open_rb(uri)
         self.pf = pq.ParquetFile(self.file)
         self.column = image_column(self.pf.schema_arrow)
@@ -51,7 +61,9 @@ class ParquetHandle:
         return bisect_right(self.starts, row) - 1
 
     def close(self) -> None:
-        self.file.close()
+        with self.read_lock:  # (evicted from the cache: after a read in progress)
+            self.closed = True
+            self.file.close()
 
 
 def row_group_bytes(h: ParquetHandle, g: int) -> tuple[list, int]:
@@ -67,21 +79,38 @@ def _handle(uri: str) -> ParquetHandle:
     return sc.handle_cache.get(("parquet", uri), lambda: (ParquetHandle(uri), 0))
 
 
+def _group_values(uri: str, g: int) -> list:
+    """Row group ``g``'s encoded images, from the cache or read (outside the cache's lock)."""
+    key = ("parquet", uri, g)
+    while True:
+        with sc.lock:
+            values = sc.data_cache.peek(key)
+            if values is not None:
+                return values
+            h = _handle(uri)
+        with h.read_lock:
+            if h.closed:  # evicted from the handle cache meanwhile: open it again
+                continue
+            values, nbytes = row_group_bytes(h, g)
+        with sc.lock:
+            sc.data_cache.put(key, values, nbytes)
+        return values
+
+
 def load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
     """The encoded bytes (or why not) of rows ``frags`` of Parquet image file ``uri``."""
     with sc.lock:
         h = _handle(uri)
-        if h.column is None:
-            msg = f"no image column ({', '.join(IMAGE_COLUMNS)}) in {uri}"
-            return [(None, msg)] * len(frags)
-        encoded = []
-        for frag in frags:
-            row = int(frag) if frag.isdigit() else -1
-            if not 0 <= row < h.starts[-1]:
-                encoded.append((None, f"row {frag} out of range in {uri}"))
-                continue
-            g = h.group(row)
-            values = sc.data_cache.get(("parquet", uri, g), lambda h=h, g=g: row_group_bytes(h, g))
-            data = values[row - h.starts[g]]
-            encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
+    if h.column is None:
+        msg = f"no image column ({', '.join(IMAGE_COLUMNS)}) in {uri}"
+        return [(None, msg)] * len(frags)
+    encoded = []
+    for frag in frags:
+        row = int(frag) if frag.isdigit() else -1
+        if not 0 <= row < h.starts[-1]:
+            encoded.append((None, f"row {frag} out of range in {uri}"))
+            continue
+        g = h.group(row)
+        data = _group_values(uri, g)[row - h.starts[g]]
+        encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
     return encoded

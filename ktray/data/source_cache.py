@@ -37,6 +37,13 @@ class LRU:
         self.put(key, value, nbytes)
         return value
 
+    def peek(self, key: Any) -> Any:
+        """The value of ``key`` (now the most recent), or None."""
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key][0]
+
     def put(self, key: Any, value: Any, nbytes: int) -> None:
         if key in self._items:
             return
