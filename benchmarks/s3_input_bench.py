@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument(
         "--files", action="store_true", help="a .jpg file each image instead of Parquet shards"
     )
+    ap.add_argument("--tar", action="store_true", help="webdataset tar shards instead of Parquet")
     ap.add_argument("--side", type=int, default=96, help="JPEG side in pixels")
     ap.add_argument("--size", type=int, default=64, help="student input side")
     ap.add_argument("--batch", type=int, default=128)
@@ -104,7 +105,7 @@ def main() -> None:
 
         local = os.path.join(work, "local")
         sources = make_images(
-            local, args.images, args.side, args.shards, args.group_rows, files=args.files
+            local, args.images, args.side, args.shards, args.group_rows, args.files, args.tar
         )
         local_uri = make_logits(local, sources, args.rows, in_order=True)
         bucket = server.url("bench")
@@ -134,6 +135,8 @@ def main() -> None:
         layout = (
             "files"
             if args.files
+            else f"{args.shards} tar shards"
+            if args.tar
             else f"{args.shards} Parquet shards ({args.group_rows}-image row groups)"
         )
         print(

@@ -25,6 +25,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -47,10 +48,12 @@ def make_images(
     shards: int = 3,
     group_rows: int = 100,
     files: bool = False,
+    tar: bool = False,
 ) -> list[str]:
     """``n`` small JPEGs in ``shards`` Parquet files (column ``jpg``, row groups of
-    ``group_rows``), or with ``files`` a ``.jpg`` file each; returns their sources (``URI#ROW``
-    or the files' paths)."""
+    ``group_rows``), with ``files`` a ``.jpg`` file each, or with ``tar`` in ``shards``
+    webdataset tars (members ``NNNNNN.jpg``); returns their sources (``URI#ROW``, the files'
+    paths or ``URI#MEMBER``)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -70,6 +73,15 @@ def make_images(
                 with open(path, "wb") as f:
                     f.write(blob)
                 sources.append(path)
+            continue
+        if tar:
+            uri = os.path.join(work, "images", f"shard-{s:03d}.tar")
+            with tarfile.open(uri, "w") as tf:
+                for i, blob in enumerate(blobs):
+                    info = tarfile.TarInfo(f"{i:06d}.jpg")
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+            sources += [f"{uri}#{i:06d}.jpg" for i in range(len(blobs))]
             continue
         uri = os.path.join(work, "images", f"shard-{s:03d}.parquet")
         pq.write_table(

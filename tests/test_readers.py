@@ -194,6 +194,35 @@ def test_parquet_groups_of_two_files_are_read_at_once_and_survive_eviction(tmp_p
     sc.clear_cache()
 
 
+def test_rows_interleaved_over_many_image_files_open_each_file_once(tmp_path, monkeypatch):
+    """A distill decode call interleaves the rows of its 32 stripes (two calls an actor: ~64
+    files at once). A handle cache smaller than that reopened a file every few rows: 16
+    handles over 20 tar shards delivered 1,518 img/s from local disk, 96 handles 5,089."""
+    from ktray.data import parquet_images
+    from ktray.data import source_cache as sc
+
+    files = 64
+    for f in range(files):
+        pq.write_table(
+            pa.table({"jpg": [encode(image(f % 4), "PNG")] * 2}), tmp_path / f"s{f}.parquet"
+        )
+    opened = []
+    init = parquet_images.ParquetHandle.__init__
+
+    def counted(self, uri):
+        opened.append(uri)
+        init(self, uri)
+
+    monkeypatch.setattr(parquet_images.ParquetHandle, "__init__", counted)
+    sc.clear_cache()
+    for row in range(2):  # round robin over the files, a few rows at a time, as interleaved
+        for start in range(0, files, 8):
+            got = load_images([f"{tmp_path}/s{f}.parquet#{row}" for f in range(start, start + 8)])
+            assert all(g is not None for g in got)
+    assert len(opened) == files  # 16 handles: 128 opens
+    sc.clear_cache()
+
+
 def _parquet_task(root, train_labels, test_labels) -> str:
     os.makedirs(root, exist_ok=True)
     for split, labels in (("train", train_labels), ("test", test_labels)):
