@@ -1,7 +1,8 @@
 """botocore settings of every ``s3://`` filesystem a ktray process opens, set through fsspec's
-config (unless it already has some) when ``ktray`` is imported: the driver, Ray Train
-workers and the decode processes, which import the readers (:mod:`ktray.data.sources`) and
-not :mod:`ktray.storage`, all get them.
+config (unless it already has some) when ``ktray`` is imported, whichever module a process
+imports first. (They lived in :mod:`ktray.storage`; a process importing only the readers,
+:mod:`ktray.data.sources`, got botocore's defaults. Ray's decode workers import
+``ktray.storage`` through other modules and had them.)
 
 - bounded timeouts: connect 10 s, read 60 s, 3 attempts;
 - ``max_pool_connections`` 64: requests one process has in flight at once. botocore's default,

@@ -88,8 +88,8 @@ def test_image_files_of_a_filesystem_without_async_reads_come_from_threads(monke
 
 def test_an_s3_client_holds_a_connection_for_each_read_at_once(s3_server):
     """botocore's default pool (10 connections) held a batch's GETs to 10 round trips at once
-    whatever the reader asked for. A decode process imports the readers, not
-    ``ktray.storage`` (where the settings were): it got botocore's defaults, timeouts too."""
+    whatever the reader asked for. The settings apply in a process that imports only the
+    readers (they were in ``ktray.storage``, which the readers do not import)."""
     import subprocess
     import sys
 
