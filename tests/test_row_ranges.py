@@ -171,3 +171,95 @@ def test_the_row_groups_of_parquet_image_files_are_measured_from_their_footers(t
     png = tmp_path / "a.png"
     png.write_bytes(blobs[0])
     assert rr.parquet_group_rows([str(png), f"{tmp_path}/missing.parquet#1"]) == 0
+
+
+def test_a_calls_stripes_read_their_image_groups_side_by_side_before_decoding(
+    tmp_path, monkeypatch
+):
+    """Each stripe's reading thread opens its images' Parquet files and reads the groups the
+    stripe needs (a round trip or more each on s3) before the call decodes, so a call's
+    stripes wait about one read, not one after another: at 50 ms round trips over 200 image
+    files, 1,248 -> 3,490 img/s (Parquet) and 1,382 -> 3,854 (tar) in s3_input_bench. Files
+    of huge groups are left to the decoding (read ahead, they would evict each other)."""
+    import threading
+    import time
+
+    from ktray.data import load_images, parquet_images
+    from ktray.data import source_cache as sc
+
+    blobs = [encode(image(i), "PNG") for i in range(4)]
+    srcs = []
+    for f in range(6):
+        pq.write_table(pa.table({"png": blobs}), tmp_path / f"img{f}.parquet", row_group_size=2)
+        srcs += [f"{tmp_path}/img{f}.parquet#{i}" for i in range(4)]
+    view = tmp_path / "views.parquet"
+    pq.write_table(pa.table({"source": srcs, "v": list(range(24))}), view, row_group_size=4)
+    stripes = rr.row_ranges([str(view)], 4)  # one image file a stripe
+    read = parquet_images.row_group_bytes
+    reads, active, peak, lock = [], 0, 0, threading.Lock()
+
+    def slow(h, g):  # a group read that takes a round trip
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.1)
+        with lock:
+            active -= 1
+        reads.append(g)
+        return read(h, g)
+
+    monkeypatch.setattr(parquet_images, "row_group_bytes", slow)
+    sc.clear_cache()
+    seen = []
+
+    def decode(t):  # (the groups read when the call's first batch decodes) as DecodeViews
+        seen.append(len(reads))
+        assert all(img is not None for img in load_images(t["source"].to_pylist()))
+        return {"v": t["v"].to_numpy()}
+
+    call = pa.Table.from_pylist([{"parts": stripes, "seed": 1}])
+    outs = list(rr.ReadDecodeRanges(["source", "v"], decode, batch_rows=8)(call))
+    assert sorted(int(v) for o in outs for v in o["v"]) == list(range(24))
+    assert seen[0] == 12 and len(reads) == 12  # every group read ahead, none read again
+    assert peak >= 4  # side by side (one after another: 1)
+
+    sc.clear_cache()
+    reads.clear()
+    monkeypatch.setattr(parquet_images, "READ_AHEAD_BYTES", 10)  # groups too big to read ahead
+    seen.clear()
+    list(rr.ReadDecodeRanges(["source", "v"], decode, batch_rows=8)(call))
+    assert seen[0] == 0 and len(reads) == 12  # read as the decoding asked for them
+    sc.clear_cache()
+
+
+def test_a_file_being_opened_holds_up_no_reader_of_other_files(tmp_path, monkeypatch):
+    """Opening an image file (its footer or tar index: round trips on s3) happens outside the
+    cache's lock: other threads go on reading the files already open."""
+    import threading
+    import time
+
+    from ktray.data import load_images, parquet_images
+    from ktray.data import source_cache as sc
+
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"png": [encode(image(1), "PNG")]}), tmp_path / f"{name}.parquet")
+    sc.clear_cache()
+    assert load_images([f"{tmp_path}/b.parquet#0"])[0] is not None  # b open and cached
+    init = parquet_images.ParquetHandle.__init__
+
+    def slow_open(self, uri):
+        if uri.endswith("a.parquet"):
+            time.sleep(0.5)
+        init(self, uri)
+
+    monkeypatch.setattr(parquet_images.ParquetHandle, "__init__", slow_open)
+    opener = threading.Thread(target=load_images, args=([f"{tmp_path}/a.parquet#0"],))
+    opener.start()
+    time.sleep(0.1)
+    start = time.perf_counter()
+    sc.data_cache.clear()  # b's group is read again through its open handle
+    assert load_images([f"{tmp_path}/b.parquet#0"])[0] is not None
+    assert time.perf_counter() - start < 0.3  # under the cache's lock: after a's 0.5 s
+    opener.join()
+    sc.clear_cache()

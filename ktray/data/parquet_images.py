@@ -76,7 +76,7 @@ def row_group_bytes(h: ParquetHandle, g: int) -> tuple[list, int]:
 
 
 def _handle(uri: str) -> ParquetHandle:
-    return sc.handle_cache.get(("parquet", uri), lambda: (ParquetHandle(uri), 0))
+    return sc.handle(("parquet", uri), lambda: ParquetHandle(uri))
 
 
 def _group_values(uri: str, g: int) -> list:
@@ -85,9 +85,9 @@ def _group_values(uri: str, g: int) -> list:
     while True:
         with sc.lock:
             values = sc.data_cache.peek(key)
-            if values is not None:
-                return values
-            h = _handle(uri)
+        if values is not None:
+            return values
+        h = _handle(uri)
         with h.read_lock:
             if h.closed:  # evicted from the handle cache meanwhile: open it again
                 continue
@@ -99,8 +99,7 @@ def _group_values(uri: str, g: int) -> list:
 
 def load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
     """The encoded bytes (or why not) of rows ``frags`` of Parquet image file ``uri``."""
-    with sc.lock:
-        h = _handle(uri)
+    h = _handle(uri)
     if h.column is None:
         msg = f"no image column ({', '.join(IMAGE_COLUMNS)}) in {uri}"
         return [(None, msg)] * len(frags)
@@ -114,3 +113,23 @@ def load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
         data = _group_values(uri, g)[row - h.starts[g]]
         encoded.append((data, None if data is not None else f"row {row} of {uri} is null"))
     return encoded
+
+
+READ_AHEAD_BYTES = 4 * 2**20
+"""Bytes of row groups :func:`read_ahead` reads for one stripe at most."""
+
+
+def read_ahead(uri: str, rows: list[int]) -> None:
+    """Read into the cache the row groups that ``rows`` of ``uri`` fall in (a distill stripe's
+    images, in the thread that read the stripe: a call's stripes side by side, before its
+    decoding asks for them one after another), if together they hold at most
+    :data:`READ_AHEAD_BYTES` (a file of huge groups is left to be read as decoding goes)."""
+    h = _handle(uri)
+    if h.column is None:
+        return
+    md = h.pf.metadata
+    groups = sorted({h.group(r) for r in rows if 0 <= r < h.starts[-1]})
+    if sum(md.row_group(g).total_byte_size for g in groups) > READ_AHEAD_BYTES:
+        return
+    for g in groups:
+        _group_values(uri, g)

@@ -27,7 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ktray import storage
+from ktray.data import columns as C
 from ktray.data.sources import parse_source
+from ktray.data.sources import read_ahead as sources_read_ahead
 from ktray.errors import KtrayError
 
 READ_BYTES_PER_ROW = 64 * 2**10
@@ -228,6 +230,14 @@ def decode_mixed(tables: Iterable[pa.Table], decode, batch_rows: int, seed: int)
         yield decode(part.take(rng.permutation(part.num_rows)))
 
 
+def read_ahead(stripe: pa.Table) -> pa.Table:
+    """``stripe``, its images' files opened and their Parquet groups read ahead
+    (:func:`ktray.data.sources.read_ahead`) in the thread that read it."""
+    if C.SOURCE in stripe.column_names:
+        sources_read_ahead(stripe.column(C.SOURCE).to_pylist())
+    return stripe
+
+
 READ_THREADS = 32
 """Stripes of a call read at once (``train.stripes`` 32 by default): on s3 each is a few round
 trips, so a call's stripes all together take about as long as one."""
@@ -252,5 +262,5 @@ class ReadDecodeRanges:
                 yield from decode_mixed(tables, self.decode, self.batch_rows, item["seed"])
                 continue
             with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(parts))) as pool:
-                tables = pool.map(lambda r: read_range(r, self.columns), parts)
+                tables = pool.map(lambda r: read_ahead(read_range(r, self.columns)), parts)
                 yield from decode_mixed(tables, self.decode, self.batch_rows, item["seed"])

@@ -74,11 +74,37 @@ file object and what its reader parsed (footer, tar member list); on s3 each als
 one read-ahead block (5 MB) once read."""
 
 _CACHE_MB = int(os.environ.get("KTRAY_SOURCE_CACHE_MB", "512"))
-data_cache = LRU(_CACHE_MB * 2**20, max_items=64)  # decoded IDX arrays, parquet row groups
+# decoded IDX arrays, Parquet row groups (a call's stripes' groups, read ahead: a few each)
+data_cache = LRU(_CACHE_MB * 2**20, max_items=4 * HANDLES)
 handle_cache = LRU(2**62, max_items=HANDLES)  # open ParquetFile / tar handles
 lock = threading.RLock()
 _pid = os.getpid()
 _pool: ThreadPoolExecutor | None = None
+
+
+_opening: dict[Any, threading.Lock] = {}
+
+
+def handle(key: Any, make: Callable[[], Any]) -> Any:
+    """The open file of ``key`` from :data:`handle_cache`, else ``make()`` (opening a file and
+    parsing its index: a round trip or more on s3) run outside :data:`lock`, so that other
+    threads go on reading meanwhile; two threads asking for the same key open it once."""
+    with lock:
+        check_fork()
+        got = handle_cache.peek(key)
+        if got is not None:
+            return got
+        opening = _opening.setdefault(key, threading.Lock())
+    with opening:
+        with lock:
+            got = handle_cache.peek(key)
+        if got is not None:
+            return got
+        made = make()
+        with lock:
+            handle_cache.put(key, made, 0)
+            _opening.pop(key, None)
+        return made
 
 
 def clear_cache() -> None:

@@ -23,6 +23,7 @@ import io
 import logging
 import re
 import tarfile
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps
 
 from ktray.data import source_cache as sc
 from ktray.data.parquet_images import IMAGE_COLUMNS, image_column, load_parquet
+from ktray.data.parquet_images import read_ahead as parquet_read_ahead
 from ktray.data.source_cache import clear_cache
 from ktray.errors import CorruptImageError, KtrayError
 
@@ -160,25 +162,38 @@ def _load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
 # Webdataset tar
 # ---------------------------------------------------------------------------------------------
 class _TarHandle:
+    """An open tar shard and its members; ``read_lock``: one reader of its file at a time,
+    held instead of the cache's lock while members are read (as ``ParquetHandle``)."""
+
     def __init__(self, uri: str):
+        self.read_lock = threading.Lock()
+        self.closed = False
         self.file = sc.open_rb(uri)
         self.tar = tarfile.open(fileobj=self.file, mode="r:*")
         self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
 
     def close(self) -> None:
-        self.tar.close()
-        self.file.close()
+        with self.read_lock:  # (evicted from the cache: after a read in progress)
+            self.closed = True
+            self.tar.close()
+            self.file.close()
+
+
+def _tar_read(uri: str, read):
+    """``read(handle)`` under the shard's read lock (opened again if evicted meanwhile)."""
+    while True:
+        h = sc.handle(("tar", uri), lambda: _TarHandle(uri))
+        with h.read_lock:
+            if not h.closed:
+                return read(h)
 
 
 def list_tar_members(uri: str) -> list[str]:
     """Names of the regular-file members of a tar shard, in archive order."""
-    with _lock:
-        sc.check_fork()
-        try:
-            h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
-        except (OSError, tarfile.TarError) as e:
-            raise KtrayError(f"cannot read tar shard {uri}: {e}")
-        return list(h.members)
+    try:
+        return _tar_read(uri, lambda h: list(h.members))
+    except (OSError, tarfile.TarError) as e:
+        raise KtrayError(f"cannot read tar shard {uri}: {e}")
 
 
 def load_tar_bytes(uri: str, members: list[str]) -> list[bytes]:
@@ -187,28 +202,47 @@ def load_tar_bytes(uri: str, members: list[str]) -> list[bytes]:
     Raises:
         KtrayError: The shard cannot be read or a member is missing.
     """
-    with _lock:
-        sc.check_fork()
-        try:
-            h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
-            return [h.tar.extractfile(h.members[m]).read() for m in members]
-        except KeyError as e:
-            raise KtrayError(f"no member {e.args[0]} in tar shard {uri}")
-        except (OSError, tarfile.TarError) as e:
-            raise KtrayError(f"cannot read tar shard {uri}: {e}")
+    try:
+        return _tar_read(uri, lambda h: [h.tar.extractfile(h.members[m]).read() for m in members])
+    except KeyError as e:
+        raise KtrayError(f"no member {e.args[0]} in tar shard {uri}")
+    except (OSError, tarfile.TarError) as e:
+        raise KtrayError(f"cannot read tar shard {uri}: {e}")
 
 
 def _load_tar(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:
-    encoded = []
-    with _lock:
-        h = sc.handle_cache.get(("tar", uri), lambda: (_TarHandle(uri), 0))
+    def read(h: _TarHandle) -> list:
+        encoded = []
         for frag in frags:
             m = h.members.get(frag)
             if m is None:
                 encoded.append((None, f"no member {frag} in {uri}"))
             else:
                 encoded.append((h.tar.extractfile(m).read(), None))
+        return encoded
+
+    encoded = _tar_read(uri, read)
     return [_decode_or_reason(d, r, f"{uri}#{f}") for (d, r), f in zip(encoded, frags)]
+
+
+def read_ahead(sources: list[str]) -> None:
+    """Open the container files ``sources`` (a distill stripe's images) fall in, and read the
+    Parquet row groups they need into this process's cache (``parquet_images.read_ahead``):
+    run in each stripe's reading thread, a call's files are opened side by side. Errors are
+    left to the decoding, which reports them per image."""
+    rows: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for src in sources:
+        kind, uri, frag = parse_source(str(src))
+        if kind in ("parquet", "tar"):
+            rows[(kind, uri)].append(frag)
+    for (kind, uri), frags in rows.items():
+        try:
+            if kind == "parquet":
+                parquet_read_ahead(uri, [int(f) for f in frags if f.isdigit()])
+            else:
+                _tar_read(uri, lambda h: None)
+        except (OSError, KtrayError, tarfile.TarError, pa.ArrowException, ValueError):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
