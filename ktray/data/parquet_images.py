@@ -82,19 +82,16 @@ def _handle(uri: str) -> ParquetHandle:
 def _group_values(uri: str, g: int) -> list:
     """Row group ``g``'s encoded images, from the cache or read (outside the cache's lock)."""
     key = ("parquet", uri, g)
-    while True:
-        with sc.lock:
-            values = sc.data_cache.peek(key)
-        if values is not None:
-            return values
-        h = _handle(uri)
-        with h.read_lock:
-            if h.closed:  # evicted from the handle cache meanwhile: open it again
-                continue
-            values, nbytes = row_group_bytes(h, g)
-        with sc.lock:
-            sc.data_cache.put(key, values, nbytes)
+    with sc.lock:
+        values = sc.data_cache.peek(key)
+    if values is not None:
         return values
+    values, nbytes = sc.read_open(
+        ("parquet", uri), lambda: ParquetHandle(uri), lambda h: row_group_bytes(h, g)
+    )
+    with sc.lock:
+        sc.data_cache.put(key, values, nbytes)
+    return values
 
 
 def load_parquet(uri: str, frags: list[str]) -> list[tuple[Any, str | None]]:

@@ -107,6 +107,18 @@ def handle(key: Any, make: Callable[[], Any]) -> Any:
         return made
 
 
+def read_open(key: Any, make: Callable[[], Any], read: Callable[[Any], Any]) -> Any:
+    """``read(h)`` for the open file ``h`` of ``key`` (:func:`handle`), holding its
+    ``read_lock`` (one reader of a file object at a time) and not :data:`lock`: a read (a
+    round trip or more on s3) holds up only readers of the same file. A file evicted from the
+    cache meanwhile (closed, after any read in progress) is opened again."""
+    while True:
+        h = handle(key, make)
+        with h.read_lock:
+            if not h.closed:
+                return read(h)
+
+
 def clear_cache() -> None:
     """Drop every cached file handle and decoded array of this process."""
     with lock:

@@ -180,12 +180,8 @@ class _TarHandle:
 
 
 def _tar_read(uri: str, read):
-    """``read(handle)`` under the shard's read lock (opened again if evicted meanwhile)."""
-    while True:
-        h = sc.handle(("tar", uri), lambda: _TarHandle(uri))
-        with h.read_lock:
-            if not h.closed:
-                return read(h)
+    """``read(handle)`` of the open shard ``uri`` (``source_cache.read_open``)."""
+    return sc.read_open(("tar", uri), lambda: _TarHandle(uri), read)
 
 
 def list_tar_members(uri: str) -> list[str]:
