@@ -223,6 +223,12 @@ def test_a_calls_stripes_read_their_image_groups_side_by_side_before_decoding(
     assert sorted(int(v) for o in outs for v in o["v"]) == list(range(24))
     assert seen[0] == 12 and len(reads) == 12  # every group read ahead, none read again
     assert peak >= 4  # side by side (one after another: 1)
+    # a call of more stripes than the default keeps open (train.stripes raised) keeps them
+    monkeypatch.setattr(sc.handle_cache, "max_items", sc.handle_cache.max_items)  # (restored)
+    monkeypatch.setattr(sc.data_cache, "max_items", sc.data_cache.max_items)
+    wide = pa.Table.from_pylist([{"parts": [stripes[0]] * 40, "seed": 1}])
+    list(rr.ReadDecodeRanges(["source", "v"], decode, batch_rows=64)(wide))
+    assert sc.handle_cache.max_items >= 120 and sc.data_cache.max_items >= 480
 
     sc.clear_cache()
     reads.clear()

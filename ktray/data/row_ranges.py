@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from ktray import storage
 from ktray.data import columns as C
+from ktray.data.source_cache import keep_open
 from ktray.data.sources import parse_source
 from ktray.data.sources import read_ahead as sources_read_ahead
 from ktray.errors import KtrayError
@@ -261,6 +262,7 @@ class ReadDecodeRanges:
                 tables: Iterable[pa.Table] = [read_range(parts[0], self.columns)]
                 yield from decode_mixed(tables, self.decode, self.batch_rows, item["seed"])
                 continue
+            keep_open(3 * len(parts))  # two calls an actor, their stripes' files (and spare)
             with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(parts))) as pool:
                 tables = pool.map(lambda r: read_ahead(read_range(r, self.columns)), parts)
                 yield from decode_mixed(tables, self.decode, self.batch_rows, item["seed"])

@@ -85,6 +85,14 @@ _pool: ThreadPoolExecutor | None = None
 _opening: dict[Any, threading.Lock] = {}
 
 
+def keep_open(files: int) -> None:
+    """Let this process keep at least ``files`` files open (and 4 cached groups each): a
+    distill decode call of more stripes than ``HANDLES`` allows (``train.stripes`` raised)."""
+    with lock:
+        handle_cache.max_items = max(handle_cache.max_items, files)
+        data_cache.max_items = max(data_cache.max_items, 4 * files)
+
+
 def handle(key: Any, make: Callable[[], Any]) -> Any:
     """The open file of ``key`` from :data:`handle_cache`, else ``make()`` (opening a file and
     parsing its index: a round trip or more on s3) run outside :data:`lock`, so that other
