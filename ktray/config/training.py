@@ -303,8 +303,10 @@ class TrainConfig:
     with 32 (rows in random order: 72). A stripe holds at least 32 rows, never splits a row
     group of the view table (the logits stage writes 64-row groups) and spans at least two of
     the images' own Parquet files' row groups (a reader of one image reads its whole group),
-    so such sets get fewer, longer stripes. A call's stripes are read at once, a thread each
-    (on s3 as long as one read). 1 = one run of consecutive rows a call."""
+    so such sets get fewer, longer stripes. A call's stripes are read at once, a thread each,
+    with their images' files opened and their Parquet groups read in the same thread (on s3
+    about as long as one read); a decode process keeps open the files of two calls' stripes.
+    1 = one run of consecutive rows a call."""
     shuffle_buffer: int = setting(2048, ge=0)
     """Distillation input: rows in each worker's local shuffle buffer (after the row ranges'
     order is shuffled every pass); 0 = none. The first batch waits until it is full (or the
