@@ -4,7 +4,9 @@ A real S3 server on loopback (SeaweedFS, else moto: ``tests/servers.py``) behind
 that holds every chunk ``--delays`` ms each way (``latency_proxy.py``: a GET's first byte
 comes a round trip later, bandwidth unlimited, as S3 within a region, ~10-30 ms). A view table
 in the logits stage's layout (2,048-row parts in 64-row groups, an image's views adjacent,
-rows in the images' order) points at JPEGs in Parquet image shards; both are uploaded. For
+rows in the images' order) points at JPEGs in Parquet image shards (``--shards``; or webdataset
+tar shards, ``--tar``; or a file each, ``--files``); both are uploaded. Sets of more shards
+than a decode process keeps open (``--shards 200``) show what a web-scale set gets. For
 each ``train.stripes`` and each delay the driver describes the table (footers over S3) and
 iterates the distill stage's dataset (``ktray.stages.train_data.view_dataset``: decode actors
 that read the stripes and the image row groups over S3) for one epoch; the same table on local
@@ -13,7 +15,8 @@ img/s over the whole epoch (its start included; the median of ``--repeat`` runs)
 ratio to local disk measured in the same run. Usage:
 
     python benchmarks/s3_input_bench.py [--rows 96000] [--images 16000] [--delays 0,10,25]
-                                        [--stripes 1,32] [--size 64] [config overrides]
+                                        [--stripes 1,32] [--size 64] [--shards 8]
+                                        [--tar | --files] [config overrides]
 """
 
 from __future__ import annotations
