@@ -18,7 +18,8 @@ from typing import Any
 import fsspec
 
 FETCH_THREADS = 16
-"""Remote image files one process reads at once."""
+"""Remote image files one process reads at once on a filesystem without async reads (s3fs
+and gcsfs read on their event loop instead: :func:`cat_files`)."""
 
 
 class LRU:
